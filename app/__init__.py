@@ -1,0 +1,79 @@
+"""flask-obo: a Flask API that calls Microsoft Graph on behalf of the signed-in user."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from cryptography.fernet import Fernet
+from flask import Flask
+from flask_cors import CORS
+
+from . import errors, protector
+from .authority import OpenIdConfiguration, SigningKeys
+from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
+from .graph_client import GraphClient
+from .health import health
+from .http import build_session
+from .logging_setup import configure_logging
+from .routes import api
+from .settings import Settings
+from .token_acquisition import OnBehalfOfTokenProvider
+from .token_cache import TokenCacheCodec
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | Mapping[str, str] | None = None,
+               store: TokenCacheStore | None = None) -> Flask:
+    """Build the API. Nothing touches the network here: keys and metadata load lazily.
+
+    ``settings`` may be a ``Settings``, a mapping of environment variables, or None for
+    the process environment (plus ``.env``). ``store`` overrides the token-cache store.
+    """
+    if not isinstance(settings, Settings):
+        settings = Settings.from_env(settings)
+    configure_logging()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+    app.json.sort_keys = False
+
+    session = build_session(settings.graph_base_url)
+    metadata = OpenIdConfiguration(settings.openid_configuration_url, session)
+    store = store or _token_cache_store(settings)
+    keys = settings.token_cache_keys or (Fernet.generate_key().decode(),)
+    codec = TokenCacheCodec(keys)
+
+    errors.init_app(app)
+    protector.init_app(app, settings, SigningKeys(metadata, session))
+    app.extensions.update({
+        "flask-obo.settings": settings,
+        "flask-obo.metadata": metadata,
+        "flask-obo.store": store,
+        "flask-obo.tokens": OnBehalfOfTokenProvider(settings, store, codec, session, metadata),
+        "flask-obo.graph": GraphClient(settings.graph_base_url, session),
+    })
+    app.register_blueprint(health)
+    app.register_blueprint(api)
+    if settings.cors_allowed_origins:
+        CORS(
+            app,
+            resources={r"/api/*": {"origins": list(settings.cors_allowed_origins)}},
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["WWW-Authenticate", "Retry-After"],
+            methods=["GET", "OPTIONS"],
+            max_age=600,
+        )
+    return app
+
+
+def _token_cache_store(settings: Settings) -> TokenCacheStore:
+    if settings.redis_url:
+        return RedisTokenCacheStore.from_url(
+            settings.redis_url, settings.token_cache_prefix, settings.token_cache_ttl_seconds
+        )
+    log.warning(
+        "REDIS_URL is not set: tokens are cached in this process only (for local use; "
+        "other workers and instances will not share them)"
+    )
+    return MemoryTokenCacheStore(settings.token_cache_ttl_seconds)

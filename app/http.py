@@ -1,0 +1,39 @@
+"""The process's one ``requests.Session``: pooled connections for Entra ID and Graph.
+
+Graph calls get urllib3's Retry (429/503/504, honouring a capped Retry-After); token
+requests get none, because msal and ``token_acquisition`` decide what a failed token
+request means. The session never sets ``verify``: requests lets ``REQUESTS_CA_BUNDLE``
+override it anyway, so that variable is the one place to trust a private CA.
+"""
+
+from __future__ import annotations
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
+
+POOL_SIZE = 32
+GRAPH_RETRIES = Retry(
+    total=3,
+    connect=2,
+    read=False,  # a read timeout surfaces as such (→ 504), not as a retry storm
+    status=3,
+    status_forcelist=(429, 503, 504),
+    allowed_methods=frozenset({"GET"}),
+    backoff_factor=0.2,
+    backoff_max=2.0,
+    respect_retry_after_header=True,
+    retry_after_max=5,
+    raise_on_status=False,
+)
+
+
+def build_session(graph_base_url: str) -> requests.Session:
+    session = requests.Session()
+    session.headers["User-Agent"] = "flask-obo"
+    plain = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
+    session.mount("https://", plain)
+    session.mount("http://", plain)
+    graph = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=GRAPH_RETRIES)
+    session.mount(graph_base_url.rstrip("/") + "/", graph)
+    return session

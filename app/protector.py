@@ -1,0 +1,194 @@
+"""Protecting the API: validate Entra ID v2 access tokens with an Authlib ResourceProtector.
+
+Authlib's stock JWT validators don't fit Entra tokens (RFC 9068 demands ``typ: at+jwt``,
+``client_id`` and ``jti``; RFC 7523's never checks ``aud``), so ``EntraTokenValidator``
+checks exactly what Entra guarantees: RS256 from the tenant's published keys, issuer,
+audience, lifetime with 60 s leeway, ``tid``/``oid``/``scp``, and the required scope.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, NoReturn
+
+from authlib.integrations.flask_oauth2 import ResourceProtector, current_token
+from authlib.oauth2 import OAuth2Error
+from authlib.oauth2.rfc6749 import MissingAuthorizationError, UnsupportedTokenTypeError
+from authlib.oauth2.rfc6750 import BearerTokenValidator, InsufficientScopeError, InvalidTokenError
+from flask import Flask, current_app, g
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import RSAKey
+from joserfc.jws import CompactSignature
+
+from .authority import AuthorityUnavailable, SigningKeys
+from .errors import REALM, ApiError, ServiceUnavailable, bearer_challenge
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+LEEWAY_SECONDS = 60
+MAX_TOKEN_LENGTH = 16 * 1024
+INVALID_TOKEN_DESCRIPTION = "The access token is invalid or has expired."
+
+
+class EntraAccessToken(dict[str, Any]):
+    """Validated claims, plus the raw token kept for a later On-Behalf-Of exchange."""
+
+    def __init__(self, claims: dict[str, Any], raw: str) -> None:
+        super().__init__(claims)
+        self.raw = raw
+
+    @property
+    def scopes(self) -> frozenset[str]:
+        scp = self.get("scp")
+        return frozenset(scp.split(" ")) if isinstance(scp, str) else frozenset()
+
+    @property
+    def oid(self) -> str:
+        return self["oid"]
+
+    @property
+    def tid(self) -> str:
+        return self["tid"]
+
+    @property
+    def is_app_only(self) -> bool:
+        return "scp" not in self and "roles" in self
+
+    def get_scope(self) -> str:  # Authlib's token protocol
+        return " ".join(sorted(self.scopes))
+
+
+class _UnknownSigningKey(Exception):
+    pass
+
+
+class EntraTokenValidator(BearerTokenValidator):
+    """Bearer validator for Entra ID v2 access tokens issued to this API."""
+
+    def __init__(self, settings: Settings, keys: SigningKeys) -> None:
+        super().__init__(realm=REALM)
+        self._keys = keys
+        self._claims = jwt.JWTClaimsRegistry(
+            leeway=LEEWAY_SECONDS,
+            iss={"essential": True, "value": settings.issuer},
+            aud={"essential": True, "values": [settings.client_id, settings.app_id_uri]},
+            exp={"essential": True},
+            tid={"essential": True, "value": settings.tenant_id},
+            oid={"essential": True},
+        )
+
+    def authenticate_token(self, token_string: str) -> EntraAccessToken:
+        if len(token_string) > MAX_TOKEN_LENGTH or token_string.count(".") != 2:
+            raise InvalidTokenError(INVALID_TOKEN_DESCRIPTION, realm=self.realm)
+        try:
+            token = jwt.decode(token_string, self._resolve_key, algorithms=["RS256"])
+            self._claims.validate(token.claims)
+            claims = token.claims
+            uuid.UUID(claims["oid"])
+            uuid.UUID(claims["tid"])
+            if "scp" in claims and not isinstance(claims["scp"], str):
+                raise ValueError("scp is not a string")
+            if "scp" not in claims and "roles" not in claims:
+                raise ValueError("neither scp nor roles")
+        except AuthorityUnavailable:
+            log.warning("cannot validate tokens: the authority's signing keys are unavailable")
+            raise ServiceUnavailable("The identity provider is unavailable; retry later.") from None
+        except (_UnknownSigningKey, JoseError, ValueError, TypeError, KeyError, AttributeError,
+                RecursionError) as exc:
+            # One fixed answer for every defect, so a caller learns nothing from the error.
+            log.info("rejected a bearer token: %s", type(exc).__name__)
+            raise InvalidTokenError(INVALID_TOKEN_DESCRIPTION, realm=self.realm) from None
+        return EntraAccessToken(claims, token_string)
+
+    def validate_token(self, token: EntraAccessToken, scopes: list[str], request: Any) -> None:
+        # scopes holds the one required scope; "a substring doesn't count", so compare
+        # whole space-separated values. An app-only token (roles, no scp) never qualifies.
+        if token.is_app_only or not set(scopes) <= token.scopes:
+            raise InsufficientScopeError()
+
+    def _resolve_key(self, obj: CompactSignature) -> RSAKey:
+        kid = obj.headers().get("kid")
+        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise _UnknownSigningKey()
+        return key
+
+
+class EntraResourceProtector(ResourceProtector):
+    """Authlib's Flask protector with RFC 6750 answers and fixed, JSON error bodies."""
+
+    def __init__(self, validator: EntraTokenValidator, required_scope: str) -> None:
+        super().__init__()
+        self.required_scope = required_scope
+        self.register_token_validator(validator)
+
+    def authenticate(self) -> EntraAccessToken:
+        """Validate the request's bearer token or raise the matching ``ApiError``."""
+        try:
+            return self.acquire_token([self.required_scope])
+        except OAuth2Error as error:
+            self.raise_error_response(error)
+
+    def raise_error_response(self, error: OAuth2Error) -> NoReturn:
+        if isinstance(error, (MissingAuthorizationError, UnsupportedTokenTypeError)):
+            raise ApiError(
+                "The request carries no bearer token.",
+                status=401,
+                error="missing_token",
+                headers={"WWW-Authenticate": bearer_challenge()},
+            )
+        if isinstance(error, InsufficientScopeError):
+            raise ApiError(
+                f"The access token lacks the required scope {self.required_scope}.",
+                status=403,
+                error="insufficient_scope",
+                headers={
+                    "WWW-Authenticate": bearer_challenge(
+                        error="insufficient_scope", scope=self.required_scope
+                    )
+                },
+            )
+        raise ApiError(
+            INVALID_TOKEN_DESCRIPTION,
+            status=401,
+            error="invalid_token",
+            headers={
+                "WWW-Authenticate": bearer_challenge(
+                    error="invalid_token", error_description=INVALID_TOKEN_DESCRIPTION
+                )
+            },
+        )
+
+
+def init_app(app: Flask, settings: Settings, keys: SigningKeys) -> None:
+    app.extensions["flask-obo.protector"] = EntraResourceProtector(
+        EntraTokenValidator(settings, keys), settings.required_scope
+    )
+
+
+def authenticate_request() -> EntraAccessToken:
+    """Validate the current request (a blueprint ``before_request`` hook)."""
+    protector: EntraResourceProtector = current_app.extensions["flask-obo.protector"]
+    return protector.authenticate()
+
+
+def current_user_token() -> EntraAccessToken:
+    """The validated token of the current request (set by ``authenticate_request``)."""
+    token = g.get("authlib_server_oauth2_token")
+    if not isinstance(token, EntraAccessToken):
+        raise RuntimeError("current_user_token() outside an authenticated request")
+    return token
+
+
+__all__ = [
+    "EntraAccessToken",
+    "EntraResourceProtector",
+    "EntraTokenValidator",
+    "authenticate_request",
+    "current_token",
+    "current_user_token",
+    "init_app",
+]

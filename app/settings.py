@@ -1,0 +1,236 @@
+"""Settings: read from the environment (and ``.env``), validated once at start-up.
+
+Every problem is reported as one line naming the variable; secret values are never
+echoed, so a start-up failure is safe to paste into a ticket.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives import serialization
+
+DEFAULT_TTL_SECONDS = 90 * 24 * 3600
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$|^\*$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class SettingsError(ValueError):
+    """A missing or malformed setting; ``str()`` is one line naming the variable."""
+
+
+@dataclass(frozen=True)
+class ClientCertificate:
+    """msal's certificate credential (the key is decrypted once at start-up)."""
+
+    private_key_pem: str = field(repr=False)
+    certificate_pem: str
+
+    def as_msal_credential(self) -> dict[str, str]:
+        return {"private_key": self.private_key_pem, "public_certificate": self.certificate_pem}
+
+
+@dataclass(frozen=True)
+class Settings:
+    tenant_id: str
+    client_id: str
+    client_secret: str | None = field(default=None, repr=False)
+    client_certificate: ClientCertificate | None = field(default=None, repr=False)
+    app_id_uri: str = ""
+    authority_host: str = "https://login.microsoftonline.com"
+    required_scope: str = "user_impersonation"
+    graph_base_url: str = "https://graph.microsoft.com/v1.0"
+    graph_scopes: tuple[str, ...] = ("https://graph.microsoft.com/.default",)
+    redis_url: str | None = field(default=None, repr=False)
+    token_cache_keys: tuple[str, ...] = field(default=(), repr=False)
+    token_cache_prefix: str = "flask-obo"
+    token_cache_ttl_seconds: int = DEFAULT_TTL_SECONDS
+    cors_allowed_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.app_id_uri:
+            object.__setattr__(self, "app_id_uri", f"api://{self.client_id}")
+
+    # Everything Entra-specific derives from the authority host and the tenant, so a
+    # private authority (or the dev tenant) works by changing AZURE_AUTHORITY_HOST alone.
+    @property
+    def authority(self) -> str:
+        return f"{self.authority_host}/{self.tenant_id}"
+
+    @property
+    def issuer(self) -> str:
+        return f"{self.authority}/v2.0"
+
+    @property
+    def openid_configuration_url(self) -> str:
+        return f"{self.issuer}/.well-known/openid-configuration"
+
+    @property
+    def client_credential(self) -> str | dict[str, str]:
+        if self.client_certificate is not None:
+            return self.client_certificate.as_msal_credential()
+        assert self.client_secret is not None
+        return self.client_secret
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``environ`` (default: ``.env`` overlaid by ``os.environ``)."""
+        env = _Env(_default_environ() if environ is None else environ)
+        client_id = env.guid("AZURE_CLIENT_ID")
+        secret = env.optional("AZURE_CLIENT_SECRET")
+        cert_path = env.optional("AZURE_CLIENT_CERTIFICATE_PATH")
+        if secret and cert_path:
+            raise SettingsError(
+                "AZURE_CLIENT_SECRET: set either it or AZURE_CLIENT_CERTIFICATE_PATH, not both"
+            )
+        if not secret and not cert_path:
+            raise SettingsError(
+                "AZURE_CLIENT_SECRET: missing (or set AZURE_CLIENT_CERTIFICATE_PATH)"
+            )
+        certificate = (
+            _load_certificate(cert_path, env.optional("AZURE_CLIENT_CERTIFICATE_PASSWORD"))
+            if cert_path
+            else None
+        )
+        redis_url = env.optional("REDIS_URL")
+        if redis_url and urlsplit(redis_url).scheme not in {"redis", "rediss", "unix"}:
+            raise SettingsError("REDIS_URL: must start with redis://, rediss:// or unix://")
+        keys = env.fernet_keys("TOKEN_CACHE_KEYS")
+        if redis_url and not keys:
+            raise SettingsError("TOKEN_CACHE_KEYS: required when REDIS_URL is set")
+        return cls(
+            tenant_id=env.guid("AZURE_TENANT_ID"),
+            client_id=client_id,
+            client_secret=secret,
+            client_certificate=certificate,
+            app_id_uri=env.optional("AZURE_APP_ID_URI") or f"api://{client_id}",
+            authority_host=env.https_url("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com"),
+            required_scope=env.token("API_REQUIRED_SCOPE", "user_impersonation"),
+            graph_base_url=env.https_url("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0"),
+            graph_scopes=env.scopes("GRAPH_SCOPES", "https://graph.microsoft.com/.default"),
+            redis_url=redis_url,
+            token_cache_keys=keys,
+            token_cache_prefix=env.matching("TOKEN_CACHE_PREFIX", "flask-obo", _PREFIX),
+            token_cache_ttl_seconds=env.positive_int("TOKEN_CACHE_TTL_SECONDS", DEFAULT_TTL_SECONDS),
+            cors_allowed_origins=env.origins("CORS_ALLOWED_ORIGINS"),
+        )
+
+
+def _default_environ() -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    dotenv = {k: v for k, v in dotenv_values(".env").items() if v is not None}
+    return {**dotenv, **os.environ}
+
+
+class _Env:
+    """Typed accessors; each error message names the variable and never its value."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def optional(self, name: str) -> str | None:
+        value = self._environ.get(name, "").strip()
+        return value or None
+
+    def required(self, name: str) -> str:
+        value = self.optional(name)
+        if value is None:
+            raise SettingsError(f"{name}: missing")
+        return value
+
+    def guid(self, name: str) -> str:
+        value = self.required(name)
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            raise SettingsError(f"{name}: must be a GUID") from None
+
+    def https_url(self, name: str, default: str) -> str:
+        value = (self.optional(name) or default).rstrip("/")
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+            raise SettingsError(f"{name}: must be an https:// URL (msal refuses plain http)")
+        return value
+
+    def token(self, name: str, default: str) -> str:
+        value = self.optional(name) or default
+        if not re.fullmatch(r"[\x21\x23-\x5B\x5D-\x7E]+", value):
+            raise SettingsError(f"{name}: must be a single scope value without spaces or quotes")
+        return value
+
+    def matching(self, name: str, default: str, pattern: re.Pattern[str]) -> str:
+        value = self.optional(name) or default
+        if not pattern.fullmatch(value):
+            raise SettingsError(f"{name}: must match {pattern.pattern}")
+        return value
+
+    def scopes(self, name: str, default: str) -> tuple[str, ...]:
+        values = tuple((self.optional(name) or default).replace(",", " ").split())
+        if not values:
+            raise SettingsError(f"{name}: must list at least one scope")
+        return values
+
+    def positive_int(self, name: str, default: int) -> int:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        if not raw.isdigit() or int(raw) <= 0:
+            raise SettingsError(f"{name}: must be a positive whole number of seconds")
+        return int(raw)
+
+    def fernet_keys(self, name: str) -> tuple[str, ...]:
+        keys = tuple(k.strip() for k in (self.optional(name) or "").split(",") if k.strip())
+        for position, key in enumerate(keys, start=1):
+            try:
+                Fernet(key)
+            except (ValueError, TypeError):
+                raise SettingsError(
+                    f"{name}: key {position} is not a Fernet key (32 url-safe base64 bytes)"
+                ) from None
+        return keys
+
+    def origins(self, name: str) -> tuple[str, ...]:
+        origins = tuple(o.strip().rstrip("/") for o in (self.optional(name) or "").split(","))
+        origins = tuple(o for o in origins if o)
+        for origin in origins:
+            if not _ORIGIN.match(origin):
+                raise SettingsError(f"{name}: {origin!r} is not an origin like https://app.example.com")
+        return origins
+
+
+def _load_certificate(path: str, password: str | None) -> ClientCertificate:
+    name = "AZURE_CLIENT_CERTIFICATE_PATH"
+    try:
+        pem = Path(path).read_bytes()
+    except OSError:
+        raise SettingsError(f"{name}: cannot read the file") from None
+    try:
+        key = serialization.load_pem_private_key(
+            pem, password=password.encode() if password else None
+        )
+    except TypeError:
+        raise SettingsError("AZURE_CLIENT_CERTIFICATE_PASSWORD: missing or not needed") from None
+    except ValueError:
+        raise SettingsError(
+            f"{name}: no readable PEM private key (or AZURE_CLIENT_CERTIFICATE_PASSWORD is wrong)"
+        ) from None
+    try:
+        certificate = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise SettingsError(f"{name}: no PEM certificate in the file") from None
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    cert_pem = certificate.public_bytes(serialization.Encoding.PEM).decode()
+    return ClientCertificate(private_key_pem=key_pem, certificate_pem=cert_pem)

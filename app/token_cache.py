@@ -1,0 +1,138 @@
+"""The token cache: one msal ``SerializableTokenCache`` per user, sealed for storage.
+
+Two things here go beyond msal's defaults:
+
+* ``UserTokenCache`` records each token under the scopes that were *asked for* as well
+  as those Entra returned. msal's silent lookup only hits when the stored ``scope``
+  covers the requested scopes, but Entra does not echo the request: for
+  ``https://graph.microsoft.com/.default`` it returns the granted permissions, and
+  for Graph it may drop the resource prefix (``User.Read openid profile``). Left alone,
+  every request would miss and redeem the refresh token: one call to Entra per request.
+* ``TokenCacheCodec`` compresses the serialized cache, binds it to its partition and
+  encrypts it with MultiFernet. A blob copied under another user's key decrypts but
+  fails the binding check, so it is never used.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import zlib
+from collections.abc import Iterable
+from typing import Any
+
+import msal
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+log = logging.getLogger(__name__)
+
+OIDC_SCOPES = frozenset({"openid", "profile", "email", "offline_access"})
+_FORMAT_VERSION = b"\x01"
+_PARTITION_BYTES = 32
+MAX_SERIALIZED_BYTES = 1024 * 1024  # a decompression bomb is a miss, not an outage
+
+
+def partition_key(oid: str, tid: str) -> str:
+    """The user's partition: SHA-256 of ``"<oid>.<tid>"`` (msal's home account id).
+
+    Hashing keeps user identifiers out of Redis key names and logs.
+    """
+    return hashlib.sha256(f"{oid}.{tid}".lower().encode()).hexdigest()
+
+
+def home_account_id(oid: str, tid: str) -> str:
+    return f"{oid}.{tid}".lower()
+
+
+class UserTokenCache(msal.SerializableTokenCache):
+    """A single user's msal cache whose entries are findable by the scopes requested."""
+
+    def add(self, event: dict[str, Any], **kwargs: Any) -> None:
+        requested = _scope_list(event.get("data", {}).get("scope"))
+        returned = _scope_list(event.get("scope")) or requested
+        super().add(dict(event, scope=stored_scopes(requested, returned)), **kwargs)
+
+    def foreign_accounts(self, expected_home_account_id: str) -> int:
+        """How many accounts or refresh tokens in here belong to someone else."""
+        foreign = 0
+        for credential_type in (self.CredentialType.ACCOUNT, self.CredentialType.REFRESH_TOKEN):
+            for entry in self.search(credential_type):
+                if str(entry.get("home_account_id", "")).lower() != expected_home_account_id:
+                    foreign += 1
+        return foreign
+
+
+def stored_scopes(requested: Iterable[str], returned: Iterable[str]) -> list[str]:
+    """The scopes a new token is filed under.
+
+    Returned short names (``User.Read``) get the resource prefix of the request, so both
+    of Entra's forms match an explicit request. A ``/.default`` request is filed under
+    ``/.default`` too, since by definition it was granted whatever Entra returned.
+    """
+    requested = list(requested)
+    resource = next(
+        (s.rsplit("/", 1)[0] for s in requested if "/" in s and s not in OIDC_SCOPES), None
+    )
+    scopes = set()
+    for scope in returned:
+        if resource and scope not in OIDC_SCOPES and "/" not in scope and ":" not in scope:
+            scope = f"{resource}/{scope}"
+        scopes.add(scope)
+    scopes.update(s for s in requested if s.endswith("/.default"))
+    return sorted(scopes)
+
+
+def _scope_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, (list, tuple, set)):
+        return [s for s in value if isinstance(s, str)]
+    return []
+
+
+class TokenCacheCodec:
+    """Serialized msal cache ⇄ the bytes stored for it.
+
+    Layout before encryption: version byte, 32-byte partition digest, zlib(compact JSON).
+    The Fernet token is stored decoded from its base64 text: the same bytes, a quarter
+    smaller. Put a new key first to rotate: old blobs still decrypt and are re-sealed
+    with the new key on their next write.
+    """
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        fernets = [Fernet(key) for key in keys]
+        if not fernets:
+            raise ValueError("at least one Fernet key is required")
+        self._fernet = MultiFernet(fernets)
+
+    def seal(self, partition: str, serialized: str) -> bytes:
+        compact = json.dumps(json.loads(serialized), separators=(",", ":")).encode()
+        plaintext = _FORMAT_VERSION + bytes.fromhex(partition) + zlib.compress(compact, 9)
+        return base64.urlsafe_b64decode(self._fernet.encrypt(plaintext))
+
+    def open(self, partition: str, blob: bytes) -> str | None:
+        """The serialized cache, or None (logged) when the blob must not be used."""
+        try:
+            plaintext = self._fernet.decrypt(base64.urlsafe_b64encode(blob))
+        except InvalidToken:
+            log.warning("token cache for partition %s does not decrypt; ignoring it", partition)
+            return None
+        header_length = len(_FORMAT_VERSION) + _PARTITION_BYTES
+        if (
+            plaintext[:1] != _FORMAT_VERSION
+            or plaintext[1:header_length] != bytes.fromhex(partition)
+        ):
+            log.warning("token cache under partition %s belongs to another partition; ignoring it",
+                        partition)
+            return None
+        inflater = zlib.decompressobj()
+        try:
+            serialized = inflater.decompress(plaintext[header_length:], MAX_SERIALIZED_BYTES)
+        except zlib.error:
+            serialized = b""
+        if not serialized or inflater.unconsumed_tail:
+            log.warning("token cache for partition %s is unreadable; ignoring it", partition)
+            return None
+        return serialized.decode()

@@ -1,0 +1,53 @@
+"""Shared fixtures: the HTTP double for Entra ID and Graph, fakeredis, the app."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+import responses
+from cryptography.fernet import Fernet
+
+from app import create_app
+from app.cache_store import RedisTokenCacheStore
+from app.settings import Settings
+from tests.support.fake_entra import FakeEntra, settings_env
+
+
+@pytest.fixture
+def entra() -> Iterator[FakeEntra]:
+    fake = FakeEntra()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        fake.register(rsps)
+        yield fake
+
+
+@pytest.fixture
+def fernet_key() -> str:
+    return Fernet.generate_key().decode()
+
+
+@pytest.fixture
+def redis_client() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture
+def settings(fernet_key: str) -> Settings:
+    return Settings.from_env(settings_env(REDIS_URL="redis://unused:6379/0", TOKEN_CACHE_KEYS=fernet_key))
+
+
+@pytest.fixture
+def store(redis_client: fakeredis.FakeRedis, settings: Settings) -> RedisTokenCacheStore:
+    return RedisTokenCacheStore(redis_client, settings.token_cache_prefix, settings.token_cache_ttl_seconds)
+
+
+@pytest.fixture
+def app(settings: Settings, store: RedisTokenCacheStore):
+    return create_app(settings, store=store)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
