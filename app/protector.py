@@ -20,7 +20,7 @@ from flask import Flask, current_app, g
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
-from joserfc.jws import CompactSignature
+from joserfc.jws import CompactSignature, JWSRegistry
 
 from .authority import AuthorityUnavailable, SigningKeys
 from .errors import REALM, ApiError, ServiceUnavailable, bearer_challenge
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 LEEWAY_SECONDS = 60
 MAX_TOKEN_LENGTH = 16 * 1024
 INVALID_TOKEN_DESCRIPTION = "The access token is invalid or has expired."
+# RS256 and nothing else; header parameters Entra may add (e.g. x5t, nonce) are tolerated.
+_RS256_ONLY = JWSRegistry(algorithms=["RS256"], strict_check_header=False)
 
 
 class EntraAccessToken(dict[str, Any]):
@@ -84,7 +86,7 @@ class EntraTokenValidator(BearerTokenValidator):
         if len(token_string) > MAX_TOKEN_LENGTH or token_string.count(".") != 2:
             raise InvalidTokenError(INVALID_TOKEN_DESCRIPTION, realm=self.realm)
         try:
-            token = jwt.decode(token_string, self._resolve_key, algorithms=["RS256"])
+            token = jwt.decode(token_string, self._resolve_key, registry=_RS256_ONLY)
             self._claims.validate(token.claims)
             claims = token.claims
             uuid.UUID(claims["oid"])

@@ -51,3 +51,22 @@ def app(settings: Settings, store: RedisTokenCacheStore):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server for the whole session (skipped locally without the binary)."""
+    from tests.support.servers import redis_server
+
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture
+def real_redis(redis_url: str):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 import uuid
 from collections import Counter
@@ -35,6 +36,10 @@ ADELE = "a1a1a1a1-0000-4000-8000-000000000001"
 BOB = "b2b2b2b2-0000-4000-8000-000000000002"
 
 
+def _random(nbytes: int) -> str:
+    return base64.urlsafe_b64encode(os.urandom(nbytes)).decode().rstrip("=")
+
+
 def settings_env(**overrides: str) -> dict[str, str]:
     env = {
         "AZURE_TENANT_ID": TENANT_ID,
@@ -56,11 +61,13 @@ class Behaviour:
 @dataclass
 class FakeEntra:
     scope_form: str = "prefixed"  # prefixed | short | granted-with-default
+    realistic: bool = False  # Graph tokens and refresh tokens of real size
     expires_in: int = 3600
     key: RSAKey = field(default_factory=lambda: RSAKey.generate_key(2048, parameters={"kid": "key-1"}))
     published: list[RSAKey] = field(default_factory=list)
     token_requests: list[dict[str, str]] = field(default_factory=list)
     graph_requests: list[str] = field(default_factory=list)
+    graph_urls: list[str] = field(default_factory=list)
     jwks_fetches: int = 0
     metadata_fetches: int = 0
     behaviours: dict[str, Behaviour] = field(default_factory=dict)
@@ -139,11 +146,12 @@ class FakeEntra:
         if "assertion" in form:
             payload = form["assertion"].split(".")[1]
             return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["oid"]
-        return form.get("refresh_token", "rt-unknown-").split("-", 2)[2].rsplit("-", 1)[0]
+        return form.get("refresh_token", "rt-" + "0" * 36).removeprefix("rt-")[:36]
 
     def _success(self, oid: str, form: dict[str, str]) -> dict[str, Any]:
         n = len(self.token_requests)
-        access_token = f"graph-at-{n}-{uuid.uuid4().hex}"
+        # Self-describing, so a Graph double in another process accepts it too.
+        access_token = self._graph_jwt(oid) if self.realistic else f"graph-at-{oid}-{n}-{uuid.uuid4().hex}"
         self.graph_tokens[access_token] = oid
         oidc = [s for s in form.get("scope", "").split() if s in ("openid", "profile")]
         if self.scope_form == "short":
@@ -162,8 +170,29 @@ class FakeEntra:
         return {
             "token_type": "Bearer", "scope": " ".join(scope), "expires_in": self.expires_in,
             "ext_expires_in": self.expires_in, "access_token": access_token,
-            "refresh_token": f"rt-{oid}-{n}", "id_token": id_token, "client_info": client_info,
+            "refresh_token": f"rt-{oid}-{n}-" + (_random(1000) if self.realistic else ""),
+            "id_token": id_token, "client_info": client_info,
         }
+
+    def _graph_jwt(self, oid: str) -> str:
+        """A Graph access token of real size and shape (~2.3 KB, Entra's v1 claim set)."""
+        now, user = int(time.time()), self.users[oid]
+        claims = {
+            "aud": "00000003-0000-0000-c000-000000000000", "iss": f"https://sts.windows.net/{TENANT_ID}/",
+            "iat": now, "nbf": now, "exp": now + self.expires_in, "acct": 0, "acr": "1",
+            "aio": _random(90), "amr": ["pwd", "mfa"], "app_displayname": "flask-obo API",
+            "appid": CLIENT_ID, "appidacr": "1", "family_name": user["displayName"].split()[-1],
+            "given_name": user["displayName"].split()[0], "idtyp": "user", "ipaddr": "203.0.113.7",
+            "name": user["displayName"], "oid": oid, "platf": "3", "puid": "10032001E2B3C4D5",
+            "rh": "0." + _random(60), "scp": " ".join(GRANTED) + " profile openid email",
+            "sid": str(uuid.uuid4()), "signin_state": ["kmsi"], "sub": _random(32),
+            "tenant_region_scope": "EU", "tid": TENANT_ID, "unique_name": user["userPrincipalName"],
+            "upn": user["userPrincipalName"], "uti": _random(16), "ver": "1.0",
+            "wids": ["b79fbf4d-3ef9-4689-8143-76b194e85509"], "xms_ftd": _random(60),
+            "xms_idrel": "1 20", "xms_st": {"sub": _random(32)}, "xms_tcdt": 1600000000,
+        }
+        return jwt.encode({"alg": "RS256", "typ": "JWT", "kid": self.key.kid, "x5t": self.key.kid},
+                          claims, self.key)
 
     def _error(self, behaviour: Behaviour) -> tuple[int, dict[str, str], str]:
         headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else {}
@@ -191,8 +220,9 @@ class FakeEntra:
     def _graph(self, request: Any) -> tuple[int, dict[str, str], str]:
         path = request.path_url.split("?")[0].removeprefix("/v1.0")
         self.graph_requests.append(path)
+        self.graph_urls.append(request.url)
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        oid = self.graph_tokens.get(token)
+        oid = self.graph_tokens.get(token) or (token[9:45] if token.startswith("graph-at-") else None)
         if oid is None:
             return 401, {}, json.dumps({"error": {"code": "InvalidAuthenticationToken"}})
         queued = self.graph_behaviours.get(oid)

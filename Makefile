@@ -1,0 +1,34 @@
+# flask-obo — the two commands: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: run test lint bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+## run the API locally (the dev tenant when no Azure settings are given)
+run: $(STAMP)
+	$(PY) -m devtenant.run_local
+
+## install what the tests need and run them all
+test: $(STAMP)
+	@command -v redis-server >/dev/null || echo "NOTE: redis-server is missing, so integration tests are skipped. Install it: sudo apt-get install redis-server"
+	@command -v nginx >/dev/null || echo "NOTE: nginx is missing, so deployment tests are skipped. Install it: sudo apt-get install nginx"
+	$(PY) -m ruff check app devtenant tests bench wsgi.py config
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check app devtenant tests bench wsgi.py config
+
+## benchmarks (not part of the test suite)
+bench: $(STAMP)
+	$(PY) bench/token_cache_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,153 @@
+"""Single flight and no lost updates against a real redis-server, with real threads and
+real processes: however many race, one user's cold burst makes exactly one OBO call."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+import responses
+
+from app import create_app
+from app.cache_store import RedisTokenCacheStore
+from app.settings import Settings
+from tests.support.fake_entra import ADELE, BOB, FakeEntra, settings_env
+from tests.support.servers import free_port
+
+pytestmark = pytest.mark.integration
+ENTRA_LATENCY = 0.15  # a token request takes time; without the lock, racers would all call
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def settings(redis_url: str, fernet_key: str, real_redis) -> Settings:
+    return Settings.from_env(settings_env(REDIS_URL=redis_url, TOKEN_CACHE_KEYS=fernet_key))
+
+
+class SlowEntra(FakeEntra):
+    def _token(self, request):
+        time.sleep(ENTRA_LATENCY)  # simulated network latency of Entra ID, not synchronisation
+        return super()._token(request)
+
+
+def burst(client, tokens: list[str]) -> list[int]:
+    start = threading.Barrier(len(tokens))
+
+    def call(token: str) -> int:
+        start.wait()
+        return client.get("/api/me", headers=bearer(token)).status_code
+
+    with ThreadPoolExecutor(len(tokens)) as pool:
+        return list(pool.map(call, tokens))
+
+
+def test_thread_burst_from_one_user_makes_one_obo_call(settings):
+    entra = SlowEntra()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        entra.register(rsps)
+        client = create_app(settings).test_client()
+        tokens = [entra.api_token(ADELE) for _ in range(16)]  # 16 distinct SPA tokens
+        assert burst(client, tokens) == [200] * 16
+    assert entra.obo_calls() == 1
+
+
+def test_bursts_from_two_users_do_not_wait_for_each_other(settings):
+    entra = SlowEntra()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        entra.register(rsps)
+        client = create_app(settings).test_client()
+        tokens = [entra.api_token(oid) for oid in (ADELE, BOB) for _ in range(6)]
+        started = time.monotonic()
+        assert burst(client, tokens) == [200] * 12
+        elapsed = time.monotonic() - started
+    assert entra.obo_calls() == 2
+    assert elapsed < 4 * ENTRA_LATENCY  # the two exchanges overlapped instead of queueing
+
+
+def _process_worker(entra: FakeEntra, env: dict[str, str], tokens: list[str],
+                    barrier, results) -> None:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        entra.token_requests.clear()
+        entra.register(rsps)
+        client = create_app(Settings.from_env(env)).test_client()
+        client.get("/healthz")
+        barrier.wait()
+        statuses = burst(client, tokens)
+    results.put((statuses, entra.obo_calls()))
+
+
+def test_process_burst_from_one_user_makes_one_obo_call(redis_url, fernet_key, real_redis):
+    """Four processes (as four gunicorn workers or instances), four threads each."""
+    context = multiprocessing.get_context("fork")
+    entra = SlowEntra()
+    env = settings_env(REDIS_URL=redis_url, TOKEN_CACHE_KEYS=fernet_key)
+    barrier, results = context.Barrier(4), context.Queue()
+    workers = [
+        context.Process(target=_process_worker,
+                        args=(entra, env, [entra.api_token(ADELE) for _ in range(4)], barrier, results))
+        for _ in range(4)
+    ]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=60) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+        assert worker.exitcode == 0
+    assert [status for statuses, _ in outcomes for status in statuses] == [200] * 16
+    assert sum(calls for _, calls in outcomes) == 1
+
+
+def _append_under_lock(redis_url: str, worker: int, rounds: int) -> None:
+    store = RedisTokenCacheStore(redis.Redis.from_url(redis_url), "t", 60)
+    for n in range(rounds):
+        with store.lock("p" * 64) as guard:
+            items = json.loads(store.load("p" * 64) or b"[]")
+            items.append(f"{worker}-{n}")
+            assert store.save("p" * 64, json.dumps(items).encode(), guard)
+
+
+def test_concurrent_writers_never_lose_an_update(redis_url, real_redis):
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_under_lock, args=(redis_url, w, 15)) for w in range(4)]
+    for worker in workers:
+        worker.start()
+    threads = [threading.Thread(target=_append_under_lock, args=(redis_url, 10 + t, 15)) for t in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    items = json.loads(real_redis.get("t:tokencache:" + "p" * 64))
+    assert len(items) == len(set(items)) == 7 * 15
+
+
+def test_a_writer_that_lost_its_lock_does_not_overwrite(redis_url, real_redis):
+    store = RedisTokenCacheStore(real_redis, "t", 60)
+    real_redis.set(store.key("q" * 64), b"newer")
+    with store.lock("q" * 64) as guard:
+        real_redis.set(store.lock_key("q" * 64), b"someone-else")  # our lock expired and was taken
+        assert store.save("q" * 64, b"stale", guard) is False
+    assert real_redis.get(store.key("q" * 64)) == b"newer"
+    assert real_redis.get(store.lock_key("q" * 64)) == b"someone-else"  # not released by us
+
+
+def test_redis_down_is_503_not_500(entra: FakeEntra, fernet_key):
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    client = create_app(Settings.from_env(settings_env(REDIS_URL=url, TOKEN_CACHE_KEYS=fernet_key))).test_client()
+    response = client.get("/api/me", headers=bearer(entra.api_token(ADELE)))
+    assert response.status_code == 503
+    assert response.json["error"] == "temporarily_unavailable"
+    assert "Retry-After" in response.headers
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json["failed"] == ["redis"]
