@@ -1,0 +1,90 @@
+"""msal's HTTP client: the process's pooled session, our timeouts, the cached OpenID
+configuration (so building an msal application costs no request), a per-user
+Retry-After gate, and an offline mode for the lock-free first look at the cache."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import requests
+
+from .authority import AUTHORITY_TIMEOUT, OpenIdConfiguration
+from .errors import ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RETRY_AFTER = 5
+MAX_RETRY_AFTER = 300
+
+
+class IdentityProviderUnavailable(ServiceUnavailable):
+    description = "The identity provider is unavailable; retry later."
+
+
+class NetworkNeeded(Exception):
+    """Raised in offline mode: the cache alone cannot answer."""
+
+
+class _CachedResponse:
+    def __init__(self, text: str) -> None:
+        self.status_code, self.text, self.headers = 200, text, {}
+
+    def raise_for_status(self) -> None:
+        return None
+
+
+class MsalHttpClient:
+    """One user's view of the network for msal.
+
+    A 429 or 5xx from the token endpoint raises ``IdentityProviderUnavailable`` with its
+    Retry-After instead of reaching msal, whose throttling store is shared by all users
+    of an application; a 429 also closes this user's gate until Retry-After passes.
+    """
+
+    def __init__(self, session: requests.Session, metadata: OpenIdConfiguration) -> None:
+        self._session, self._metadata = session, metadata
+        self.offline = False
+        self.blocked_until = 0.0
+
+    def get(self, url: str, params: Any = None, headers: Any = None, **_: Any) -> Any:
+        if not params and url.lower() == self._metadata.url.lower():
+            return _CachedResponse(self._metadata.text())
+        if self.offline:
+            raise NetworkNeeded()
+        return self._send("GET", url, params=params, headers=headers)
+
+    def post(self, url: str, params: Any = None, data: Any = None, headers: Any = None,
+             **_: Any) -> Any:
+        if self.offline:
+            raise NetworkNeeded()
+        wait = self.blocked_until - time.monotonic()
+        if wait > 0:
+            raise IdentityProviderUnavailable(retry_after=int(wait) + 1)
+        return self._send("POST", url, params=params, data=data, headers=headers)
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        try:
+            response = self._session.request(method, url, timeout=AUTHORITY_TIMEOUT, **kwargs)
+        except requests.RequestException as exc:
+            log.error("token endpoint unreachable: %s", type(exc).__name__)
+            raise IdentityProviderUnavailable() from None
+        if response.status_code == 429 or response.status_code >= 500:
+            retry_after = _retry_after(response.headers.get("Retry-After"))
+            if response.status_code == 429:
+                self.blocked_until = time.monotonic() + retry_after
+            log.warning("token endpoint answered HTTP %d", response.status_code)
+            raise IdentityProviderUnavailable(retry_after=retry_after)
+        return response
+
+    def close(self) -> None:  # the session outlives this client
+        return None
+
+
+def _retry_after(value: str | None) -> int:
+    try:
+        seconds = int(value) if value is not None else DEFAULT_RETRY_AFTER
+    except ValueError:
+        seconds = DEFAULT_RETRY_AFTER
+    return min(max(seconds, 1), MAX_RETRY_AFTER)
