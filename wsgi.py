@@ -1,9 +1,13 @@
-"""WSGI entry point: ``gunicorn wsgi:app``.
+"""WSGI entry point: ``gunicorn -c config/gunicorn.conf.py wsgi:app``.
 
-A bad setting stops start-up with one line naming the variable (never its value).
+The API runs behind exactly one reverse proxy (nginx), so ProxyFix trusts one hop of
+X-Forwarded-For/-Proto/-Host/-Port and no more. A bad setting stops start-up with one
+line naming the variable (never its value).
 """
 
 import sys
+
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import create_app
 from app.settings import SettingsError
@@ -13,3 +17,5 @@ try:
 except SettingsError as exc:
     print(f"flask-obo: configuration error: {exc}", file=sys.stderr)
     sys.exit(3)
+
+app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)

@@ -1,0 +1,35 @@
+"""gunicorn settings for flask-obo: ``gunicorn -c config/gunicorn.conf.py wsgi:app``.
+
+Every value can be overridden with the environment variable named beside it.
+"""
+
+import multiprocessing
+import os
+
+_cores = multiprocessing.cpu_count()
+
+bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")  # a container's port; nginx is in front
+# gthread: requests mostly wait on Redis, Entra ID and Graph, so threads are cheap
+# concurrency; one worker per core (at least two) uses the cores for TLS and JSON.
+worker_class = "gthread"
+workers = int(os.environ.get("GUNICORN_WORKERS", max(2, _cores)))
+threads = int(os.environ.get("GUNICORN_THREADS", 4 * _cores))
+# A request may wait on a token request (~13 s worst case) and Graph retries; a worker
+# silent for longer than this is stuck and gets replaced.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", 60))
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", 30))  # drain on SIGTERM
+keepalive = 5  # nginx keeps upstream connections open; reuse them
+max_requests = 5000  # recycle workers slowly to bound memory growth
+max_requests_jitter = 500
+# Heartbeat files on tmpfs, so a slow container disk cannot make workers look dead.
+_shm = "/dev/shm"  # noqa: S108 - gunicorn's documented choice for worker_tmp_dir
+worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR", _shm if os.path.isdir(_shm) else None)
+
+# Logs go to stdout/stderr. The access log names no request header except the user agent
+# and the request id: never Authorization, never a token.
+accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-")
+errorlog = os.environ.get("GUNICORN_ERROR_LOG", "-")
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+access_log_format = (
+    '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%(a)s" request_id=%({x-request-id}i)s pid=%(p)s'
+)
