@@ -14,17 +14,17 @@ $(STAMP): setup.cfg pyproject.toml
 
 ## run the API locally (the dev tenant when no Azure settings are given)
 run: $(STAMP)
-	$(PY) -m devtenant.run_local
+	$(PY) scripts/run_local.py
 
 ## install what the tests need and run them all
 test: $(STAMP)
 	@command -v redis-server >/dev/null || echo "NOTE: redis-server is missing, so integration tests are skipped. Install it: sudo apt-get install redis-server"
 	@command -v nginx >/dev/null || echo "NOTE: nginx is missing, so deployment tests are skipped. Install it: sudo apt-get install nginx"
-	$(PY) -m ruff check app devtenant tests bench wsgi.py config
+	$(PY) -m ruff check app devtenant tests bench scripts wsgi.py config
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check app devtenant tests bench wsgi.py config
+	$(PY) -m ruff check app devtenant tests bench scripts wsgi.py config
 
 ## benchmarks (not part of the test suite)
 bench: $(STAMP)

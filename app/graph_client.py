@@ -57,8 +57,9 @@ class GraphClient:
         self._session = session
 
     def get_user(self, path: str, access_token: str) -> dict[str, Any]:
-        """``/me`` or ``/me/manager`` (any user object) with the standard fields."""
-        return self.get(path, access_token, params={"$select": USER_FIELDS})
+        """``/me`` or ``/me/manager`` (any user object): exactly the standard fields."""
+        body = self.get(path, access_token, params={"$select": USER_FIELDS})
+        return {name: body.get(name) for name in USER_FIELDS.split(",")}
 
     def get(self, path: str, access_token: str, params: dict[str, str] | None = None
             ) -> dict[str, Any]:

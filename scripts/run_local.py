@@ -1,0 +1,124 @@
+"""``make run``: the API under gunicorn on http://127.0.0.1:8000, ready to call.
+
+* No Azure settings (environment or ``.env``): starts the dev tenant (a local Entra ID
+  and Graph over HTTPS), points the API at it, and prints a ``curl`` with a freshly
+  minted token for a signed-in user. Tokens are cached in the process unless
+  ``REDIS_URL`` is set.
+* ``AZURE_TENANT_ID``/``AZURE_CLIENT_ID`` set: runs against that tenant; no dev tenant.
+
+Ctrl-C stops everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+API_HOST = "127.0.0.1"
+API_PORT = int(os.environ.get("API_PORT", "8000"))
+DEVTENANT_PORT = int(os.environ.get("DEVTENANT_PORT", "8443"))
+STATE_DIR = ROOT / ".devtenant"
+
+
+def main() -> int:
+    from dotenv import dotenv_values
+
+    env = {**{k: v for k, v in dotenv_values(ROOT / ".env").items() if v}, **os.environ}
+    children: list[subprocess.Popen[bytes]] = []
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        tenant = None
+        if env.get("AZURE_TENANT_ID") or env.get("AZURE_CLIENT_ID"):
+            print("Azure settings found: running against Entra ID, dev tenant not started.")
+            api_env = dict(env)
+        else:
+            tenant = start_devtenant(children)
+            api_env = {**env, **tenant.env()}
+        if not api_env.get("REDIS_URL"):
+            api_env["GUNICORN_WORKERS"] = "1"  # an in-process cache is per worker: keep one
+        elif not api_env.get("TOKEN_CACHE_KEYS"):
+            from cryptography.fernet import Fernet
+
+            api_env["TOKEN_CACHE_KEYS"] = Fernet.generate_key().decode()
+            print("TOKEN_CACHE_KEYS is not set: using a throw-away key for this run.")
+        children.append(subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "config/gunicorn.conf.py"),
+             "--bind", f"{API_HOST}:{API_PORT}", "wsgi:app"],
+            cwd=ROOT, env=api_env,
+        ))
+        wait_for(f"http://{API_HOST}:{API_PORT}/healthz", children)
+        print_usage(tenant)
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        print("a process exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for child in reversed(children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def start_devtenant(children: list[subprocess.Popen[bytes]]):  # -> devtenant.DevTenant
+    from devtenant import DevTenant
+
+    port = DEVTENANT_PORT if port_is_free(DEVTENANT_PORT) else 0
+    log = open(STATE_DIR.with_suffix(".log"), "ab")  # noqa: SIM115 - lives as long as the child
+    children.append(subprocess.Popen(
+        [sys.executable, "-m", "devtenant", "serve", "--port", str(port),
+         "--state-dir", str(STATE_DIR)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
+    ))
+    ready = children[-1].stdout.readline().decode().strip()  # "devtenant ready at https://..."
+    if "ready at" not in ready:
+        raise SystemExit(f"the dev tenant did not start; see {log.name}")
+    print(ready)
+    return DevTenant(STATE_DIR, ready.split("ready at ")[1].split()[0])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def wait_for(url: str, children: list[subprocess.Popen[bytes]], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(child.poll() is not None for child in children):
+            raise SystemExit("a process exited during start-up; see its output above")
+        try:
+            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - our own loopback URL
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not answer within {timeout:.0f}s")
+
+
+def print_usage(tenant) -> None:  # tenant: devtenant.DevTenant | None
+    base = f"http://{API_HOST}:{API_PORT}"
+    print(f"\nflask-obo is running at {base} (Ctrl-C stops it)")
+    if tenant is None:
+        print(f'Call it with a token your SPA got for the API:\n'
+              f'  curl -H "Authorization: Bearer $TOKEN" {base}/api/me')
+        return
+    token = tenant.api_token("adele")
+    print("Signed in as Adele Vance (dev tenant). Her manager, via Graph on her behalf:\n")
+    print(f'curl -s -H "Authorization: Bearer {token}" {base}/api/me/manager\n')
+    print("Tokens for other users: .venv/bin/python -m devtenant token "
+          "nestor|patti|alex|lynne|megan --state-dir .devtenant")
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The whole stack as real processes on loopback: dev tenant, gunicorn, nginx.
+
+Each starter yields once the process answers (polling its health endpoint), and
+stops it afterwards. Nothing here sleeps to wait for readiness.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from tests.support.servers import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class DevTenantProcess:
+    url: str
+    state_dir: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def tenant(self):  # -> devtenant.DevTenant
+        from devtenant import DevTenant
+
+        return DevTenant(self.state_dir, self.url)
+
+    def session(self) -> requests.Session:
+        session = requests.Session()
+        session.verify = str(self.state_dir / "ca-bundle.pem")
+        return session
+
+    def counters(self) -> dict:
+        with _trusting(self.state_dir):
+            return requests.get(f"{self.url}/_devtenant/counters", timeout=5).json()
+
+    def reset_counters(self) -> None:
+        with _trusting(self.state_dir):
+            requests.post(f"{self.url}/_devtenant/counters/reset", timeout=5).raise_for_status()
+
+    def obo_calls(self) -> int:
+        return int(self.counters()["token"].get("on_behalf_of", 0))
+
+
+@contextmanager
+def _trusting(state_dir: Path) -> Iterator[None]:
+    """REQUESTS_CA_BUNDLE wins over a Session's verify, so point it at the dev CA."""
+    previous = os.environ.get("REQUESTS_CA_BUNDLE")
+    os.environ["REQUESTS_CA_BUNDLE"] = str(state_dir / "ca-bundle.pem")
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("REQUESTS_CA_BUNDLE", None)
+        else:
+            os.environ["REQUESTS_CA_BUNDLE"] = previous
+
+
+@contextmanager
+def devtenant(state_dir: Path, *extra: str) -> Iterator[DevTenantProcess]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "devtenant", "serve", "--port", "0", "--state-dir", str(state_dir), *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    try:
+        line = process.stdout.readline().decode()  # the one "ready at <url>" line
+        match = re.search(r"ready at (\S+)", line)
+        assert match, f"dev tenant did not start: {line!r}"
+        yield DevTenantProcess(match.group(1), state_dir, process)
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def api_env(tenant: DevTenantProcess, redis_url: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment for the API to run against the dev tenant."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "GRAPH_", "TOKEN_CACHE"))}
+    env.pop("REDIS_URL", None)
+    env.update(tenant.tenant.env())
+    if redis_url:
+        from cryptography.fernet import Fernet
+
+        env.update(REDIS_URL=redis_url, TOKEN_CACHE_KEYS=Fernet.generate_key().decode())
+    env.update(extra)
+    return env
+
+
+@dataclass
+class GunicornProcess:
+    url: str
+    log: Path  # gunicorn's and the app's stderr
+    process: subprocess.Popen[bytes]
+
+
+@contextmanager
+def gunicorn(env: dict[str, str], workers: int = 2, threads: int = 4) -> Iterator[GunicornProcess]:
+    """The API under gunicorn with the shipped config on a free port."""
+    port = free_port()
+    cwd = Path(tempfile.mkdtemp(prefix="flask-obo-api-"))  # no stray .env is picked up
+    log = cwd / "gunicorn.log"
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "config/gunicorn.conf.py"),
+             "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads),
+             "wsgi:app"],
+            cwd=cwd, env={**env, "PYTHONPATH": str(ROOT), "GUNICORN_WORKER_TMP_DIR": str(cwd)},
+            stdout=subprocess.DEVNULL, stderr=stderr,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: process.poll() is not None or requests.get(f"{base}/healthz", timeout=1).ok,
+                   what="gunicorn")
+        assert process.poll() is None, log.read_text()[-3000:]
+        yield GunicornProcess(base, log, process)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
