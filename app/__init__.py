@@ -6,8 +6,9 @@ import logging
 from collections.abc import Mapping
 
 from cryptography.fernet import Fernet
-from flask import Flask
+from flask import Flask, current_app, request
 from flask_cors import CORS
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import errors, protector
 from .authority import OpenIdConfiguration, SigningKeys
@@ -45,6 +46,7 @@ def create_app(settings: Settings | Mapping[str, str] | None = None,
     codec = TokenCacheCodec(keys)
 
     errors.init_app(app)
+    app.before_request(_refuse_large_bodies)
     protector.init_app(app, settings, SigningKeys(metadata, session))
     app.extensions.update({
         "flask-obo.settings": settings,
@@ -65,6 +67,12 @@ def create_app(settings: Settings | Mapping[str, str] | None = None,
             max_age=600,
         )
     return app
+
+
+def _refuse_large_bodies() -> None:
+    """No route reads a body, so Werkzeug's own limit would never fire: check up front."""
+    if (request.content_length or 0) > current_app.config["MAX_CONTENT_LENGTH"]:
+        raise RequestEntityTooLarge()
 
 
 def _token_cache_store(settings: Settings) -> TokenCacheStore:

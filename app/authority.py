@@ -23,6 +23,7 @@ METADATA_MAX_AGE = 24 * 3600
 KEYS_MAX_AGE = 24 * 3600
 UNKNOWN_KID_REFETCH_INTERVAL = 300
 RETRY_FAILED_REFRESH_AFTER = 60
+READINESS_TTL = 30
 AUTHORITY_TIMEOUT = (3.05, 10)
 
 
@@ -50,6 +51,7 @@ class OpenIdConfiguration:
         self._document: dict[str, Any] | None = None
         self._text = ""
         self._next_refresh = 0.0
+        self._reachable_until = float("-inf")
 
     def document(self) -> dict[str, Any]:
         self._refresh_if_due()
@@ -62,8 +64,13 @@ class OpenIdConfiguration:
         return self._text
 
     def check(self) -> None:
-        """Fetch now (readiness probe); raise ``AuthorityUnavailable`` on failure."""
+        """Readiness: is the authority reachable? Raise ``AuthorityUnavailable`` if not.
+
+        A success is trusted for 30 s, so frequent probes do not hammer Entra ID."""
+        if self._clock() < self._reachable_until:
+            return
         _fetch_json(self._session, self.url)
+        self._reachable_until = self._clock() + READINESS_TTL
 
     def _refresh_if_due(self) -> None:
         if self._document is not None and self._clock() < self._next_refresh:
@@ -109,10 +116,12 @@ class SigningKeys:
     def get(self, kid: str) -> RSAKey | None:
         """The RSA key for ``kid``, or None when the authority does not publish it."""
         keys = self._keys
-        if keys is None or self._clock() >= self._next_refresh:
+        just_fetched = keys is None or self._clock() >= self._next_refresh
+        if just_fetched:
             keys = self._refresh(scheduled=True)
         key = keys.get(kid)
-        if key is None and self._clock() - self._last_unknown_kid_fetch >= UNKNOWN_KID_REFETCH_INTERVAL:
+        if (key is None and not just_fetched
+                and self._clock() - self._last_unknown_kid_fetch >= UNKNOWN_KID_REFETCH_INTERVAL):
             keys = self._refresh(scheduled=False)
             key = keys.get(kid)
         return key

@@ -11,6 +11,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -100,9 +101,7 @@ class Settings:
             if cert_path
             else None
         )
-        redis_url = env.optional("REDIS_URL")
-        if redis_url and urlsplit(redis_url).scheme not in {"redis", "rediss", "unix"}:
-            raise SettingsError("REDIS_URL: must start with redis://, rediss:// or unix://")
+        redis_url = env.redis_url("REDIS_URL")
         keys = env.fernet_keys("TOKEN_CACHE_KEYS")
         if redis_url and not keys:
             raise SettingsError("TOKEN_CACHE_KEYS: required when REDIS_URL is set")
@@ -156,9 +155,26 @@ class _Env:
 
     def https_url(self, name: str, default: str) -> str:
         value = (self.optional(name) or default).rstrip("/")
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            raise SettingsError(f"{name}: is not a valid URL") from None
         if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
             raise SettingsError(f"{name}: must be an https:// URL (msal refuses plain http)")
+        return value
+
+    def redis_url(self, name: str) -> str | None:
+        value = self.optional(name)
+        if value is None:
+            return None
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            raise SettingsError(f"{name}: is not a valid URL") from None
+        if parts.scheme not in {"redis", "rediss", "unix"}:
+            raise SettingsError(f"{name}: must start with redis://, rediss:// or unix://")
         return value
 
     def token(self, name: str, default: str) -> str:
@@ -183,7 +199,7 @@ class _Env:
         raw = self.optional(name)
         if raw is None:
             return default
-        if not raw.isdigit() or int(raw) <= 0:
+        if not re.fullmatch(r"[0-9]{1,10}", raw) or int(raw) <= 0:
             raise SettingsError(f"{name}: must be a positive whole number of seconds")
         return int(raw)
 
@@ -201,9 +217,9 @@ class _Env:
     def origins(self, name: str) -> tuple[str, ...]:
         origins = tuple(o.strip().rstrip("/") for o in (self.optional(name) or "").split(","))
         origins = tuple(o for o in origins if o)
-        for origin in origins:
+        for position, origin in enumerate(origins, start=1):
             if not _ORIGIN.match(origin):
-                raise SettingsError(f"{name}: {origin!r} is not an origin like https://app.example.com")
+                raise SettingsError(f"{name}: entry {position} is not an origin like https://app.example.com")
         return origins
 
 
@@ -227,6 +243,10 @@ def _load_certificate(path: str, password: str | None) -> ClientCertificate:
         certificate = x509.load_pem_x509_certificate(pem)
     except ValueError:
         raise SettingsError(f"{name}: no PEM certificate in the file") from None
+    if certificate.public_key().public_numbers() != key.public_key().public_numbers():
+        raise SettingsError(f"{name}: the certificate does not match the private key")
+    if certificate.not_valid_after_utc < datetime.now(UTC):
+        raise SettingsError(f"{name}: the certificate has expired")
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

@@ -24,19 +24,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import msal  # noqa: E402
-import redis  # noqa: E402
-import responses  # noqa: E402
-from cryptography.fernet import Fernet  # noqa: E402
+import msal
+import redis
+import responses
+from cryptography.fernet import Fernet
 
-from app import create_app  # noqa: E402
-from app.protector import EntraAccessToken  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from app.token_cache import TokenCacheCodec, UserTokenCache  # noqa: E402
-from tests.support.fake_entra import (  # noqa: E402
-    ADELE, AUTHORITY_HOST, CLIENT_ID, CLIENT_SECRET, TENANT_ID, FakeEntra, settings_env,
+from app import create_app
+from app.protector import EntraAccessToken
+from app.settings import Settings
+from app.token_cache import TokenCacheCodec, UserTokenCache
+from tests.support.fake_entra import (
+    ADELE,
+    AUTHORITY_HOST,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    TENANT_ID,
+    FakeEntra,
+    settings_env,
 )
-from tests.support.servers import redis_server  # noqa: E402
+from tests.support.servers import redis_server
 
 CALLS, ROUNDS = 2000, 7
 

@@ -143,7 +143,8 @@ def test_a_writer_that_lost_its_lock_does_not_overwrite(redis_url, real_redis):
 
 def test_redis_down_is_503_not_500(entra: FakeEntra, fernet_key):
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    client = create_app(Settings.from_env(settings_env(REDIS_URL=url, TOKEN_CACHE_KEYS=fernet_key))).test_client()
+    settings = Settings.from_env(settings_env(REDIS_URL=url, TOKEN_CACHE_KEYS=fernet_key))
+    client = create_app(settings).test_client()
     response = client.get("/api/me", headers=bearer(entra.api_token(ADELE)))
     assert response.status_code == 503
     assert response.json["error"] == "temporarily_unavailable"

@@ -1,0 +1,74 @@
+"""devtenant: a local Entra ID (v2 endpoints) + Microsoft Graph for offline development.
+
+It serves, over HTTPS, exactly the parts of Entra ID and Graph that flask-obo uses
+(discovery, JWKS, the token endpoint with On-Behalf-Of / refresh_token /
+client_credentials, Graph ``/me`` and ``/me/manager``) so that the API can run its
+real, unpatched msal code against it.
+
+Importing this package has no side effects: the constants below are literals (a test
+checks that they agree with ``directory.json``, the single data source the server
+reads), and the heavier objects are imported lazily on first attribute access.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+TENANT_ID = "7f3c2a91-5b6e-4d8a-9e1f-0c4b8a2d6e35"
+TENANT_DOMAIN = "flaskobodev.onmicrosoft.com"
+API_CLIENT_ID = "5e1a7c3d-2b9f-4e6a-8d0c-1f7b3a9e2c64"
+API_APP_ID_URI = f"api://{API_CLIENT_ID}"
+API_CLIENT_SECRET = "Dev8Q~flaskobo.devtenant.secret-NOT-FOR-PRODUCTION"
+API_SCOPE = "user_impersonation"
+API_APP_ROLE = "access_as_application"
+SPA_CLIENT_ID = "9b2d4f6a-8c1e-4a3b-b5d7-e9f0a1c2d3e4"
+GRAPH_RESOURCE = "https://graph.microsoft.com"
+GRAPH_APP_ID = "00000003-0000-0000-c000-000000000000"
+GRAPH_DELEGATED_PERMISSIONS = ("User.Read", "User.ReadBasic.All")
+MFA_POLICY_ID = "4f2b8c1d-6e3a-4b5c-9d7e-1a2b3c4d5e6f"
+DEFAULT_AUTHORITY_HOST = "https://localhost:8443"
+STATE_DIR_ENV = "DEVTENANT_STATE_DIR"
+
+_LAZY = {
+    "DevTenant": "devtenant.api",
+    "create_app": "devtenant.server",
+    "serve": "devtenant.server",
+    "ensure_state": "devtenant.state",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from devtenant.api import DevTenant
+    from devtenant.server import create_app, serve
+    from devtenant.state import ensure_state
+
+
+def __getattr__(name: str) -> Any:
+    """Import heavy modules (Flask, Authlib, cryptography) only when asked for."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'devtenant' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = [
+    "API_APP_ID_URI",
+    "API_APP_ROLE",
+    "API_CLIENT_ID",
+    "API_CLIENT_SECRET",
+    "API_SCOPE",
+    "DEFAULT_AUTHORITY_HOST",
+    "GRAPH_APP_ID",
+    "GRAPH_DELEGATED_PERMISSIONS",
+    "GRAPH_RESOURCE",
+    "MFA_POLICY_ID",
+    "SPA_CLIENT_ID",
+    "STATE_DIR_ENV",
+    "TENANT_DOMAIN",
+    "TENANT_ID",
+    "DevTenant",
+    "create_app",
+    "ensure_state",
+    "serve",
+]

@@ -1,0 +1,195 @@
+"""The tenant's directory: users, app registrations, consent and app-role assignments.
+
+All of it comes from ``directory.json`` (shipped with the package) so the fixed
+identities the API and its tests rely on are data, not code. Lookups accept the
+forms people actually type: a user by short name, UPN or object id; an app by
+client id or any of its identifier URIs.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from devtenant import pki
+
+
+@dataclass(frozen=True)
+class User:
+    """A directory user; ``profile`` holds the Graph ``user`` properties."""
+
+    short: str
+    oid: str
+    upn: str
+    display_name: str
+    manager: str | None
+    flags: frozenset[str]
+    profile: dict[str, Any]
+
+    @property
+    def mfa_required(self) -> bool:
+        return "mfa_required" in self.flags
+
+    @property
+    def consent_missing(self) -> bool:
+        return "consent_missing" in self.flags
+
+
+@dataclass
+class App:
+    """An app registration + service principal; doubles as Authlib's client model."""
+
+    key: str
+    client_id: str
+    display_name: str
+    identifier_uris: tuple[str, ...]
+    service_principal_id: str
+    public_client: bool = True
+    client_secret: str | None = None
+    certificate_file: str | None = None
+    token_audience: str | None = None
+    scopes: tuple[str, ...] = ()
+    app_roles: tuple[str, ...] = ()
+    certificates: list[x509.Certificate] = field(default_factory=list)
+
+    @property
+    def identifier(self) -> str:
+        """The resource identifier tokens use as ``aud`` prefix for scopes."""
+        return self.identifier_uris[0] if self.identifier_uris else self.client_id
+
+    @property
+    def audience(self) -> str:
+        """``aud`` of access tokens for this resource: its client id, as in v2 tokens,
+        unless the registration says otherwise (Graph: https://graph.microsoft.com)."""
+        return self.token_audience or self.client_id
+
+    # --- authlib.oauth2.rfc6749.ClientMixin -------------------------------------
+    def get_client_id(self) -> str:
+        return self.client_id
+
+    def check_client_secret(self, client_secret: str) -> bool:
+        return bool(self.client_secret) and hmac.compare_digest(
+            self.client_secret.encode(), client_secret.encode()
+        )
+
+    def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
+        if self.public_client:
+            return method == "none"
+        return method in {"client_secret_basic", "client_secret_post", "private_key_jwt"}
+
+    def check_grant_type(self, grant_type: str) -> bool:
+        return not self.public_client
+
+    def get_allowed_scope(self, scope: str) -> str:
+        return scope
+
+
+class Directory:
+    """In-memory view of directory.json, plus the client certificates from the state folder."""
+
+    def __init__(self, data: dict[str, Any], state_root: Path | None = None) -> None:
+        tenant = data["tenant"]
+        self.tenant_id: str = tenant["id"]
+        self.tenant_name: str = tenant["display_name"]
+        self.domain: str = tenant["domain"]
+        self.mfa_policy_id: str = tenant["mfa_policy_id"]
+        self.apps = [self._app(a, state_root) for a in data["applications"]]
+        self.users = [self._user(u) for u in data["users"]]
+        self._delegated = {
+            (g["client_id"], g["resource"]): tuple(g["scope"].split())
+            for g in data["oauth2_permission_grants"]
+        }
+        self._roles = {
+            (g["client_id"], g["resource"]): tuple(g["roles"]) for g in data["app_role_assignments"]
+        }
+
+    @classmethod
+    def load(cls, state_root: Path | None = None) -> Directory:
+        text = resources.files("devtenant").joinpath("directory.json").read_text("utf-8")
+        return cls(json.loads(text), state_root)
+
+    @staticmethod
+    def _app(item: dict[str, Any], state_root: Path | None) -> App:
+        app = App(
+            key=item["key"],
+            client_id=item["app_id"],
+            display_name=item["display_name"],
+            identifier_uris=tuple(item.get("identifier_uris", ())),
+            service_principal_id=item["service_principal_id"],
+            public_client=item.get("public_client", True),
+            client_secret=item.get("client_secret"),
+            certificate_file=item.get("certificate_file"),
+            token_audience=item.get("token_audience"),
+            scopes=tuple(item.get("scopes", ())),
+            app_roles=tuple(item.get("app_roles", ())),
+        )
+        if app.certificate_file and state_root is not None:
+            pem = (state_root / app.certificate_file).read_bytes()
+            app.certificates = pki.load_pem_certs(pem)
+        return app
+
+    @staticmethod
+    def _user(item: dict[str, Any]) -> User:
+        profile = {k: v for k, v in item.items() if k not in {"short", "manager", "flags"}}
+        return User(
+            short=item["short"],
+            oid=item["id"],
+            upn=item["userPrincipalName"],
+            display_name=item["displayName"],
+            manager=item.get("manager"),
+            flags=frozenset(item.get("flags", ())),
+            profile=profile,
+        )
+
+    # --- lookups ------------------------------------------------------------------
+    def is_tenant(self, value: str) -> bool:
+        """Entra accepts the tenant GUID or a verified domain in the path."""
+        return value.lower() in {self.tenant_id, self.domain}
+
+    def user(self, ref: str) -> User | None:
+        """Find a user by short name, UPN or object id (case-insensitive)."""
+        needle = ref.strip().lower()
+        for user in self.users:
+            if needle in {user.short, user.upn.lower(), user.oid}:
+                return user
+        return None
+
+    def require_user(self, ref: str) -> User:
+        user = self.user(ref)
+        if user is None:
+            known = ", ".join(u.short for u in self.users)
+            raise KeyError(f"unknown user {ref!r}; known users: {known}")
+        return user
+
+    def manager_of(self, user: User) -> User | None:
+        return self.user(user.manager) if user.manager else None
+
+    def app(self, ref: str) -> App | None:
+        """Find an app by client id or identifier URI (``api://...``, Graph URL...)."""
+        needle = ref.strip().rstrip("/").lower()
+        for app in self.apps:
+            if needle == app.client_id or needle in {u.lower() for u in app.identifier_uris}:
+                return app
+        return None
+
+    def client(self, client_id: str | None) -> App | None:
+        """Authlib's ``query_client``: the token endpoint only takes the GUID form."""
+        needle = (client_id or "").strip().lower()
+        return next((a for a in self.apps if a.client_id == needle), None)
+
+    def app_by_key(self, key: str) -> App:
+        return next(a for a in self.apps if a.key == key)
+
+    def delegated_grant(self, client: App, resource: App) -> tuple[str, ...]:
+        """Delegated permissions admin-consented for ``client`` on ``resource``."""
+        return self._delegated.get((client.client_id, resource.identifier), ())
+
+    def app_roles_granted(self, client: App, resource: App) -> tuple[str, ...]:
+        """Application permissions (app roles) assigned to ``client`` on ``resource``."""
+        return self._roles.get((client.client_id, resource.identifier), ())

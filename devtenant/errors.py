@@ -1,0 +1,136 @@
+"""Entra-shaped token endpoint errors.
+
+Code under test (msal, the API's error mapping) keys off Entra's exact error shape:
+``error``, an ``error_description`` that starts with ``AADSTSnnnnn:`` and ends with
+Trace ID / Correlation ID / Timestamp lines, ``error_codes``, ``suberror`` and the
+``claims`` challenge. Grants raise :class:`EntraError`; plain Authlib errors are
+translated by :func:`as_entra_error` so every failure has the same shape.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from authlib.oauth2 import OAuth2Error
+
+
+class EntraError(OAuth2Error):
+    """An OAuth error with Entra's AADSTS code and extras.
+
+    Authlib forbids newlines and quotes in ``description``; Entra messages need both,
+    so the message is kept in ``message`` and rendered by :meth:`body`.
+    """
+
+    def __init__(
+        self,
+        error: str,
+        code: int,
+        message: str,
+        status_code: int = 400,
+        suberror: str | None = None,
+        claims: str | None = None,
+    ) -> None:
+        super().__init__(error=error, status_code=status_code)
+        self.error = error
+        self.code = code
+        self.message = message
+        self.suberror = suberror
+        self.claims = claims
+
+    def body(self, base_url: str, correlation_id: str | None = None) -> dict[str, Any]:
+        now = dt.datetime.now(dt.UTC)
+        timestamp = now.strftime("%Y-%m-%d %H:%M:%SZ")
+        trace_id = str(uuid.uuid4())
+        correlation_id = correlation_id or str(uuid.uuid4())
+        description = (
+            f"AADSTS{self.code}: {self.message}\r\nTrace ID: {trace_id}\r\n"
+            f"Correlation ID: {correlation_id}\r\nTimestamp: {timestamp}"
+        )
+        body: dict[str, Any] = {
+            "error": self.error,
+            "error_description": description,
+            "error_codes": [self.code],
+            "timestamp": timestamp,
+            "trace_id": trace_id,
+            "correlation_id": correlation_id,
+            "error_uri": f"{base_url}/error?code={self.code}",
+        }
+        if self.suberror:
+            body["suberror"] = self.suberror
+        if self.claims:
+            body["claims"] = self.claims
+        return body
+
+
+# Fallbacks for errors Authlib raises by itself: (AADSTS code, status, message).
+_GENERIC: dict[str, tuple[int, int, str]] = {
+    "invalid_client": (
+        7000218,
+        401,
+        "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+    ),
+    "invalid_grant": (70000, 400, "The provided grant is invalid or malformed."),
+    "invalid_request": (900144, 400, "The request is missing a required parameter."),
+    "invalid_scope": (70011, 400, "The provided value for the input parameter 'scope' is not valid."),
+    "unauthorized_client": (700016, 400, "The client is not authorized for this grant type."),
+    "unsupported_grant_type": (70003, 400, "The app requested an unsupported grant type."),
+}
+
+
+def as_entra_error(error: OAuth2Error) -> EntraError:
+    """Translate an Authlib error into the matching Entra error."""
+    if isinstance(error, EntraError):
+        return error
+    name = error.error or "invalid_request"
+    code, status, message = _GENERIC.get(name, (90014, 400, "The request is invalid."))
+    if name == "unsupported_grant_type":
+        message = f"The app requested an unsupported grant type '{getattr(error, 'grant_type', '')}'."
+    elif error.description:
+        message = f"{message} ({error.description})"
+    return EntraError(name, code, message, status_code=status)
+
+
+def tenant_not_found(tenant: str) -> EntraError:
+    return EntraError(
+        "invalid_tenant",
+        90002,
+        f"Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID "
+        "and are signing into the correct cloud.",
+    )
+
+
+def missing_parameter(name: str) -> EntraError:
+    return EntraError(
+        "invalid_request",
+        900144,
+        f"The request body must contain the following parameter: '{name}'.",
+    )
+
+
+def consent_required(client_id: str, client_name: str) -> EntraError:
+    return EntraError(
+        "invalid_grant",
+        65001,
+        f"The user or administrator has not consented to use the application with ID "
+        f"'{client_id}' named '{client_name}'. Send an interactive authorization request "
+        "for this user and resource.",
+        suberror="consent_required",
+    )
+
+
+def mfa_required(resource: str, policy_id: str) -> EntraError:
+    claims = '{"access_token":{"capolids":{"essential":true,"values":["' + policy_id + '"]}}}'
+    return EntraError(
+        "interaction_required",
+        50079,
+        "Due to a configuration change made by your administrator, or because you moved "
+        f"to a new location, you must enroll in multi-factor authentication to access "
+        f"'{resource}'.",
+        claims=claims,
+    )
+
+
+def invalid_client(code: int, message: str) -> EntraError:
+    return EntraError("invalid_client", code, message, status_code=401)

@@ -1,0 +1,44 @@
+"""Dev-tenant-only endpoints for tests: counters, runtime switches, health.
+
+They live under ``/_devtenant/`` (and ``/healthz``) so they can never be confused with
+an Entra or Graph URL. Tests use the counters to prove caching (e.g. "the second API
+call did not hit the token endpoint") and the switch to exercise both scope forms.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify, request
+
+from devtenant.runtime import current
+
+bp = Blueprint("hooks", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    runtime = current()
+    return jsonify({"status": "ok", "tenant": runtime.directory.tenant_id, "kid": runtime.keys.active_kid})
+
+
+@bp.get("/_devtenant/counters")
+def counters() -> Response:
+    return jsonify(current().counters.snapshot())
+
+
+@bp.post("/_devtenant/counters/reset")
+def reset_counters() -> Response:
+    runtime = current()
+    runtime.counters.reset()
+    return jsonify(runtime.counters.snapshot())
+
+
+@bp.route("/_devtenant/config", methods=["GET", "POST"])
+def config() -> Response | tuple[Response, int]:
+    """``{"short_scopes": bool}`` switches the form of the returned ``scope``."""
+    runtime = current()
+    if request.method == "POST":
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict) or not isinstance(data.get("short_scopes"), bool):
+            return jsonify({"error": 'expected JSON {"short_scopes": true|false}'}), 400
+        runtime.short_scopes = data["short_scopes"]
+    return jsonify({"short_scopes": runtime.short_scopes})

@@ -1,0 +1,192 @@
+"""Real msal against a real ``python -m devtenant serve`` over HTTPS (one server per module)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msal
+import pytest
+import requests
+
+from devtenant import API_CLIENT_ID, API_CLIENT_SECRET, GRAPH_RESOURCE, TENANT_ID
+from devtenant.api import DevTenant
+from tests.devtenant.conftest import claims_of, header_of
+
+REPO = Path(__file__).resolve().parents[2]
+GRAPH_DEFAULT = [f"{GRAPH_RESOURCE}/.default"]
+
+
+@dataclass
+class Server:
+    url: str
+    tenant: DevTenant
+    log: Path
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return requests.get(self.url + path, verify=str(self.tenant.ca_bundle_path), **kwargs)
+
+    def post(self, path: str, **kwargs) -> requests.Response:
+        return requests.post(self.url + path, verify=str(self.tenant.ca_bundle_path), **kwargs)
+
+    def counters(self) -> dict:
+        return self.get("/_devtenant/counters").json()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(server: Server, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"devtenant exited early:\n{server.log.read_text()}")
+        try:
+            if server.get("/healthz", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            time.sleep(0.05)  # poll interval, not a fixed wait
+    pytest.fail(f"devtenant not healthy after {timeout}s:\n{server.log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def dt_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    state = tmp_path_factory.mktemp("devtenant-serve")
+    port = _free_port()
+    url = f"https://localhost:{port}"
+    DevTenant(state).ensure_state()  # the CA bundle must exist before the first poll
+    log = state / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "devtenant", "serve", "--port", str(port), "--state-dir", state],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        server = Server(url, DevTenant(state, url), log)
+        try:
+            _wait_healthy(server, proc)
+            yield server
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            returncode = proc.wait(timeout=15)
+    assert returncode == 0, log.read_text()
+
+
+@pytest.fixture
+def msal_app(dt_server: Server, monkeypatch: pytest.MonkeyPatch):
+    """Factory for msal apps that trust the dev tenant's CA (via REQUESTS_CA_BUNDLE)."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(dt_server.tenant.ca_bundle_path))
+
+    def make(credential: object = API_CLIENT_SECRET) -> msal.ConfidentialClientApplication:
+        return msal.ConfidentialClientApplication(
+            API_CLIENT_ID,
+            client_credential=credential,
+            authority=f"{dt_server.url}/{TENANT_ID}",
+            instance_discovery=False,
+        )
+
+    return make
+
+
+def test_serve_prints_ready_line_and_records_url(dt_server: Server) -> None:
+    assert f"devtenant ready at {dt_server.url} (tenant {TENANT_ID})" in dt_server.log.read_text()
+    assert DevTenant(dt_server.tenant.state_dir).authority_host == dt_server.url
+
+
+def test_msal_obo_with_secret_cache_and_refresh(dt_server: Server, msal_app) -> None:
+    app = msal_app()
+    user_token = dt_server.tenant.api_token("adele")
+    result = app.acquire_token_on_behalf_of(user_token, GRAPH_DEFAULT)
+    assert "access_token" in result, result
+    me = requests.get(
+        f"{dt_server.url}/v1.0/me",
+        headers={"Authorization": f"Bearer {result['access_token']}"},
+    )  # verified through REQUESTS_CA_BUNDLE, like the API's own Graph client
+    assert me.status_code == 200 and me.json()["displayName"] == "Adele Vance"
+
+    [account] = app.get_accounts()
+    oid = claims_of(result["access_token"])["oid"]
+    assert account["home_account_id"] == f"{oid}.{TENANT_ID}"
+    assert account["username"] == "adele@flaskobodev.onmicrosoft.com"
+
+    dt_server.post("/_devtenant/counters/reset")
+    cached = app.acquire_token_silent([f"{GRAPH_RESOURCE}/User.Read"], account=account)
+    assert cached["token_source"] == "cache"
+    assert dt_server.counters()["token"]["refresh_token"] == 0
+    refreshed = app.acquire_token_silent(GRAPH_DEFAULT, account=account, force_refresh=True)
+    assert refreshed["token_source"] == "identity_provider"
+    assert dt_server.counters()["token"]["refresh_token"] == 1
+
+
+def test_msal_obo_with_certificate(dt_server: Server, msal_app) -> None:
+    pem = dt_server.tenant.client_certificate_path.read_text()
+    app = msal_app({"private_key": pem, "public_certificate": pem})
+    result = app.acquire_token_on_behalf_of(dt_server.tenant.api_token("adele"), GRAPH_DEFAULT)
+    assert "access_token" in result, result
+    assert claims_of(result["access_token"])["azpacr"] == "2"  # certificate-authenticated
+    boss = requests.get(
+        f"{dt_server.url}/v1.0/me/manager",
+        headers={"Authorization": f"Bearer {result['access_token']}"},
+    )
+    assert boss.status_code == 200 and boss.json()["displayName"] == "Nestor Wilke"
+
+
+def test_msal_sees_entra_errors(dt_server: Server, msal_app) -> None:
+    app = msal_app()
+    tenant = dt_server.tenant
+    mfa = app.acquire_token_on_behalf_of(tenant.api_token("alex"), GRAPH_DEFAULT)
+    assert mfa["error"] == "interaction_required" and 50079 in mfa["error_codes"]
+    assert '"capolids"' in mfa["claims"]
+    ok = app.acquire_token_on_behalf_of(tenant.api_token("alex", mfa=True), GRAPH_DEFAULT)
+    assert "access_token" in ok, ok
+    consent = app.acquire_token_on_behalf_of(tenant.api_token("lynne"), GRAPH_DEFAULT)
+    assert consent["error"] == "invalid_grant" and consent["suberror"] == "consent_required"
+    expired = app.acquire_token_on_behalf_of(tenant.api_token("adele", expired=True), GRAPH_DEFAULT)
+    assert expired["error"] == "invalid_grant" and expired["error_codes"] == [500133]
+    bad_secret = msal_app("wrong").acquire_token_on_behalf_of(tenant.api_token("adele"), GRAPH_DEFAULT)
+    assert bad_secret["error"] == "invalid_client" and bad_secret["error_codes"] == [7000215]
+
+
+def test_short_scope_form_changes_msal_cache_hits(dt_server: Server, msal_app) -> None:
+    dt_server.post("/_devtenant/config", json={"short_scopes": True})
+    try:
+        app = msal_app()
+        result = app.acquire_token_on_behalf_of(dt_server.tenant.api_token("megan"), GRAPH_DEFAULT)
+        assert result["scope"] == "User.Read User.ReadBasic.All openid profile email"
+        [account] = app.get_accounts()
+        dt_server.post("/_devtenant/counters/reset")
+        assert app.acquire_token_silent(["User.Read"], account=account)["token_source"] == "cache"
+        full = app.acquire_token_silent([f"{GRAPH_RESOURCE}/User.Read"], account=account)
+        assert full["token_source"] == "identity_provider"  # cache miss: msal used the RT
+        assert dt_server.counters()["token"]["refresh_token"] == 1
+    finally:
+        dt_server.post("/_devtenant/config", json={"short_scopes": False})
+
+
+def test_key_rotation_reaches_running_server(dt_server: Server, msal_app) -> None:
+    old_kid = dt_server.get("/healthz").json()["kid"]
+    rotated = subprocess.run(
+        [sys.executable, "-m", "devtenant", "rotate-keys", "--state-dir", dt_server.tenant.state_dir],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    new_kid = rotated.stdout.strip()
+    assert new_kid and new_kid != old_kid
+    assert dt_server.get("/healthz").json()["kid"] == new_kid
+    result = msal_app().acquire_token_on_behalf_of(dt_server.tenant.api_token("adele"), GRAPH_DEFAULT)
+    assert header_of(result["access_token"])["kid"] == new_kid
+    jwks = dt_server.get(f"/{TENANT_ID}/discovery/v2.0/keys").json()
+    assert {new_kid, old_kid} <= {key["kid"] for key in jwks["keys"]}
