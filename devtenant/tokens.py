@@ -73,11 +73,20 @@ class TokenMinter:
         key = self.keys.active
         return jwt.encode({"alg": "RS256", "typ": "JWT", "kid": key.kid}, claims, key)
 
-    def _times(self, lifetime: int, expired: bool) -> dict[str, int]:
+    def _sign_claims(self, issuer: str, audience: str, lifetime: int, expired: bool,
+                     claims: dict[str, Any], amr: Sequence[str] = ()) -> str:
+        """Sign ``claims`` inside the envelope every Entra v2 token shares."""
         now = int(time.time())
         if expired:  # issued long enough ago that no clock-skew leeway rescues it
             now -= lifetime + 600
-        return {"iat": now, "nbf": now, "exp": now + lifetime}
+        envelope: dict[str, Any] = {
+            "aud": audience, "iss": issuer, "iat": now, "nbf": now, "exp": now + lifetime,
+            "aio": _opaque(), **claims, "rh": _opaque("1.A"), "tid": self.directory.tenant_id,
+            "uti": _opaque(nbytes=16), "ver": "2.0",
+        }
+        if amr:
+            envelope["amr"] = list(amr)
+        return self._sign(envelope)
 
     def user_token(
         self,
@@ -93,27 +102,16 @@ class TokenMinter:
         expired: bool = False,
     ) -> str:
         """Delegated access token (``scp``) for ``user`` as seen by resource ``audience``."""
-        claims: dict[str, Any] = {
-            "aud": audience,
-            "iss": issuer,
-            **self._times(lifetime or random_lifetime(), expired),
-            "aio": _opaque(),
+        return self._sign_claims(issuer, audience, lifetime or random_lifetime(), expired, {
             "azp": azp,
             "azpacr": azpacr,
             "name": user.display_name,
             "oid": user.oid,
             "preferred_username": user.upn,
-            "rh": _opaque("1.A"),
             "scp": " ".join(scp),
             "sid": _opaque(nbytes=16),
             "sub": pairwise_sub(user.oid, azp),
-            "tid": self.directory.tenant_id,
-            "uti": _opaque(nbytes=16),
-            "ver": "2.0",
-        }
-        if amr:
-            claims["amr"] = list(amr)
-        return self._sign(claims)
+        }, amr)
 
     def app_token(
         self,
@@ -127,43 +125,24 @@ class TokenMinter:
     ) -> str:
         """App-only access token: no ``scp``, ``roles`` and ``idtyp: app``."""
         claims: dict[str, Any] = {
-            "aud": audience,
-            "iss": issuer,
-            **self._times(lifetime or random_lifetime(), False),
-            "aio": _opaque(),
             "azp": client.client_id,
             "azpacr": azpacr,
             "idtyp": "app",
             "oid": client.service_principal_id,
-            "rh": _opaque("1.A"),
             "sub": client.service_principal_id,
-            "tid": self.directory.tenant_id,
-            "uti": _opaque(nbytes=16),
-            "ver": "2.0",
         }
         if roles:
             claims["roles"] = list(roles)
-        return self._sign(claims)
+        return self._sign_claims(issuer, audience, lifetime or random_lifetime(), False, claims)
 
     def id_token(self, *, issuer: str, client_id: str, user: User, amr: Sequence[str]) -> str:
         """ID token for the client itself (msal reads it to build the account)."""
-        claims: dict[str, Any] = {
-            "aud": client_id,
-            "iss": issuer,
-            **self._times(3600, False),
-            "aio": _opaque(),
+        return self._sign_claims(issuer, client_id, 3600, False, {
             "name": user.display_name,
             "oid": user.oid,
             "preferred_username": user.upn,
-            "rh": _opaque("1.A"),
             "sub": pairwise_sub(user.oid, client_id),
-            "tid": self.directory.tenant_id,
-            "uti": _opaque(nbytes=16),
-            "ver": "2.0",
-        }
-        if amr:
-            claims["amr"] = list(amr)
-        return self._sign(claims)
+        }, amr)
 
     def verify(self, token: str, audiences: Sequence[str], leeway: int = 0) -> dict[str, Any]:
         """Check signature (any published key), issuer tenant, expiry and audience.
