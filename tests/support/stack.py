@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -125,3 +126,4 @@ def gunicorn(env: dict[str, str], workers: int = 2, threads: int = 4) -> Iterato
     finally:
         process.terminate()
         process.wait(timeout=30)
+        shutil.rmtree(cwd, ignore_errors=True)

@@ -1,0 +1,136 @@
+"""Helpers for the deployment tests: config/nginx.conf rendered for loopback, and run.
+
+The shipped nginx.conf names the compose services (``api-1:8000``), container ports
+(8080, 8443) and container paths. ``render_nginx_conf`` rewrites exactly those lines
+and fails if any of them is missing or appears more often than expected, so the tests
+always run the shipped file and notice when it drifts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from tests.support.servers import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+NGINX_CONF = ROOT / "config" / "nginx.conf"
+TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+def _sub(pattern: str, repl, text: str, expected: int, what: str) -> str:
+    new, count = re.subn(pattern, repl, text, flags=re.MULTILINE)
+    if count != expected:
+        raise AssertionError(f"config/nginx.conf: expected {expected} {what}, found {count}")
+    return new
+
+
+def render_nginx_conf(
+    text: str,
+    *,
+    upstreams: Sequence[str],
+    http_port: int,
+    tls_port: int,
+    cert: Path,
+    key: Path,
+    run_dir: Path,
+    log_dir: Path,
+) -> str:
+    """The shipped config with loopback upstreams/ports, the given certificate, files in tmp."""
+    servers = iter(upstreams)
+    text = _sub(r"^(\s*server\s+)api-\d+:8000\b", lambda m: m.group(1) + next(servers), text,
+                len(upstreams), "upstream 'server api-N:8000' lines")
+    text = _sub(r"^(\s*listen\s+)8080;", rf"\g<1>127.0.0.1:{http_port};", text, 1, "'listen 8080;'")
+    text = _sub(r"^(\s*listen\s+)8443(\s+ssl\b)", rf"\g<1>127.0.0.1:{tls_port}\g<2>", text, 1,
+                "'listen 8443 ssl'")
+    text = _sub(r"^(\s*ssl_certificate\s+)\S+;", rf"\g<1>{cert};", text, 1, "ssl_certificate lines")
+    text = _sub(r"^(\s*ssl_certificate_key\s+)\S+;", rf"\g<1>{key};", text, 1, "ssl_certificate_key lines")
+    text = _sub(r"^(\s*pid\s+)\S+;", rf"\g<1>{run_dir / 'nginx.pid'};", text, 1, "pid lines")
+    text = _sub(r"^(\s*error_log\s+)\S+", rf"\g<1>{log_dir / 'nginx-error.log'}", text, 1, "error_log lines")
+    text = _sub(r"^(\s*access_log\s+)(?!off\b)\S+", rf"\g<1>{log_dir / 'nginx-access.log'}", text, 1,
+                "access_log lines (other than 'off')")
+    # Distributions compile absolute temp paths (/var/lib/nginx/...): keep them in run_dir.
+    temp = "".join(f"    {name}_temp_path {run_dir / name};\n" for name in TEMP_PATHS)
+    return _sub(r"^http \{\n", lambda m: m.group(0) + temp, text, 1, "'http {' blocks")
+
+
+def world_traversable_dir(prefix: str) -> Path:
+    """A fresh dir under the system temp dir that nginx's workers (``nobody``) can enter.
+
+    pytest's tmp_path lives under a 0700 directory; nginx's master (root) opens the logs,
+    certificates and config there, but workers need their temp paths themselves.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+@dataclass
+class NginxProcess:
+    http_url: str
+    https_url: str
+    access_log: Path
+    error_log: Path
+    conf: Path
+    process: subprocess.Popen[bytes]
+
+    def access_lines(self) -> list[str]:
+        return self.access_log.read_text().splitlines() if self.access_log.exists() else []
+
+
+@contextmanager
+def run_nginx(
+    binary: str, tmp_path: Path, upstreams: Sequence[str], cert: Path, key: Path
+) -> Iterator[NginxProcess]:
+    """The shipped nginx.conf on free loopback ports in the foreground; stopped with SIGQUIT."""
+    run_dir = world_traversable_dir("flask-obo-nginx-")
+    http_port, tls_port = free_port(), free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render_nginx_conf(
+        NGINX_CONF.read_text(), upstreams=upstreams, http_port=http_port, tls_port=tls_port,
+        cert=cert, key=key, run_dir=run_dir, log_dir=tmp_path,
+    ))
+    error_log = tmp_path / "nginx-error.log"
+    process = subprocess.Popen(
+        [binary, "-p", f"{run_dir}/", "-c", str(conf), "-e", str(error_log), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    nginx = NginxProcess(f"http://127.0.0.1:{http_port}", f"https://127.0.0.1:{tls_port}",
+                         tmp_path / "nginx-access.log", error_log, conf, process)
+    try:
+        wait_until(lambda: process.poll() is not None
+                   or requests.get(f"{nginx.http_url}/nginx-healthz", timeout=1).ok, what="nginx")
+        assert process.poll() is None, f"nginx exited: {_tail(error_log)}"
+        yield nginx
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGQUIT)  # graceful: finish requests, close keepalives
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text()[-chars:] if path.exists() else f"({path} missing)"
+
+
+def nginx_test_config(binary: str, conf: Path, run_dir: Path) -> subprocess.CompletedProcess[str]:
+    """``nginx -t`` on a rendered config."""
+    return subprocess.run(
+        [binary, "-t", "-p", f"{run_dir}/", "-c", str(conf), "-e", str(conf.parent / "nginx-t.log"),
+         "-g", "daemon off;"],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "LC_ALL": "C"},
+    )

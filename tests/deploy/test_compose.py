@@ -1,0 +1,364 @@
+"""Static checks of the shipped deployment files: docker-compose.yml, Dockerfile,
+config/gunicorn.conf.py and config/nginx.conf (``nginx -t`` when nginx is installed).
+
+Nothing here needs Docker: the compose file is validated against the Compose
+Specification schema that check-jsonschema vendors, and the files are cross-checked
+against each other (service names, ports, paths, secrets).
+"""
+
+from __future__ import annotations
+
+import configparser
+import fnmatch
+import json
+import multiprocessing
+import re
+import runpy
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from devtenant.api import DevTenant
+from tests.deploy.conftest import (
+    NGINX_CONF,
+    ROOT,
+    nginx_test_config,
+    render_nginx_conf,
+    world_traversable_dir,
+)
+from tests.support.servers import require_binary
+
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+GUNICORN_CONF = ROOT / "config" / "gunicorn.conf.py"
+API_SERVICES = ("api-1", "api-2")
+# A Fernet key is 32 bytes in url-safe base64: 43 characters and one '='.
+FERNET_KEY = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{43}=")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    joined = re.sub(r"\\\n", "", DOCKERFILE.read_text())
+    instructions = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            instructions.append((word.upper(), rest.strip()))
+    return instructions
+
+
+def _all(dockerfile: list[tuple[str, str]], name: str) -> list[str]:
+    return [args for word, args in dockerfile if word == name]
+
+
+# --- docker-compose.yml ----------------------------------------------------------------
+
+
+def _check_compose(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_compose_file_validates_against_the_compose_specification() -> None:
+    result = _check_compose(COMPOSE_FILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("    image: redis:7-alpine\n", "    imagee: redis:7-alpine\n"),  # unknown key
+        ('      - "8000:8080"\n      - "8444:8443"\n', "      12\n"),  # ports: 12 (wrong type)
+    ],
+    ids=["unknown-key", "ports-wrong-type"],
+)
+def test_compose_schema_check_rejects_a_broken_copy(tmp_path: Path, old: str, new: str) -> None:
+    """Negative control: the validation above can fail."""
+    text = COMPOSE_FILE.read_text()
+    assert text.count(old) == 1, f"docker-compose.yml changed: {old!r} not found once"
+    text = text.replace(old, new).replace("    ports:\n      12\n", "    ports: 12\n")
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(text)
+    assert yaml.safe_load(text)  # still YAML: the schema, not the parser, rejects it
+    result = _check_compose(broken)
+    assert result.returncode != 0, result.stdout + result.stderr
+
+
+def test_compose_has_the_whole_stack(compose: dict) -> None:
+    assert {"redis", *API_SERVICES, "nginx", "devtenant"} <= set(compose["services"])
+
+
+def test_redis_requires_the_password_from_the_environment(compose: dict) -> None:
+    command = compose["services"]["redis"]["command"]
+    assert "--requirepass" in command
+    password = command[command.index("--requirepass") + 1]
+    assert re.fullmatch(r"\$\{REDIS_PASSWORD(:\?[^}]*)?\}", password), password
+    # the healthcheck's redis-cli must authenticate too
+    assert compose["services"]["redis"]["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD")
+
+
+@pytest.mark.parametrize("service", API_SERVICES)
+def test_api_service_environment(compose: dict, service: str) -> None:
+    api = compose["services"][service]
+    env = api["environment"]
+    redis_url = env["REDIS_URL"]
+    assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD(:\?[^}]*)?\}@redis:6379/\d+", redis_url), redis_url
+    # the key comes from the environment (.env), never from the file
+    keys = env["TOKEN_CACHE_KEYS"]
+    assert re.fullmatch(r"\$\{TOKEN_CACHE_KEYS(:\?[^}]*)?\}", keys), keys
+    # it runs the image's CMD (gunicorn with the shipped config) unless it says otherwise
+    command = api.get("command")
+    if command is not None:
+        words = command if isinstance(command, list) else shlex.split(command)
+        assert words[0] == "gunicorn" and "config/gunicorn.conf.py" in words, words
+    # the dev tenant it talks to is the one compose runs, and its CA is mounted where REQUESTS_CA_BUNDLE says
+    devtenant = compose["services"]["devtenant"]["command"]
+    public_url = devtenant[devtenant.index("--public-url") + 1]
+    assert env["AZURE_AUTHORITY_HOST"] == public_url
+    assert env["GRAPH_BASE_URL"] == f"{public_url}/v1.0"
+    state_dir = devtenant[devtenant.index("--state-dir") + 1]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in api["volumes"]}
+    assert env["REQUESTS_CA_BUNDLE"] == f"{state_dir}/ca-bundle.pem"
+    assert mounts[state_dir] in {v.split(":")[0] for v in compose["services"]["devtenant"]["volumes"]}
+
+
+def test_compose_file_holds_no_fernet_key() -> None:
+    text = COMPOSE_FILE.read_text()
+    assert not FERNET_KEY.findall(text)
+    # positive control for the pattern
+    from cryptography.fernet import Fernet
+
+    assert FERNET_KEY.findall(f"TOKEN_CACHE_KEYS: {Fernet.generate_key().decode()}")
+
+
+def test_nginx_service_mounts_the_shipped_config_and_the_certificates(compose: dict) -> None:
+    nginx = compose["services"]["nginx"]
+    volumes = [v.split(":") for v in nginx["volumes"]]
+    assert ["./config/nginx.conf", "/etc/nginx/nginx.conf", "ro"] in volumes
+    conf = NGINX_CONF.read_text()
+    tls_dirs = {str(Path(p).parent) for p in re.findall(r"^\s*ssl_certificate(?:_key)?\s+(\S+);", conf, re.M)}
+    assert len(tls_dirs) == 1
+    (tls_dir,) = tls_dirs
+    source = next(v[0] for v in volumes if v[1] == tls_dir)
+    assert source in {v.split(":")[0] for v in compose["services"]["devtenant"]["volumes"]}
+    # the files nginx names are the ones the dev tenant writes into its state folder
+    paths = DevTenant("/state").paths
+    names = set(re.findall(r"^\s*ssl_certificate(?:_key)?\s+\S+/([^/;]+);", conf, re.M))
+    assert names == {paths.server_cert.name, paths.server_key.name}
+
+
+def test_nginx_upstreams_and_ports_match_compose(compose: dict) -> None:
+    conf = NGINX_CONF.read_text()
+    upstream = re.search(r"upstream\s+\w+\s*\{(.*?)\}", conf, re.S)
+    assert upstream
+    servers = re.findall(r"^\s*server\s+([\w.-]+):(\d+)", upstream.group(1), re.M)
+    assert servers, "the upstream names no server"
+    gunicorn_port = runpy.run_path(str(GUNICORN_CONF))["bind"].rsplit(":", 1)[1]
+    for host, port in servers:
+        assert host in compose["services"], f"nginx upstream {host} is not a compose service"
+        assert port == gunicorn_port
+        assert port in [str(p) for p in compose["services"][host].get("expose", [])]
+    assert {host for host, _ in servers} == set(API_SERVICES)
+    listens = set(re.findall(r"^\s*listen\s+(\d+)", conf, re.M))
+    published = {str(p).rsplit(":", 1)[1] for p in compose["services"]["nginx"]["ports"]}
+    assert published == listens
+
+
+@pytest.mark.parametrize("service", API_SERVICES)
+def test_compose_lets_gunicorn_drain(compose: dict, service: str) -> None:
+    """``docker compose stop`` sends SIGTERM, then SIGKILL after stop_grace_period (10 s by
+    default); gunicorn drains for graceful_timeout, so the grace period must be longer."""
+    graceful = runpy.run_path(str(GUNICORN_CONF))["graceful_timeout"]
+    grace = compose["services"][service].get("stop_grace_period", "10s")
+    match = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", str(grace))
+    assert match, grace
+    seconds = int(match.group(1) or 0) * 60 + int(match.group(2) or 0)
+    assert seconds > graceful
+
+
+# --- Dockerfile --------------------------------------------------------------------------
+
+
+def test_dockerfile_uses_a_slim_python_base(dockerfile: list[tuple[str, str]]) -> None:
+    (base,) = _all(dockerfile, "FROM")
+    image = base.split()[0]
+    assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?", image), image
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    assert setup["options"]["python_requires"].strip() == ">=3.11"
+
+
+def test_dockerfile_runs_as_a_non_root_user(dockerfile: list[tuple[str, str]]) -> None:
+    users = _all(dockerfile, "USER")
+    assert users, "no USER: the container runs as root"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0"), user
+    # the numeric user is the one created
+    assert any(f"--uid {user} " in args for args in _all(dockerfile, "RUN")), "USER is not created"
+    # and it is the last USER before CMD
+    words = [w for w, _ in dockerfile]
+    assert words.index("CMD") > len(words) - 1 - words[::-1].index("USER")
+
+
+def test_dockerfile_installs_the_dependencies_of_setup_cfg(
+    dockerfile: list[tuple[str, str]], tmp_path: Path
+) -> None:
+    """Run the Dockerfile's own requirement extraction on setup.cfg and compare."""
+    run = next(args for args in _all(dockerfile, "RUN") if "install_requires" in args)
+    extract, _, rest = run.partition(" > ")
+    requirements_file, _, install = rest.partition(" && ")
+    assert f"pip install -r {requirements_file.strip()}" in install
+    words = shlex.split(extract)
+    assert words[:2] == ["python", "-c"]
+    (tmp_path / "setup.cfg").write_text((ROOT / "setup.cfg").read_text())
+    result = subprocess.run([sys.executable, "-c", words[2]], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=30, check=True)
+    extracted = {Requirement(line).name.lower() for line in result.stdout.splitlines() if line.strip()}
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    declared = {Requirement(line).name.lower()
+                for line in setup["options"]["install_requires"].splitlines() if line.strip()}
+    assert declared and extracted == declared
+    assert {"gunicorn", "flask", "msal", "redis"} <= declared
+
+
+def test_dockerfile_copies_only_files_in_the_build_context(dockerfile: list[tuple[str, str]]) -> None:
+    ignored = [p.strip().rstrip("/") for p in (ROOT / ".dockerignore").read_text().splitlines()
+               if p.strip() and not p.startswith("#")]
+    missing, excluded = [], []
+    for args in _all(dockerfile, "COPY"):
+        words = json.loads(args) if args.startswith("[") else args.split()
+        for source in [w for w in words if not w.startswith("--")][:-1]:
+            if not (ROOT / source).exists():
+                missing.append(source)
+            if any(fnmatch.fnmatch(source, pattern) for pattern in ignored):
+                excluded.append(source)
+    assert not missing, f"COPY sources missing from the build context: {missing}"
+    assert not excluded, f"COPY sources excluded by .dockerignore: {excluded}"
+
+
+def test_dockerfile_copies_what_cmd_and_healthcheck_need(dockerfile: list[tuple[str, str]]) -> None:
+    (cmd,) = _all(dockerfile, "CMD")
+    assert json.loads(cmd) == ["gunicorn", "--config", "config/gunicorn.conf.py", "wsgi:app"]
+    copied = {json.loads(a)[0] if a.startswith("[") else a.split()[0] for a in _all(dockerfile, "COPY")}
+    assert {"config", "wsgi.py", "app"} <= copied
+    assert (ROOT / "config/gunicorn.conf.py").is_file() and (ROOT / "wsgi.py").is_file()
+
+
+def test_dockerfile_healthcheck_probes_healthz(dockerfile: list[tuple[str, str]]) -> None:
+    (health,) = _all(dockerfile, "HEALTHCHECK")
+    port = runpy.run_path(str(GUNICORN_CONF))["bind"].rsplit(":", 1)[1]
+    assert re.search(rf"http://(127\.0\.0\.1|localhost):{port}/healthz\b", health), health
+    assert "CMD" in health.split()
+    assert "--timeout=" in health and "--interval=" in health
+
+
+# --- config/gunicorn.conf.py ---------------------------------------------------------------
+
+
+@pytest.fixture
+def gunicorn_conf(monkeypatch: pytest.MonkeyPatch):
+    for name in ("GUNICORN_WORKERS", "GUNICORN_THREADS", "GUNICORN_TIMEOUT", "GUNICORN_GRACEFUL_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+
+    def load(cores: int | None = None) -> dict:
+        if cores is not None:
+            monkeypatch.setattr(multiprocessing, "cpu_count", lambda: cores)
+        return runpy.run_path(str(GUNICORN_CONF))
+
+    return load
+
+
+def test_gunicorn_uses_gthread_sized_from_the_cpu_count(gunicorn_conf) -> None:
+    conf = gunicorn_conf()
+    assert conf["worker_class"] == "gthread"
+    cores = multiprocessing.cpu_count()
+    assert conf["workers"] == max(2, cores)
+    assert conf["threads"] >= cores
+    same = gunicorn_conf(cores)  # the defaults are what this many cores gives
+    assert (same["workers"], same["threads"]) == (conf["workers"], conf["threads"])
+    small, large = gunicorn_conf(1), gunicorn_conf(8)
+    assert small["workers"] == 2  # at least two, even on one core
+    assert large["workers"] == 8  # one per core
+    assert 1 <= small["threads"] < large["threads"]
+
+
+def test_gunicorn_sizes_can_be_overridden(gunicorn_conf, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GUNICORN_WORKERS", "7")
+    monkeypatch.setenv("GUNICORN_THREADS", "3")
+    conf = gunicorn_conf(16)
+    assert (conf["workers"], conf["threads"]) == (7, 3)
+
+
+def test_gunicorn_timeouts(gunicorn_conf) -> None:
+    conf = gunicorn_conf()
+    assert isinstance(conf["timeout"], int) and conf["timeout"] > 0
+    assert isinstance(conf["graceful_timeout"], int) and conf["graceful_timeout"] > 0
+    # nginx waits longer for an answer than gunicorn lets a worker be silent
+    read_timeout = re.search(r"^\s*proxy_read_timeout\s+(\d+)s;", NGINX_CONF.read_text(), re.M)
+    assert read_timeout and int(read_timeout.group(1)) > conf["timeout"]
+
+
+def test_gunicorn_access_log_holds_no_credentials_or_query_string(gunicorn_conf) -> None:
+    fmt = gunicorn_conf()["access_log_format"]
+    assert "authorization" not in fmt.lower()
+    for atom in ("%(q)s", "%(r)s", "%({cookie}i)s"):  # query string; request line (has the query)
+        assert atom not in fmt
+    # only the documented request headers: the user agent and the request id
+    headers = {h.lower() for h in re.findall(r"%\(\{([^}]+)\}i\)s", fmt)}
+    assert headers <= {"x-request-id", "user-agent"}, headers
+
+
+# --- config/nginx.conf -------------------------------------------------------------------
+
+
+def test_nginx_access_log_holds_no_credentials_or_query_string() -> None:
+    conf = NGINX_CONF.read_text()
+    formats = dict(re.findall(r"^\s*log_format\s+(\w+)\s+(.*?);", conf, re.M | re.S))
+    assert formats, "no log_format: nginx would use 'combined', which logs $request"
+    for fmt in formats.values():
+        for variable in (r"\$http_authorization", r"\$request\b", r"\$request_uri", r"\$args",
+                         r"\$arg_", r"\$query_string", r"\$is_args", r"\$http_cookie", r"\$request_body"):
+            assert not re.search(variable, fmt), f"log_format uses {variable}"
+    # every access_log names one of these formats (no implicit 'combined')
+    for args in re.findall(r"^\s*access_log\s+([^;]+);", conf, re.M):
+        words = args.split()
+        assert words == ["off"] or (len(words) >= 2 and words[1] in formats), args
+
+
+@pytest.mark.nginx
+def test_nginx_accepts_the_rendered_config(tmp_path: Path) -> None:
+    binary = require_binary("nginx")
+    state = tmp_path / "state"
+    tenant = DevTenant(state)
+    tenant.ensure_state()
+    run_dir = world_traversable_dir("flask-obo-nginx-t-")
+    try:
+        conf = tmp_path / "nginx.conf"
+        conf.write_text(render_nginx_conf(
+            NGINX_CONF.read_text(), upstreams=["127.0.0.1:1", "127.0.0.1:2"], http_port=1, tls_port=2,
+            cert=tenant.paths.server_cert, key=tenant.paths.server_key, run_dir=run_dir, log_dir=tmp_path,
+        ))
+        result = nginx_test_config(binary, conf, run_dir)
+        assert result.returncode == 0, result.stderr
+        assert "test is successful" in result.stderr
+        # negative control: nginx -t does reject a broken copy
+        conf.write_text(conf.read_text().replace("proxy_read_timeout", "proxy_read_timeoutt", 1))
+        assert nginx_test_config(binary, conf, run_dir).returncode != 0
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

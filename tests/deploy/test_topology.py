@@ -1,0 +1,262 @@
+"""The docker-compose topology as real processes on loopback.
+
+One password-protected redis-server, the dev tenant (Entra ID + Graph over HTTPS), two
+gunicorn instances of the API (two workers each, one shared TOKEN_CACHE_KEYS, as the
+compose file gives them), and nginx running the shipped config/nginx.conf (rendered
+for loopback: upstreams, ports, certificate and file paths only) in front of them.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.deploy.conftest import NginxProcess, run_nginx
+from tests.support.servers import redis_server, require_binary, wait_until
+from tests.support.stack import DevTenantProcess, GunicornProcess, api_env, devtenant, gunicorn
+
+pytestmark = [pytest.mark.nginx, pytest.mark.e2e]
+
+TIMEOUT = 30
+UPSTREAM = re.compile(r"upstream=(.*)$")
+
+
+@dataclass
+class Api:
+    process: GunicornProcess
+    access_log: Path
+
+    @property
+    def addr(self) -> str:
+        return self.process.url.removeprefix("http://")
+
+    def access_lines(self) -> list[str]:
+        return self.access_log.read_text().splitlines() if self.access_log.exists() else []
+
+
+def start_api(exit_stack: ExitStack, env: dict[str, str], tmp: Path, name: str, workers: int = 2) -> Api:
+    """One API instance under gunicorn (shipped config), its access log in ``tmp``."""
+    access_log = tmp / f"{name}.access.log"
+    env = {**env, "GUNICORN_ACCESS_LOG": str(access_log)}
+    process = exit_stack.enter_context(gunicorn(env, workers=workers))
+    return Api(process, access_log)
+
+
+@dataclass
+class Stack:
+    tenant: DevTenantProcess
+    env: dict[str, str]  # the API's environment: shared Redis (with password) and cache keys
+    apis: list[Api]
+    nginx: NginxProcess
+    nginx_binary: str
+    tmp: Path
+
+    def token(self, user: str) -> str:
+        return self.tenant.tenant.api_token(user)
+
+    def tls_files(self) -> tuple[Path, Path]:
+        return tls_files(self.tenant)
+
+
+def tls_files(tenant: DevTenantProcess) -> tuple[Path, Path]:
+    """The dev tenant's server certificate and key (server.pem, server-key.pem)."""
+    paths = tenant.tenant.paths
+    return paths.server_cert, paths.server_key
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    nginx_binary = require_binary("nginx")
+    tmp = tmp_path_factory.mktemp("deploy-topology")
+    with ExitStack() as exit_stack:
+        redis_url = exit_stack.enter_context(redis_server(password=secrets.token_urlsafe(16)))
+        tenant = exit_stack.enter_context(devtenant(tmp / "state"))
+        env = api_env(tenant, redis_url)  # one TOKEN_CACHE_KEYS for both instances, as in compose
+        apis = [start_api(exit_stack, env, tmp, f"api-{n}") for n in (1, 2)]
+        nginx = exit_stack.enter_context(
+            run_nginx(nginx_binary, tmp, [api.addr for api in apis], *tls_files(tenant))
+        )
+        yield Stack(tenant, env, apis, nginx, nginx_binary, tmp)
+
+
+def get(url: str, token: str | None = None, user_agent: str | None = None, **kwargs) -> requests.Response:
+    headers = kwargs.pop("headers", {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if user_agent:
+        headers["User-Agent"] = user_agent
+    return requests.get(url, headers=headers, timeout=TIMEOUT, **kwargs)
+
+
+def marker() -> str:
+    """A unique user agent to find one test's requests in the access logs."""
+    return f"deploy-test-{uuid.uuid4().hex}"
+
+
+def lines_with(read: Callable[[], list[str]], needle: str, count: int) -> list[str]:
+    """Access log lines containing ``needle``, once ``count`` are there (written after the response)."""
+    wait_until(lambda: sum(needle in line for line in read()) >= count, timeout=10, what=f"{count} log lines")
+    return [line for line in read() if needle in line]
+
+
+def upstreams(line: str) -> list[str]:
+    match = UPSTREAM.search(line)
+    assert match, line
+    return [addr.strip() for addr in match.group(1).split(",")]
+
+
+# --- through nginx -----------------------------------------------------------------------
+
+
+def test_nginx_health_and_api_probes(stack: Stack) -> None:
+    response = get(f"{stack.nginx.http_url}/nginx-healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert get(f"{stack.nginx.http_url}/healthz").json() == {"status": "ok"}
+    ready = get(f"{stack.nginx.http_url}/readyz")
+    assert ready.status_code == 200, ready.text  # redis (with its password) and the authority answer
+    assert ready.json()["status"] == "ready"
+
+
+def test_manager_through_nginx(stack: Stack) -> None:
+    response = get(f"{stack.nginx.http_url}/api/me/manager", stack.token("adele"))
+    assert response.status_code == 200, response.text
+    nestor = stack.tenant.tenant.directory().require_user("nestor")
+    assert response.json()["displayName"] == nestor.display_name == "Nestor Wilke"
+
+
+def test_no_token_is_rejected_through_nginx(stack: Stack) -> None:
+    response = get(f"{stack.nginx.http_url}/api/me/manager")
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_requests_are_balanced_over_both_instances(stack: Stack) -> None:
+    agent, token = marker(), stack.token("patti")
+    for _ in range(20):
+        assert get(f"{stack.nginx.http_url}/api/whoami", token, agent).status_code == 200
+    served = [upstreams(line) for line in lines_with(stack.nginx.access_lines, agent, 20)]
+    assert {addr for attempt in served for addr in attempt} == {api.addr for api in stack.apis}
+    # and each instance logged its share (so nginx's log is not lying)
+    wait_until(lambda: sum(len([ln for ln in api.access_lines() if agent in ln]) for api in stack.apis) == 20,
+               timeout=10, what="gunicorn access lines")
+    counts = [len([line for line in api.access_lines() if agent in line]) for api in stack.apis]
+    assert all(counts) and sum(counts) == 20, counts
+
+
+def test_token_cached_by_one_instance_is_a_hit_on_the_other(stack: Stack) -> None:
+    api1, api2 = stack.apis
+    stack.tenant.reset_counters()
+    first = get(f"{api1.process.url}/api/me", stack.token("nestor"))
+    assert first.status_code == 200, first.text
+    assert stack.tenant.obo_calls() == 1
+    second = get(f"{api2.process.url}/api/me", stack.token("nestor"))  # a new SPA token, other instance
+    assert second.status_code == 200, second.text
+    assert second.json() == first.json()
+    assert stack.tenant.obo_calls() == 1
+    assert stack.tenant.counters()["graph"]["/v1.0/me"] == 2
+
+
+def test_cold_burst_across_instances_makes_one_obo_call(stack: Stack) -> None:
+    n, agent = 32, marker()
+    tokens = [stack.token("megan") for _ in range(n)]
+    assert len(set(tokens)) == n
+    stack.tenant.reset_counters()
+    barrier = threading.Barrier(n)
+
+    def call(token: str) -> requests.Response:
+        barrier.wait(timeout=TIMEOUT)
+        return get(f"{stack.nginx.http_url}/api/me", token, agent)
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        responses = list(pool.map(call, tokens))
+    assert [r.status_code for r in responses] == [200] * n, [r.text for r in responses if not r.ok][:3]
+    assert {r.json()["userPrincipalName"] for r in responses} == {"megan@flaskobodev.onmicrosoft.com"}
+    assert stack.tenant.obo_calls() == 1
+    served = {upstreams(line)[-1] for line in lines_with(stack.nginx.access_lines, agent, n)}
+    assert served == {api.addr for api in stack.apis}  # the burst did reach both instances
+
+
+def test_spoofed_forwarded_for_is_not_trusted_beyond_one_hop(stack: Stack) -> None:
+    """gunicorn's %(h)s is REMOTE_ADDR after ProxyFix rewrote it, so the access log shows
+    the client address the app believes."""
+    api1 = stack.apis[0]
+    spoof = {"X-Forwarded-For": "6.6.6.6"}
+    direct = f"/xff-direct-{uuid.uuid4().hex}"
+    assert get(f"{api1.process.url}{direct}", headers=dict(spoof)).status_code == 404
+    # control: straight to gunicorn (as if it were nginx), the one trusted hop is believed
+    (line,) = lines_with(api1.access_lines, direct, 1)
+    assert line.split()[0] == "6.6.6.6", line
+
+    proxied = f"/xff-nginx-{uuid.uuid4().hex}"
+    assert get(f"{stack.nginx.http_url}{proxied}", headers=dict(spoof)).status_code == 404
+    (line,) = lines_with(lambda: stack.apis[0].access_lines() + stack.apis[1].access_lines(), proxied, 1)
+    assert line.split()[0] == "127.0.0.1", line  # nginx appended the real peer; only that one counts
+
+
+def test_tls_server_block(stack: Stack) -> None:
+    ca = str(stack.tenant.state_dir / "ca-bundle.pem")
+    response = get(f"{stack.nginx.https_url}/api/whoami", stack.token("adele"), verify=ca)
+    assert response.status_code == 200, response.text
+    assert response.json()["preferred_username"] == "adele@flaskobodev.onmicrosoft.com"
+    assert response.headers.get("Strict-Transport-Security") == "max-age=31536000"
+    # 'always': error responses carry it too
+    unauthenticated = get(f"{stack.nginx.https_url}/api/whoami", verify=ca)
+    assert unauthenticated.status_code == 401
+    assert unauthenticated.headers.get("Strict-Transport-Security") == "max-age=31536000"
+    assert "Strict-Transport-Security" not in get(f"{stack.nginx.http_url}/nginx-healthz").headers
+
+
+def test_access_logs_hold_no_token_or_query_string(stack: Stack) -> None:
+    agent, token = marker(), stack.token("alex")
+    for base in (stack.nginx.http_url, *(api.process.url for api in stack.apis)):
+        response = get(f"{base}/api/whoami?access_token={token}&secret=query-marker", token, agent)
+        assert response.status_code == 200, response.text
+    nginx_lines = lines_with(stack.nginx.access_lines, agent, 1)
+    api_lines = lines_with(lambda: stack.apis[0].access_lines() + stack.apis[1].access_lines(), agent, 3)
+    assert any("/api/whoami" in line for line in nginx_lines + api_lines)  # the requests are logged ...
+    logs = [stack.nginx.access_log, stack.nginx.error_log]
+    logs += [p for api in stack.apis for p in (api.access_log, api.process.log)]
+    signature = token.rsplit(".", 1)[1]
+    for path in logs:
+        text = path.read_text() if path.exists() else ""
+        assert signature not in text, path  # ... but neither the token
+        assert "query-marker" not in text, path  # nor the query string
+
+
+# --- failover ------------------------------------------------------------------------------
+
+
+def test_a_stopped_instance_is_routed_around(stack: Stack, tmp_path: Path) -> None:
+    """Its own nginx over a throw-away instance and api-2; the throw-away one is stopped."""
+    with ExitStack() as exit_stack:
+        doomed = start_api(exit_stack, stack.env, tmp_path, "doomed", workers=1)
+        survivor = stack.apis[1]
+        nginx = exit_stack.enter_context(run_nginx(
+            stack.nginx_binary, tmp_path, [doomed.addr, survivor.addr], *stack.tls_files()
+        ))
+        token, before = stack.token("lynne"), marker()
+        for _ in range(4):  # warm: nginx keeps connections to both
+            assert get(f"{nginx.http_url}/api/whoami", token, before).status_code == 200
+        served = {upstreams(line)[-1] for line in lines_with(nginx.access_lines, before, 4)}
+        assert served == {doomed.addr, survivor.addr}
+
+        doomed.process.process.terminate()
+        doomed.process.process.wait(timeout=TIMEOUT)
+
+        after = marker()
+        statuses = [get(f"{nginx.http_url}/api/whoami", token, after).status_code for _ in range(10)]
+        assert statuses == [200] * 10
+        attempts = [upstreams(line) for line in lines_with(nginx.access_lines, after, 10)]
+        assert all(attempt[-1] == survivor.addr for attempt in attempts), attempts
+        # proxy_next_upstream did the work: some request tried the dead instance first
+        assert any(attempt == [doomed.addr, survivor.addr] for attempt in attempts), attempts
