@@ -76,7 +76,8 @@ def start_devtenant(children: list[subprocess.Popen[bytes]]):  # -> devtenant.De
     from devtenant import DevTenant
 
     port = DEVTENANT_PORT if port_is_free(DEVTENANT_PORT) else 0
-    log = open(STATE_DIR.with_suffix(".log"), "ab")  # noqa: SIM115 - lives as long as the child
+    STATE_DIR.mkdir(exist_ok=True)
+    log = open(STATE_DIR / "serve.log", "ab")  # noqa: SIM115 - lives as long as the child
     children.append(subprocess.Popen(
         [sys.executable, "-m", "devtenant", "serve", "--port", str(port),
          "--state-dir", str(STATE_DIR)],
