@@ -11,7 +11,6 @@ from typing import Any
 import requests
 
 from .authority import AUTHORITY_TIMEOUT, OpenIdConfiguration
-from .errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +18,17 @@ DEFAULT_RETRY_AFTER = 5
 MAX_RETRY_AFTER = 300
 
 
-class IdentityProviderUnavailable(ServiceUnavailable):
-    description = "The identity provider is unavailable; retry later."
+class EntraUnavailable(requests.RequestException):
+    """Entra ID is down, slow or throttling; retry after ``retry_after`` seconds.
+
+    A ``RequestException`` because that is what msal treats as a network failure: when a
+    cached token is merely due for renewal (``refresh_in``), msal then serves it instead
+    of failing the request.
+    """
+
+    def __init__(self, retry_after: int = DEFAULT_RETRY_AFTER) -> None:
+        super().__init__(f"retry after {retry_after} s")
+        self.retry_after = retry_after
 
 
 class NetworkNeeded(Exception):
@@ -38,7 +46,7 @@ class _CachedResponse:
 class MsalHttpClient:
     """One user's view of the network for msal.
 
-    A 429 or 5xx from the token endpoint raises ``IdentityProviderUnavailable`` with its
+    A 429 or 5xx from the token endpoint raises ``EntraUnavailable`` with its
     Retry-After instead of reaching msal, whose throttling store is shared by all users
     of an application; a 429 also closes this user's gate until Retry-After passes.
     """
@@ -61,7 +69,7 @@ class MsalHttpClient:
             raise NetworkNeeded()
         wait = self.blocked_until - time.monotonic()
         if wait > 0:
-            raise IdentityProviderUnavailable(retry_after=int(wait) + 1)
+            raise EntraUnavailable(retry_after=int(wait) + 1)
         return self._send("POST", url, params=params, data=data, headers=headers)
 
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
@@ -69,13 +77,13 @@ class MsalHttpClient:
             response = self._session.request(method, url, timeout=AUTHORITY_TIMEOUT, **kwargs)
         except requests.RequestException as exc:
             log.error("token endpoint unreachable: %s", type(exc).__name__)
-            raise IdentityProviderUnavailable() from None
+            raise EntraUnavailable() from None
         if response.status_code == 429 or response.status_code >= 500:
             retry_after = _retry_after(response.headers.get("Retry-After"))
             if response.status_code == 429:
                 self.blocked_until = time.monotonic() + retry_after
             log.warning("token endpoint answered HTTP %d", response.status_code)
-            raise IdentityProviderUnavailable(retry_after=retry_after)
+            raise EntraUnavailable(retry_after=retry_after)
         return response
 
     def close(self) -> None:  # the session outlives this client

@@ -15,6 +15,8 @@ import logging
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import msal
@@ -22,8 +24,8 @@ import requests
 
 from .authority import AuthorityUnavailable, OpenIdConfiguration
 from .cache_store import Guard, TokenCacheStore
-from .errors import ApiError, InsufficientClaims, bearer_challenge
-from .msal_http import IdentityProviderUnavailable, MsalHttpClient, NetworkNeeded
+from .errors import ApiError, InsufficientClaims, ServiceUnavailable, bearer_challenge
+from .msal_http import EntraUnavailable, MsalHttpClient, NetworkNeeded
 from .protector import EntraAccessToken
 from .settings import Settings
 from .token_cache import TokenCacheCodec, UserTokenCache, home_account_id, partition_key
@@ -37,6 +39,10 @@ class ConsentRequired(ApiError):
     status = 403
     error = "consent_required"
     description = "An administrator must grant this API consent to call Microsoft Graph."
+
+
+class IdentityProviderUnavailable(ServiceUnavailable):
+    description = "The identity provider is unavailable; retry later."
 
 
 class TokenAcquisitionFailed(ApiError):
@@ -92,7 +98,7 @@ class OnBehalfOfTokenProvider:
                 result = self._silent(session, account_id, offline=True)
                 if result:
                     return result["access_token"]
-            with self._store.lock(partition) as guard:
+            with self._store.lock(partition) as guard, _entra_unavailable_is_503():
                 self._load(session, partition, account_id)  # another request may have filled it
                 result = None if claims_challenge else self._silent(session, account_id)
                 if not result:
@@ -166,6 +172,14 @@ class OnBehalfOfTokenProvider:
             while len(self._users) > USER_SESSIONS:
                 self._users.popitem(last=False)
             return session
+
+
+@contextmanager
+def _entra_unavailable_is_503() -> Iterator[None]:
+    try:
+        yield
+    except EntraUnavailable as exc:
+        raise IdentityProviderUnavailable(retry_after=exc.retry_after) from None
 
 
 def _skip_msal_extension_probe() -> None:

@@ -5,8 +5,10 @@
 Measures, interleaved round by round so machine noise hits every series alike (the
 figure per series is its fastest round):
   * bare GET      redis GET of a value the size of one user's sealed cache
-  * warm path     OnBehalfOfTokenProvider.acquire_token on a cache hit: Redis GET, the
-                  blob opened (or recognised as unchanged), msal app built, silent hit
+  * warm path     OnBehalfOfTokenProvider.acquire_token on a cache hit, steady state:
+                  Redis GET, blob recognised as unchanged, msal silent hit
+  * warm, new blob  the same when the blob changed since this worker last saw it:
+                  Redis GET + decrypt + decompress + msal cache load + silent hit
   * warm, new worker  the same with no per-user state in the process: GET + decrypt +
                   decompress + msal app built + silent hit
   * msal memory   msal with a long-lived app and in-memory cache (no Redis, no crypto)
@@ -93,14 +95,20 @@ def main() -> int:
         account = memory_app.get_accounts()[0]
         scopes = list(settings.graph_scopes)
 
-        def warm_decrypt() -> None:
+        def warm_blob_changed() -> None:
+            for session in provider._users.values():
+                session.blob = None  # as if another worker had written: decrypt + load
+            provider.acquire_token(user)
+
+        def warm_new_worker() -> None:
             provider._users.clear()  # a fresh worker: build the app, decrypt, deserialize
             provider.acquire_token(user)
 
         series = {
             "bare GET": lambda: r.get("bench:bare"),
             "warm path": lambda: provider.acquire_token(user),
-            "warm, new worker": warm_decrypt,
+            "warm, new blob": warm_blob_changed,
+            "warm, new worker": warm_new_worker,
             "msal memory": lambda: memory_app.acquire_token_silent(scopes, account),
         }
         for fn in series.values():  # warm up connections, imports, caches

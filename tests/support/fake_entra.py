@@ -62,6 +62,7 @@ class Behaviour:
 class FakeEntra:
     scope_form: str = "prefixed"  # prefixed | short | granted-with-default
     realistic: bool = False  # Graph tokens and refresh tokens of real size
+    refresh_in: int | None = None  # Entra's hint to renew a long-lived token early
     expires_in: int = 3600
     key: RSAKey = field(default_factory=lambda: RSAKey.generate_key(2048, parameters={"kid": "key-1"}))
     published: list[RSAKey] = field(default_factory=list)
@@ -167,7 +168,9 @@ class FakeEntra:
                                "sub": "s", "preferred_username": self.users[oid]["mail"],
                                "name": self.users[oid]["displayName"], "exp": int(time.time()) + 3600},
                               self.key)
+        hint = {} if self.refresh_in is None else {"refresh_in": self.refresh_in}
         return {
+            **hint,
             "token_type": "Bearer", "scope": " ".join(scope), "expires_in": self.expires_in,
             "ext_expires_in": self.expires_in, "access_token": access_token,
             "refresh_token": f"rt-{oid}-{n}-" + (_random(1000) if self.realistic else ""),

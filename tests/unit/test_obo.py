@@ -249,3 +249,24 @@ def test_certificate_credential_sends_a_signed_assertion_not_a_secret(entra: Fak
     header = json.loads(base64.urlsafe_b64decode(request["client_assertion"].split(".")[0] + "=="))
     assert header["alg"] == "PS256"
     assert "x5t#S256" in header
+
+
+def test_a_token_due_for_renewal_is_renewed_once_under_the_lock(client, entra: FakeEntra):
+    entra.refresh_in = -1  # renewal is due at once, though the token is still valid for an hour
+    headers = bearer(entra.api_token(ADELE))
+    assert client.get("/api/me", headers=headers).status_code == 200
+    entra.refresh_in = None  # the renewed token carries no early-renewal hint
+    for _ in range(3):
+        assert client.get("/api/me", headers=headers).status_code == 200
+    assert entra.obo_calls() == 1
+    assert entra.grant_calls("refresh_token") == 1
+
+
+def test_a_token_due_for_renewal_is_still_served_while_entra_is_down(client, entra: FakeEntra):
+    entra.refresh_in = -1
+    headers = bearer(entra.api_token(ADELE))
+    assert client.get("/api/me", headers=headers).status_code == 200
+    entra.behaviours[ADELE] = Behaviour("server_error")
+    response = client.get("/api/me", headers=headers)
+    assert response.status_code == 200  # msal falls back to the still-valid cached token
+    assert entra.grant_calls("refresh_token") == 1  # the renewal was attempted
