@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 API_HOST = "127.0.0.1"
 API_PORT = int(os.environ.get("API_PORT", "8000"))
 DEVTENANT_PORT = int(os.environ.get("DEVTENANT_PORT", "8443"))
-STATE_DIR = ROOT / ".devtenant"
+STATE_DIR = Path(os.environ.get("DEVTENANT_STATE_DIR", ROOT / ".devtenant"))
 
 
 def main() -> int:
+    sys.path.insert(0, str(ROOT))  # the dev tenant, when run from a plain checkout
     from dotenv import dotenv_values
 
     env = {**{k: v for k, v in dotenv_values(ROOT / ".env").items() if v}, **os.environ}
@@ -119,7 +120,7 @@ def print_usage(tenant) -> None:  # tenant: devtenant.DevTenant | None
     print("Signed in as Adele Vance (dev tenant). Her manager, via Graph on her behalf:\n")
     print(f'curl -s -H "Authorization: Bearer {token}" {base}/api/me/manager\n')
     print("Tokens for other users: .venv/bin/python -m devtenant token "
-          "nestor|patti|alex|lynne|megan --state-dir .devtenant")
+          f"nestor|patti|alex|lynne|megan --state-dir {STATE_DIR}")
 
 if __name__ == "__main__":
     sys.exit(main())
