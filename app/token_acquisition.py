@@ -28,7 +28,7 @@ from .errors import ApiError, InsufficientClaims, ServiceUnavailable, bearer_cha
 from .msal_http import EntraUnavailable, MsalHttpClient, NetworkNeeded
 from .protector import EntraAccessToken
 from .settings import Settings
-from .token_cache import TokenCacheCodec, UserTokenCache, home_account_id, partition_key
+from .token_cache import TokenCacheCodec, UserTokenCache, partition_key
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +90,16 @@ class OnBehalfOfTokenProvider:
     def acquire_token(self, user: EntraAccessToken, claims_challenge: str | None = None) -> str:
         """A Graph token for ``user``; with ``claims_challenge``, always a fresh one."""
         partition = partition_key(user.oid, user.tid)
-        account_id = home_account_id(user.oid, user.tid)
         session = self._user_session(partition)
         with session.lock:
             if claims_challenge is None:
-                self._load(session, partition, account_id)
-                result = self._silent(session, account_id, offline=True)
+                self._load(session, partition, user)
+                result = self._silent(session, user, offline=True)
                 if result:
                     return result["access_token"]
             with self._store.lock(partition) as guard, _entra_unavailable_is_503():
-                self._load(session, partition, account_id)  # another request may have filled it
-                result = None if claims_challenge else self._silent(session, account_id)
+                self._load(session, partition, user)  # another request may have filled it
+                result = None if claims_challenge else self._silent(session, user)
                 if not result:
                     log.info("on-behalf-of exchange for partition %s", partition)
                     result = self._app(session).acquire_token_on_behalf_of(
@@ -109,10 +108,10 @@ class OnBehalfOfTokenProvider:
                 self._save_if_changed(session, partition, guard)
         return _access_token_or_raise(result, partition)
 
-    def _silent(self, session: _UserSession, account_id: str,
+    def _silent(self, session: _UserSession, user: EntraAccessToken,
                 offline: bool = False) -> dict[str, Any] | None:
         app = self._app(session)
-        account = next((a for a in app.get_accounts() if a.get("home_account_id") == account_id), None)
+        account = session.cache.account_of(user.oid, user.tid)
         if account is None:
             return None
         session.http.offline = offline
@@ -141,7 +140,7 @@ class OnBehalfOfTokenProvider:
                 raise IdentityProviderUnavailable() from None
         return session.app
 
-    def _load(self, session: _UserSession, partition: str, account_id: str) -> None:
+    def _load(self, session: _UserSession, partition: str, user: EntraAccessToken) -> None:
         """Make ``session.cache`` hold what the store holds now (skipped if unchanged)."""
         blob = self._store.load(partition)
         if blob is not None and blob == session.blob:
@@ -152,7 +151,7 @@ class OnBehalfOfTokenProvider:
         except ValueError:
             log.warning("token cache for partition %s is not JSON; ignoring it", partition)
             session.cache.deserialize(None)
-        if session.cache.foreign_accounts(account_id):
+        if not session.cache.belongs_to(user.oid, user.tid):
             log.warning("token cache for partition %s holds another account; ignoring it", partition)
             session.cache.deserialize(None)
         session.blob = blob if serialized else None

@@ -42,10 +42,6 @@ def partition_key(oid: str, tid: str) -> str:
     return hashlib.sha256(f"{oid}.{tid}".lower().encode()).hexdigest()
 
 
-def home_account_id(oid: str, tid: str) -> str:
-    return f"{oid}.{tid}".lower()
-
-
 class UserTokenCache(msal.SerializableTokenCache):
     """A single user's msal cache whose entries are findable by the scopes requested."""
 
@@ -54,14 +50,26 @@ class UserTokenCache(msal.SerializableTokenCache):
         returned = _scope_list(event.get("scope")) or requested
         super().add(dict(event, scope=stored_scopes(requested, returned)), **kwargs)
 
-    def foreign_accounts(self, expected_home_account_id: str) -> int:
-        """How many accounts or refresh tokens in here belong to someone else."""
-        foreign = 0
-        for credential_type in (self.CredentialType.ACCOUNT, self.CredentialType.REFRESH_TOKEN):
-            for entry in self.search(credential_type):
-                if str(entry.get("home_account_id", "")).lower() != expected_home_account_id:
-                    foreign += 1
-        return foreign
+    def account_of(self, oid: str, tid: str) -> dict[str, Any] | None:
+        """The msal account of the user ``oid`` in tenant ``tid``, if cached."""
+        return next((a for a in self.search(self.CredentialType.ACCOUNT) if _is_user(a, oid, tid)), None)
+
+    def belongs_to(self, oid: str, tid: str) -> bool:
+        """True when every account and refresh token in here is this user's."""
+        accounts = list(self.search(self.CredentialType.ACCOUNT))
+        if not all(_is_user(a, oid, tid) for a in accounts):
+            return False
+        homes = {a.get("home_account_id") for a in accounts}
+        return all(rt.get("home_account_id") in homes
+                   for rt in self.search(self.CredentialType.REFRESH_TOKEN))
+
+
+def _is_user(account: dict[str, Any], oid: str, tid: str) -> bool:
+    """Match on the object id and tenant *in this tenant* (``local_account_id``, ``realm``),
+    not on ``home_account_id``: for a guest (B2B) user that names their home tenant, so it
+    never equals the API token's ``oid.tid``."""
+    return (str(account.get("local_account_id", "")).lower() == oid.lower()
+            and str(account.get("realm", "")).lower() == tid.lower())
 
 
 def stored_scopes(requested: Iterable[str], returned: Iterable[str]) -> list[str]:

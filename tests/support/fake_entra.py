@@ -63,6 +63,7 @@ class FakeEntra:
     scope_form: str = "prefixed"  # prefixed | short | granted-with-default
     realistic: bool = False  # Graph tokens and refresh tokens of real size
     refresh_in: int | None = None  # Entra's hint to renew a long-lived token early
+    guests: dict[str, tuple[str, str]] = field(default_factory=dict)  # oid -> home (oid, tid)
     expires_in: int = 3600
     key: RSAKey = field(default_factory=lambda: RSAKey.generate_key(2048, parameters={"kid": "key-1"}))
     published: list[RSAKey] = field(default_factory=list)
@@ -161,8 +162,9 @@ class FakeEntra:
             scope = [f"https://graph.microsoft.com/{s}" for s in GRANTED]
         else:
             scope = [f"https://graph.microsoft.com/{s}" for s in GRANTED] + oidc
+        home_oid, home_tid = self.guests.get(oid, (oid, TENANT_ID))  # a guest's is their home's
         client_info = base64.urlsafe_b64encode(
-            json.dumps({"uid": oid, "utid": TENANT_ID}).encode()).decode().rstrip("=")
+            json.dumps({"uid": home_oid, "utid": home_tid}).encode()).decode().rstrip("=")
         id_token = jwt.encode({"alg": "RS256", "kid": self.key.kid},
                               {"aud": CLIENT_ID, "iss": ISSUER, "oid": oid, "tid": TENANT_ID,
                                "sub": "s", "preferred_username": self.users[oid]["mail"],

@@ -270,3 +270,14 @@ def test_a_token_due_for_renewal_is_still_served_while_entra_is_down(client, ent
     response = client.get("/api/me", headers=headers)
     assert response.status_code == 200  # msal falls back to the still-valid cached token
     assert entra.grant_calls("refresh_token") == 1  # the renewal was attempted
+
+
+def test_guest_users_hit_the_cache_too(client, entra: FakeEntra, settings, store):
+    # For a B2B guest, msal's home_account_id names the guest's home tenant, not the oid.tid
+    # of the API token; the cache must still find the account (and other workers too).
+    entra.guests[ADELE] = ("c3c3c3c3-0000-4000-8000-000000000003", "d4d4d4d4-0000-4000-8000-000000000004")
+    for _ in range(4):
+        assert client.get("/api/me", headers=bearer(entra.api_token(ADELE))).json["id"] == ADELE
+    other_worker = create_app(settings, store=store).test_client()
+    assert other_worker.get("/api/me", headers=bearer(entra.api_token(ADELE))).status_code == 200
+    assert len(entra.token_requests) == 1
