@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import requests
@@ -24,6 +25,7 @@ KEYS_MAX_AGE = 24 * 3600
 UNKNOWN_KID_REFETCH_INTERVAL = 300
 RETRY_FAILED_REFRESH_AFTER = 60
 READINESS_TTL = 30
+READINESS_FAILURE_TTL = 5
 AUTHORITY_TIMEOUT = (3.05, 10)
 
 
@@ -51,7 +53,7 @@ class OpenIdConfiguration:
         self._document: dict[str, Any] | None = None
         self._text = ""
         self._next_refresh = 0.0
-        self._reachable_until = float("-inf")
+        self._reachable_until = self._unreachable_until = float("-inf")
 
     def document(self) -> dict[str, Any]:
         self._refresh_if_due()
@@ -66,17 +68,25 @@ class OpenIdConfiguration:
     def check(self) -> None:
         """Readiness: is the authority reachable? Raise ``AuthorityUnavailable`` if not.
 
-        A success is trusted for 30 s, so frequent probes do not hammer Entra ID."""
-        if self._clock() < self._reachable_until:
+        A success is trusted for 30 s and a failure for 5 s, so frequent probes (from
+        anywhere: nginx passes /readyz through) neither hammer Entra ID nor pile up."""
+        now = self._clock()
+        if now < self._reachable_until:
             return
-        _fetch_json(self._session, self.url)
+        if now < self._unreachable_until:
+            raise AuthorityUnavailable("still unreachable")
+        try:
+            _fetch_json(self._session, self.url)
+        except AuthorityUnavailable:
+            self._unreachable_until = self._clock() + READINESS_FAILURE_TTL
+            raise
         self._reachable_until = self._clock() + READINESS_TTL
 
     def _refresh_if_due(self) -> None:
         if self._document is not None and self._clock() < self._next_refresh:
             return
-        with self._lock:
-            if self._document is not None and self._clock() < self._next_refresh:
+        with _refresh_lock(self._lock, have_cached=self._document is not None) as refreshing:
+            if not refreshing or (self._document is not None and self._clock() < self._next_refresh):
                 return
             try:
                 document, text = _fetch_json(self._session, self.url)
@@ -127,7 +137,10 @@ class SigningKeys:
         return key
 
     def _refresh(self, scheduled: bool) -> dict[str, RSAKey]:
-        with self._lock:
+        with _refresh_lock(self._lock, have_cached=self._keys is not None) as refreshing:
+            if not refreshing:
+                assert self._keys is not None
+                return self._keys
             now = self._clock()
             if self._keys is not None:
                 already_done = (
@@ -152,6 +165,20 @@ class SigningKeys:
             self._next_refresh = now + KEYS_MAX_AGE
             log.info("loaded %d signing keys from the authority", len(keys))
             return keys
+
+
+@contextmanager
+def _refresh_lock(lock: threading.Lock, have_cached: bool) -> Iterator[bool]:
+    """Yield whether this thread should refresh. With a cached copy in hand, threads do
+    not queue behind a refresh in progress (it may take a slow authority's timeouts):
+    they go on with the cached copy."""
+    if not lock.acquire(blocking=not have_cached):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def _rsa_signing_keys(jwks: dict[str, Any]) -> dict[str, RSAKey]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
@@ -21,10 +22,11 @@ from .errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
-LOCK_TTL_SECONDS = 30  # longer than a token request can take (its timeouts are ~13 s)
+LOCK_TTL_SECONDS = 45  # longer than the work under it: a refresh and an OBO, ~13 s each at worst
 LOCK_WAIT_SECONDS = 20
 LOCK_POLL_SECONDS = 0.02
 REDIS_TIMEOUT_SECONDS = 2.0
+MEMORY_PRUNE_ABOVE = 10_000
 
 # Write only while the lock still carries our token (it may have expired meanwhile).
 _SAVE_IF_LOCK_HELD = """
@@ -34,6 +36,17 @@ if redis.call('get', KEYS[2]) == ARGV[1] then
 end
 return 0
 """
+
+
+@contextmanager
+def held(lock: threading.Lock, seconds: float = LOCK_WAIT_SECONDS) -> Iterator[threading.Lock]:
+    """Hold an in-process lock, or answer 503 when it stays taken for ``seconds``."""
+    if not lock.acquire(timeout=seconds):
+        raise ServiceUnavailable("Token acquisition for this user is busy; retry shortly.", 1)
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 class CacheUnavailable(ServiceUnavailable):
@@ -136,7 +149,8 @@ class MemoryTokenCacheStore:
     def __init__(self, ttl_seconds: int) -> None:
         self._ttl = ttl_seconds
         self._blobs: dict[str, tuple[bytes, float]] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        # Weak values: a partition's lock lives while a request holds it, then goes away.
+        self._locks: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
         self._guard = threading.Lock()
 
     def load(self, partition: str) -> bytes | None:
@@ -148,18 +162,20 @@ class MemoryTokenCacheStore:
     @contextmanager
     def lock(self, partition: str) -> Iterator[threading.Lock]:
         with self._guard:
-            lock = self._locks.setdefault(partition, threading.Lock())
-        if not lock.acquire(timeout=LOCK_WAIT_SECONDS):
-            raise ServiceUnavailable("Token acquisition for this user is busy; retry shortly.", 1)
-        try:
+            lock = self._locks.get(partition)
+            if lock is None:
+                lock = self._locks[partition] = threading.Lock()
+        with held(lock):
             yield lock
-        finally:
-            lock.release()
 
     def save(self, partition: str, blob: bytes, guard: threading.Lock) -> bool:
         if guard is not self._locks.get(partition) or not guard.locked():
             return False
-        self._blobs[partition] = (blob, time.monotonic() + self._ttl)
+        now = time.monotonic()
+        self._blobs[partition] = (blob, now + self._ttl)
+        if len(self._blobs) > MEMORY_PRUNE_ABOVE:  # drop expired users now and then
+            for key in [k for k, (_, expires) in self._blobs.items() if expires < now]:
+                self._blobs.pop(key, None)
         return True
 
     def ping(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import requests
 
@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_AFTER = 5
 MAX_RETRY_AFTER = 300
+OUTAGE_GATE_SECONDS = 2  # after a 5xx, timeout or garbage answer: brief, not per Retry-After
 
 
 class EntraUnavailable(requests.RequestException):
@@ -46,9 +47,10 @@ class _CachedResponse:
 class MsalHttpClient:
     """One user's view of the network for msal.
 
-    A 429 or 5xx from the token endpoint raises ``EntraUnavailable`` with its
-    Retry-After instead of reaching msal, whose throttling store is shared by all users
-    of an application; a 429 also closes this user's gate until Retry-After passes.
+    A 429, 5xx, timeout or non-JSON answer from the token endpoint raises
+    ``EntraUnavailable`` with a Retry-After instead of reaching msal, whose throttling
+    store is shared by all users of an application, and closes this user's gate: until
+    Retry-After passes after a 429, for two seconds after the others.
     """
 
     def __init__(self, session: requests.Session, metadata: OpenIdConfiguration) -> None:
@@ -77,17 +79,34 @@ class MsalHttpClient:
             response = self._session.request(method, url, timeout=AUTHORITY_TIMEOUT, **kwargs)
         except requests.RequestException as exc:
             log.error("token endpoint unreachable: %s", type(exc).__name__)
-            raise EntraUnavailable() from None
-        if response.status_code == 429 or response.status_code >= 500:
+            self._unavailable(DEFAULT_RETRY_AFTER, OUTAGE_GATE_SECONDS)
+        if response.status_code == 429:
+            log.warning("token endpoint throttled this user (HTTP 429)")
             retry_after = _retry_after(response.headers.get("Retry-After"))
-            if response.status_code == 429:
-                self.blocked_until = time.monotonic() + retry_after
+            self._unavailable(retry_after, retry_after)
+        if response.status_code >= 500:
             log.warning("token endpoint answered HTTP %d", response.status_code)
-            raise EntraUnavailable(retry_after=retry_after)
+            self._unavailable(_retry_after(response.headers.get("Retry-After")), OUTAGE_GATE_SECONDS)
+        if not _is_json_object(response):  # a proxy's HTML page, an empty body: msal would
+            log.warning("token endpoint answered HTTP %d without JSON", response.status_code)
+            self._unavailable(DEFAULT_RETRY_AFTER, OUTAGE_GATE_SECONDS)  # crash and log it
         return response
+
+    def _unavailable(self, retry_after: int, gate_seconds: float) -> NoReturn:
+        """Fail this call; the user's next calls fail fast for ``gate_seconds``, so a
+        queue of their requests cannot pile onto a struggling Entra ID."""
+        self.blocked_until = max(self.blocked_until, time.monotonic() + gate_seconds)
+        raise EntraUnavailable(retry_after=retry_after)
 
     def close(self) -> None:  # the session outlives this client
         return None
+
+
+def _is_json_object(response: requests.Response) -> bool:
+    try:
+        return isinstance(response.json(), dict)
+    except ValueError:
+        return False
 
 
 def _retry_after(value: str | None) -> int:

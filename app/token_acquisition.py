@@ -23,7 +23,7 @@ import msal
 import requests
 
 from .authority import AuthorityUnavailable, OpenIdConfiguration
-from .cache_store import Guard, TokenCacheStore
+from .cache_store import Guard, TokenCacheStore, held
 from .errors import ApiError, InsufficientClaims, ServiceUnavailable, bearer_challenge
 from .msal_http import EntraUnavailable, MsalHttpClient, NetworkNeeded
 from .protector import EntraAccessToken
@@ -32,7 +32,7 @@ from .token_cache import TokenCacheCodec, UserTokenCache, partition_key
 
 log = logging.getLogger(__name__)
 
-USER_SESSIONS = 2048
+USER_SESSIONS = 512  # about 40 KiB each: the msal application and the user's cache
 
 
 class ConsentRequired(ApiError):
@@ -60,7 +60,7 @@ class _UserSession:
     """
 
     def __init__(self, http: MsalHttpClient) -> None:
-        self.lock = threading.Lock()  # one request per user at a time in this process
+        self.lock = threading.Lock()
         self.http = http
         self.http_cache: dict[str, Any] = {}
         self.cache = UserTokenCache()
@@ -91,7 +91,7 @@ class OnBehalfOfTokenProvider:
         """A Graph token for ``user``; with ``claims_challenge``, always a fresh one."""
         partition = partition_key(user.oid, user.tid)
         session = self._user_session(partition)
-        with session.lock:
+        with held(session.lock):  # one request per user at a time in this process
             if claims_challenge is None:
                 self._load(session, partition, user)
                 result = self._silent(session, user, offline=True)

@@ -281,3 +281,27 @@ def test_guest_users_hit_the_cache_too(client, entra: FakeEntra, settings, store
     other_worker = create_app(settings, store=store).test_client()
     assert other_worker.get("/api/me", headers=bearer(entra.api_token(ADELE))).status_code == 200
     assert len(entra.token_requests) == 1
+
+
+@pytest.mark.parametrize(("status", "body"), [(403, "<html>Forbidden by proxy</html>"),
+                                              (200, "<html>captive portal</html>"), (400, "")])
+def test_a_token_endpoint_answer_that_is_not_json_is_503(settings, store, caplog, status, body):
+    entra = FakeEntra()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        rsps.add(responses.POST, TOKEN_URL, status=status, body=body)
+        entra.register(rsps)
+        client = create_app(settings, store=store).test_client()
+        response = client.get("/api/me", headers=bearer(entra.api_token(ADELE)))
+    assert response.status_code == 503
+    assert response.json["error"] == "temporarily_unavailable"
+    assert "proxy" not in caplog.text and "portal" not in caplog.text
+
+
+def test_after_an_entra_outage_the_same_users_next_request_fails_fast(client, entra: FakeEntra):
+    entra.behaviours[ADELE] = Behaviour("server_error")
+    assert client.get("/api/me", headers=bearer(entra.api_token(ADELE))).status_code == 503
+    calls = len(entra.token_requests)
+    queued = client.get("/api/me", headers=bearer(entra.api_token(ADELE)))
+    assert queued.status_code == 503  # not another call to a struggling Entra ID
+    assert len(entra.token_requests) == calls
+    assert client.get("/api/me", headers=bearer(entra.api_token(BOB))).status_code == 200

@@ -1,0 +1,65 @@
+"""Signing keys and metadata keep serving from cache while a slow refresh is under way."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import requests
+import responses
+
+from app.authority import KEYS_MAX_AGE, AuthorityUnavailable, OpenIdConfiguration, SigningKeys
+from tests.support.fake_entra import JWKS_URL, METADATA_URL, FakeEntra
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_slow_key_refresh_does_not_hold_up_other_requests():
+    entra, clock = FakeEntra(), Clock()
+    refresh_started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def jwks(request):
+        calls.append(1)
+        if len(calls) > 1:  # the scheduled refresh: the authority is slow today
+            refresh_started.set()
+            release.wait(10)
+        return entra._jwks(request)
+
+    with responses.RequestsMock() as rsps:
+        rsps.add_callback(responses.GET, METADATA_URL, callback=entra._metadata)
+        rsps.add_callback(responses.GET, JWKS_URL, callback=jwks)
+        session = requests.Session()
+        keys = SigningKeys(OpenIdConfiguration(METADATA_URL, session, clock), session, clock)
+        assert keys.get(entra.key.kid) is not None  # first load
+        clock.now += KEYS_MAX_AGE + 1  # a refresh is due
+        refresher = threading.Thread(target=keys.get, args=(entra.key.kid,))
+        refresher.start()
+        assert refresh_started.wait(10)
+        # While the refresh hangs, another request still validates with the cached key.
+        assert keys.get(entra.key.kid) is not None
+        assert refresher.is_alive()
+        release.set()
+        refresher.join(10)
+    assert len(calls) == 2
+
+
+def test_readiness_remembers_a_failure_briefly():
+    clock = Clock()
+    with responses.RequestsMock() as rsps:
+        failing = rsps.add(responses.GET, METADATA_URL, status=503)
+        metadata = OpenIdConfiguration(METADATA_URL, requests.Session(), clock)
+        for _ in range(3):
+            with pytest.raises(AuthorityUnavailable):
+                metadata.check()
+        assert failing.call_count == 1
+        clock.now += 6
+        rsps.replace(responses.GET, METADATA_URL, body=json.dumps({"jwks_uri": JWKS_URL}))
+        metadata.check()  # asks again once the failure is 5 s old, and now succeeds
