@@ -25,6 +25,17 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def me_with_override(settings, store, method: str, url: str, **answer):
+    """GET /api/me for Adele while ``method url`` answers ``answer`` (a registration that
+    comes before the double's own, so it wins)."""
+    entra = FakeEntra()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        rsps.add(method, url, **answer)
+        entra.register(rsps)
+        client = create_app(settings, store=store).test_client()
+        return client.get("/api/me", headers=bearer(entra.api_token(ADELE)))
+
+
 def test_first_graph_call_makes_one_obo_and_later_ones_none(client, entra: FakeEntra):
     headers = bearer(entra.api_token(ADELE))
     for _ in range(6):
@@ -143,12 +154,7 @@ def test_entra_5xx_is_503_with_retry_after(client, entra: FakeEntra):
 
 @pytest.mark.parametrize("failure", [requests.ConnectionError("down"), requests.ReadTimeout("slow")])
 def test_entra_unreachable_is_503(settings, store, failure):
-    entra = FakeEntra()
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        rsps.add(responses.POST, TOKEN_URL, body=failure)
-        entra.register(rsps)
-        client = create_app(settings, store=store).test_client()
-        response = client.get("/api/me", headers=bearer(entra.api_token(ADELE)))
+    response = me_with_override(settings, store, responses.POST, TOKEN_URL, body=failure)
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "5"
 
@@ -177,12 +183,8 @@ def test_graph_5xx_is_502(client, entra: FakeEntra):
 
 
 def test_graph_timeout_is_504(settings, store):
-    entra = FakeEntra()
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        rsps.add(responses.GET, f"{GRAPH}/me", body=requests.ReadTimeout("slow"))
-        entra.register(rsps)
-        client = create_app(settings, store=store).test_client()
-        response = client.get("/api/me", headers=bearer(entra.api_token(ADELE)))
+    response = me_with_override(settings, store, responses.GET, f"{GRAPH}/me",
+                                body=requests.ReadTimeout("slow"))
     assert response.status_code == 504
     assert response.json["error"] == "graph_timeout"
 
@@ -286,12 +288,7 @@ def test_guest_users_hit_the_cache_too(client, entra: FakeEntra, settings, store
 @pytest.mark.parametrize(("status", "body"), [(403, "<html>Forbidden by proxy</html>"),
                                               (200, "<html>captive portal</html>"), (400, "")])
 def test_a_token_endpoint_answer_that_is_not_json_is_503(settings, store, caplog, status, body):
-    entra = FakeEntra()
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        rsps.add(responses.POST, TOKEN_URL, status=status, body=body)
-        entra.register(rsps)
-        client = create_app(settings, store=store).test_client()
-        response = client.get("/api/me", headers=bearer(entra.api_token(ADELE)))
+    response = me_with_override(settings, store, responses.POST, TOKEN_URL, status=status, body=body)
     assert response.status_code == 503
     assert response.json["error"] == "temporarily_unavailable"
     assert "proxy" not in caplog.text and "portal" not in caplog.text
