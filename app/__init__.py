@@ -42,6 +42,7 @@ def create_app(settings: Settings | Mapping[str, str] | None = None,
     session = build_session(settings.graph_base_url)
     metadata = OpenIdConfiguration(settings.openid_configuration_url, session)
     store = store or _token_cache_store(settings)
+    # Without REDIS_URL the in-process cache is sealed too, with a key that dies with the process.
     keys = settings.token_cache_keys or (Fernet.generate_key().decode(),)
     codec = TokenCacheCodec(keys)
 
