@@ -27,6 +27,15 @@ def _require_scope() -> None:
         authenticate_request()
 
 
+@api.after_request
+def _never_cache(response: Response) -> Response:
+    # Every answer here is one user's data (or an error about their token): no shared
+    # cache (CDN, proxy) may keep it, whichever origin asked.
+    response.headers["Cache-Control"] = "no-store"
+    response.vary.add("Origin")
+    return response
+
+
 @api.get("/whoami")
 def whoami() -> Response:
     token = current_user_token()

@@ -302,3 +302,12 @@ def test_after_an_entra_outage_the_same_users_next_request_fails_fast(client, en
     assert queued.status_code == 503  # not another call to a struggling Entra ID
     assert len(entra.token_requests) == calls
     assert client.get("/api/me", headers=bearer(entra.api_token(BOB))).status_code == 200
+
+
+def test_user_data_is_never_stored_by_shared_caches(client, entra: FakeEntra):
+    for path in ("/api/me", "/api/whoami"):
+        response = client.get(path, headers=bearer(entra.api_token(ADELE)))
+        assert response.status_code == 200
+        assert response.headers["Cache-Control"] == "no-store"
+        assert "Origin" in response.headers["Vary"]
+    assert client.get("/api/me").headers["Cache-Control"] == "no-store"  # the 401 too
