@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 import redis
@@ -60,7 +60,7 @@ class Guard(Protocol):
 class TokenCacheStore(Protocol):
     def load(self, partition: str) -> bytes | None: ...
 
-    def lock(self, partition: str) -> contextmanager[Guard]: ...  # type: ignore[valid-type]
+    def lock(self, partition: str) -> AbstractContextManager[Guard]: ...
 
     def save(self, partition: str, blob: bytes, guard: Guard) -> bool: ...
 

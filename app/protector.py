@@ -12,7 +12,7 @@ import logging
 import uuid
 from typing import Any, NoReturn
 
-from authlib.integrations.flask_oauth2 import ResourceProtector, current_token
+from authlib.integrations.flask_oauth2 import ResourceProtector
 from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import MissingAuthorizationError, UnsupportedTokenTypeError
 from authlib.oauth2.rfc6750 import BearerTokenValidator, InsufficientScopeError, InvalidTokenError
@@ -58,9 +58,6 @@ class EntraAccessToken(dict[str, Any]):
     @property
     def is_app_only(self) -> bool:
         return "scp" not in self and "roles" in self
-
-    def get_scope(self) -> str:  # Authlib's token protocol
-        return " ".join(sorted(self.scopes))
 
 
 class _UnknownSigningKey(Exception):
@@ -190,7 +187,6 @@ __all__ = [
     "EntraResourceProtector",
     "EntraTokenValidator",
     "authenticate_request",
-    "current_token",
     "current_user_token",
     "init_app",
 ]
