@@ -20,6 +20,13 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives import serialization
 
 DEFAULT_TTL_SECONDS = 90 * 24 * 3600
+# Bounds on waiting for dependencies (see "Failure isolation" in the README).
+DEFAULT_ENTRA_CONNECT_TIMEOUT = 3.0
+DEFAULT_ENTRA_READ_TIMEOUT = 10.0
+DEFAULT_TOKEN_ACQUISITION_TIMEOUT = 12.0
+DEFAULT_ENTRA_MAX_WAITING_THREADS = 4
+DEFAULT_REDIS_TIMEOUT = 0.5
+DEFAULT_MEMORY_CACHE_USERS = 5000
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$|^\*$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -55,6 +62,13 @@ class Settings:
     token_cache_prefix: str = "flask-obo"
     token_cache_ttl_seconds: int = DEFAULT_TTL_SECONDS
     cors_allowed_origins: tuple[str, ...] = ()
+    entra_connect_timeout: float = DEFAULT_ENTRA_CONNECT_TIMEOUT
+    entra_read_timeout: float = DEFAULT_ENTRA_READ_TIMEOUT
+    token_acquisition_timeout: float = DEFAULT_TOKEN_ACQUISITION_TIMEOUT
+    entra_max_waiting_threads: int = DEFAULT_ENTRA_MAX_WAITING_THREADS
+    redis_timeout: float = DEFAULT_REDIS_TIMEOUT
+    memory_cache_users: int = DEFAULT_MEMORY_CACHE_USERS
+    authority_cache_dir: str | None = None  # None: a private directory under the system temp dir
 
     def __post_init__(self) -> None:
         if not self.app_id_uri:
@@ -120,6 +134,19 @@ class Settings:
             token_cache_prefix=env.matching("TOKEN_CACHE_PREFIX", "flask-obo", _PREFIX),
             token_cache_ttl_seconds=env.positive_int("TOKEN_CACHE_TTL_SECONDS", DEFAULT_TTL_SECONDS),
             cors_allowed_origins=env.origins("CORS_ALLOWED_ORIGINS"),
+            entra_connect_timeout=env.seconds("ENTRA_CONNECT_TIMEOUT_SECONDS", DEFAULT_ENTRA_CONNECT_TIMEOUT),
+            entra_read_timeout=env.seconds("ENTRA_READ_TIMEOUT_SECONDS", DEFAULT_ENTRA_READ_TIMEOUT),
+            token_acquisition_timeout=env.seconds(
+                "TOKEN_ACQUISITION_TIMEOUT_SECONDS", DEFAULT_TOKEN_ACQUISITION_TIMEOUT
+            ),
+            entra_max_waiting_threads=env.positive_int(
+                "ENTRA_MAX_WAITING_THREADS", DEFAULT_ENTRA_MAX_WAITING_THREADS, unit="threads"
+            ),
+            redis_timeout=env.seconds("REDIS_TIMEOUT_SECONDS", DEFAULT_REDIS_TIMEOUT),
+            memory_cache_users=env.positive_int(
+                "TOKEN_MEMORY_CACHE_USERS", DEFAULT_MEMORY_CACHE_USERS, unit="users"
+            ),
+            authority_cache_dir=env.optional("AUTHORITY_CACHE_DIR"),
         )
 
 
@@ -195,13 +222,22 @@ class _Env:
             raise SettingsError(f"{name}: must list at least one scope")
         return values
 
-    def positive_int(self, name: str, default: int) -> int:
+    def positive_int(self, name: str, default: int, unit: str = "seconds") -> int:
         raw = self.optional(name)
         if raw is None:
             return default
         if not re.fullmatch(r"[0-9]{1,10}", raw) or int(raw) <= 0:
-            raise SettingsError(f"{name}: must be a positive whole number of seconds")
+            raise SettingsError(f"{name}: must be a positive whole number of {unit}")
         return int(raw)
+
+    def seconds(self, name: str, default: float) -> float:
+        """A duration in seconds, fractions allowed, from 0.01 to one hour."""
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        if not re.fullmatch(r"[0-9]{1,6}(\.[0-9]{1,3})?", raw) or not 0.01 <= float(raw) <= 3600:
+            raise SettingsError(f"{name}: must be a number of seconds from 0.01 to 3600")
+        return float(raw)
 
     def fernet_keys(self, name: str) -> tuple[str, ...]:
         keys = tuple(k.strip() for k in (self.optional(name) or "").split(",") if k.strip())

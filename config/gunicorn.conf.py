@@ -19,8 +19,8 @@ threads = int(os.environ.get("GUNICORN_THREADS", 4 * _cores))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", 60))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", 30))  # drain on SIGTERM
 keepalive = 5  # nginx keeps upstream connections open; reuse them
-max_requests = 5000  # recycle workers slowly to bound memory growth
-max_requests_jitter = 500
+max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", 5000))  # recycle slowly: bounds memory
+max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", max_requests // 10))
 # Heartbeat files on tmpfs, so a slow container disk cannot make workers look dead.
 _shm = "/dev/shm"  # noqa: S108 - gunicorn's documented choice for worker_tmp_dir
 worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR", _shm if os.path.isdir(_shm) else None)
