@@ -9,7 +9,13 @@ import pytest
 import requests
 import responses
 
-from app.authority import KEYS_MAX_AGE, AuthorityUnavailable, OpenIdConfiguration, SigningKeys
+from app.authority import (
+    AUTHORITY_TIMEOUT,
+    KEYS_MAX_AGE,
+    AuthorityUnavailable,
+    OpenIdConfiguration,
+    SigningKeys,
+)
 from tests.support.fake_entra import JWKS_URL, METADATA_URL, FakeEntra
 
 
@@ -63,3 +69,55 @@ def test_readiness_remembers_a_failure_briefly():
         clock.now += 6
         rsps.replace(responses.GET, METADATA_URL, body=json.dumps({"jwks_uri": JWKS_URL}))
         metadata.check()  # asks again once the failure is 5 s old, and now succeeds
+
+
+class RecordingSession(requests.Session):
+    """Remembers the timeout of every request (``responses`` does not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[object] = []
+
+    def get(self, url, **kwargs):  # type: ignore[override]
+        self.timeouts.append(kwargs.get("timeout"))
+        return super().get(url, **kwargs)
+
+
+def test_fetches_use_the_configured_timeout():
+    entra, session = FakeEntra(), RecordingSession()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        entra.register(rsps)
+        metadata = OpenIdConfiguration(METADATA_URL, session, timeout=(1.5, 4.0))
+        assert SigningKeys(metadata, session, timeout=(2.0, 5.0)).get(entra.key.kid) is not None
+        OpenIdConfiguration(METADATA_URL, session).check()
+    assert session.timeouts == [(1.5, 4.0), (2.0, 5.0), AUTHORITY_TIMEOUT]
+
+
+def test_status_follows_the_age_of_what_is_in_hand_without_network():
+    entra, clock = FakeEntra(), Clock()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        entra.register(rsps)
+        session = requests.Session()
+        metadata = OpenIdConfiguration(METADATA_URL, session, clock)
+        keys = SigningKeys(metadata, session, clock)
+        assert (metadata.status(), keys.status()) == ("unavailable", "unavailable")
+        assert len(rsps.calls) == 0
+        keys.get(entra.key.kid)
+        assert (metadata.status(), keys.status()) == ("ok", "ok")
+        clock.now += KEYS_MAX_AGE
+        assert (metadata.status(), keys.status()) == ("stale", "stale")
+        assert len(rsps.calls) == 2
+
+
+def test_a_failed_unknown_kid_refetch_does_not_bring_the_scheduled_refresh_forward():
+    entra, clock = FakeEntra(), Clock()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        entra.register(rsps)
+        session = requests.Session()
+        keys = SigningKeys(OpenIdConfiguration(METADATA_URL, session, clock), session, clock)
+        assert keys.get(entra.key.kid) is not None
+        rsps.replace(responses.GET, JWKS_URL, status=503)
+        assert keys.get("forged") is None  # one refetch, which fails
+        clock.now += 3600
+        assert keys.get(entra.key.kid) is not None
+        assert len(rsps.calls) == 3  # metadata, JWKS, the failed refetch: no retry every minute
