@@ -11,8 +11,8 @@ from flask_cors import CORS
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import errors, protector
-from .authority import OpenIdConfiguration, SigningKeys
-from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
+from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys
+from .cache_store import LOCK_TTL_MARGIN, MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
 from .graph_client import GraphClient
 from .health import health
 from .http import build_session
@@ -40,18 +40,22 @@ def create_app(settings: Settings | Mapping[str, str] | None = None,
     app.json.sort_keys = False
 
     session = build_session(settings.graph_base_url)
-    metadata = OpenIdConfiguration(settings.openid_configuration_url, session)
+    # The last good metadata and keys on disk: a recycled worker validates during an outage.
+    disk = AuthorityDiskCache(settings.authority_cache_dir)
+    entra_timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
+    metadata = OpenIdConfiguration(settings.openid_configuration_url, session, disk=disk,
+                                   timeout=entra_timeout)
+    keys = SigningKeys(metadata, session, disk=disk, timeout=entra_timeout)
     store = store or _token_cache_store(settings)
     # Without REDIS_URL the in-process cache is sealed too, with a key that dies with the process.
-    keys = settings.token_cache_keys or (Fernet.generate_key().decode(),)
-    codec = TokenCacheCodec(keys)
+    codec = TokenCacheCodec(settings.token_cache_keys or (Fernet.generate_key().decode(),))
 
     errors.init_app(app)
     app.before_request(_refuse_large_bodies)
-    protector.init_app(app, settings, SigningKeys(metadata, session))
+    protector.init_app(app, settings, keys)
     app.extensions.update({
         "flask-obo.settings": settings,
-        "flask-obo.metadata": metadata,
+        "flask-obo.keys": keys,
         "flask-obo.store": store,
         "flask-obo.tokens": OnBehalfOfTokenProvider(settings, store, codec, session, metadata),
         "flask-obo.graph": GraphClient(settings.graph_base_url, session),
@@ -79,7 +83,9 @@ def _refuse_large_bodies() -> None:
 def _token_cache_store(settings: Settings) -> TokenCacheStore:
     if settings.redis_url:
         return RedisTokenCacheStore.from_url(
-            settings.redis_url, settings.token_cache_prefix, settings.token_cache_ttl_seconds
+            settings.redis_url, settings.token_cache_prefix, settings.token_cache_ttl_seconds,
+            timeout=settings.redis_timeout,
+            lock_ttl_seconds=settings.token_acquisition_timeout + LOCK_TTL_MARGIN,
         )
     log.warning(
         "REDIS_URL is not set: tokens are cached in this process only (for local use; "

@@ -1,8 +1,13 @@
 """Where sealed token caches live: Redis (shared by workers and instances) or memory.
 
-Both stores offer the same three operations: ``load``, a per-partition ``lock`` that
-makes token acquisition single-flight, and ``save``, which only writes while the
-caller still holds that lock, so two writers can never lose each other's update.
+Both stores offer the same operations: ``load``; a per-partition ``lock`` that makes
+token acquisition single-flight across processes; ``save``, which only writes while the
+caller still holds that lock, so two writers never lose each other's update; and
+``save_if_absent`` for an entry acquired while Redis was down. Each also says how far a
+copy held in memory can be trusted (``coherence``) and tells its ``watcher`` of changes.
+
+Redis failures never reach the user from here as such: every call goes through a
+circuit breaker, and ``CacheUnavailable`` tells the caller to go on without Redis.
 """
 
 from __future__ import annotations
@@ -10,25 +15,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import redis
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import LockError, RedisError, ResponseError
 
+from .breaker import CircuitBreaker
+from .bulkhead import Deadline, TokenAcquisitionBusy, held
 from .errors import ServiceUnavailable
+from .invalidation import InvalidationListener
 
 log = logging.getLogger(__name__)
 
-LOCK_TTL_SECONDS = 45  # longer than the work under it: a refresh and an OBO, ~13 s each at worst
-LOCK_WAIT_SECONDS = 20
 LOCK_POLL_SECONDS = 0.02
-REDIS_TIMEOUT_SECONDS = 2.0
+LOCK_TTL_MARGIN = 10  # the lock outlives the longest work under it (the acquisition timeout)
 MEMORY_PRUNE_ABOVE = 10_000
 
 # Write only while the lock still carries our token (it may have expired meanwhile).
+# SET replaces a key of any type, so an entry of the wrong Redis type is overwritten too.
 _SAVE_IF_LOCK_HELD = """
 if redis.call('get', KEYS[2]) == ARGV[1] then
   redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3])
@@ -38,84 +45,152 @@ return 0
 """
 
 
-@contextmanager
-def held(lock: threading.Lock, seconds: float = LOCK_WAIT_SECONDS) -> Iterator[threading.Lock]:
-    """Hold an in-process lock, or answer 503 when it stays taken for ``seconds``."""
-    if not lock.acquire(timeout=seconds):
-        raise ServiceUnavailable("Token acquisition for this user is busy; retry shortly.", 1)
-    try:
-        yield lock
-    finally:
-        lock.release()
-
-
 class CacheUnavailable(ServiceUnavailable):
+    """Redis is down, slow or its circuit is open: go on without it."""
+
     description = "The token cache is unavailable; retry later."
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    blob: bytes
+    expires_at: float | None  # time.monotonic() when the store drops it; None: never
 
 
 class Guard(Protocol):
     """Proof of holding a partition's lock, handed back to ``save``."""
 
 
-class TokenCacheStore(Protocol):
-    def load(self, partition: str) -> bytes | None: ...
+class Coherence(Protocol):
+    """How far memory copies of entries can be trusted (see ``app.invalidation``)."""
 
-    def lock(self, partition: str) -> AbstractContextManager[Guard]: ...
+    connected: bool  # changes are being reported now
+    epoch: int  # changes before the current epoch were not reported
+
+
+class Watcher(Protocol):
+    def invalidate(self, partitions: list[str] | None) -> None:
+        """These entries changed (None: all of them)."""
+
+    def resync(self) -> None:
+        """Changes may have gone unreported; entries written while the store was away
+        may be written now."""
+
+
+class TokenCacheStore(Protocol):
+    def coherence(self) -> Coherence: ...
+
+    def watch(self, watcher: Watcher) -> None: ...
+
+    def load(self, partition: str) -> StoredEntry | None: ...
+
+    def lock(self, partition: str, deadline: Deadline) -> AbstractContextManager[Guard]: ...
 
     def save(self, partition: str, blob: bytes, guard: Guard) -> bool: ...
 
-    def ping(self) -> None: ...
+    def save_if_absent(self, partition: str, blob: bytes) -> bool: ...
+
+    def status(self) -> str: ...
 
 
 class RedisTokenCacheStore:
-    """Blobs under ``<prefix>:tokencache:<partition>`` with a TTL renewed on write."""
+    """Blobs under ``<prefix>:cache:{<partition>}``, locks under ``<prefix>:lock:{<partition>}``.
 
-    def __init__(self, client: redis.Redis, prefix: str, ttl_seconds: int) -> None:
+    The hash tag puts a user's entry and lock in one cluster slot, so the conditional
+    write (a script over both keys) is allowed; key names carry only the partition hash.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str, ttl_seconds: int,
+                 lock_ttl_seconds: float = 30.0, listen: bool = False) -> None:
         self._redis = client
         self._prefix = prefix
         self._ttl = ttl_seconds
+        self._lock_ttl = lock_ttl_seconds
         self._save_script = client.register_script(_SAVE_IF_LOCK_HELD)
+        self.breaker = CircuitBreaker("redis")
+        self._watcher: Watcher | None = None
+        self._listener = InvalidationListener(
+            self._listener_connection, f"{prefix}:cache:", self._invalidated, self._resync,
+            pong_timeout=1.0 + (client.connection_pool.connection_kwargs.get("socket_timeout") or 1.0),
+        ) if listen else None
 
     @classmethod
-    def from_url(cls, url: str, prefix: str, ttl_seconds: int) -> RedisTokenCacheStore:
+    def from_url(cls, url: str, prefix: str, ttl_seconds: int, timeout: float,
+                 lock_ttl_seconds: float) -> RedisTokenCacheStore:
         client = redis.Redis.from_url(
             url,
-            socket_timeout=REDIS_TIMEOUT_SECONDS,
-            socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
             health_check_interval=30,
+            protocol=2,
         )
-        return cls(client, prefix, ttl_seconds)
+        return cls(client, prefix, ttl_seconds, lock_ttl_seconds, listen=True)
 
     def key(self, partition: str) -> str:
-        return f"{self._prefix}:tokencache:{partition}"
+        return f"{self._prefix}:cache:{{{partition}}}"
 
     def lock_key(self, partition: str) -> str:
-        return f"{self._prefix}:lock:{partition}"
+        return f"{self._prefix}:lock:{{{partition}}}"
 
-    def load(self, partition: str) -> bytes | None:
-        try:
-            return self._redis.get(self.key(partition))
-        except RedisError as exc:
-            log.error("redis GET failed: %s", type(exc).__name__)
-            raise CacheUnavailable() from None
+    # --- coherence -----------------------------------------------------------------------
+    def coherence(self) -> Coherence:
+        if self._listener is None:
+            return _NEVER_COHERENT
+        self._listener.ensure_running()
+        return self._listener
+
+    def watch(self, watcher: Watcher) -> None:
+        self._watcher = watcher
+
+    def _listener_connection(self) -> Any:
+        pool = self._redis.connection_pool
+        return pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
+
+    def _invalidated(self, keys: list[bytes] | None) -> None:
+        if self._watcher is None:
+            return
+        if keys is None:
+            self._watcher.invalidate(None)
+            return
+        partitions = [_partition_of(key) for key in keys]
+        self._watcher.invalidate([p for p in partitions if p])
+
+    def _resync(self) -> None:
+        if self._watcher is not None:
+            self._watcher.resync()
+
+    # --- entries ---------------------------------------------------------------------------
+    def load(self, partition: str) -> StoredEntry | None:
+        with self._call("GET"):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.get(self.key(partition))
+            pipe.pttl(self.key(partition))
+            blob, ttl_ms = pipe.execute(raise_on_error=False)
+        if isinstance(ttl_ms, RedisError) and not isinstance(ttl_ms, ResponseError):
+            raise ttl_ms
+        if isinstance(blob, ResponseError):  # WRONGTYPE: not ours to read; a miss
+            log.warning("token cache for partition %s is not a string in Redis; treating it as a miss",
+                        partition)
+            return None
+        if blob is None:
+            return None
+        expires_at = time.monotonic() + ttl_ms / 1000 if isinstance(ttl_ms, int) and ttl_ms >= 0 else None
+        return StoredEntry(blob, expires_at)
 
     @contextmanager
-    def lock(self, partition: str) -> Iterator[redis.lock.Lock]:
+    def lock(self, partition: str, deadline: Deadline) -> Iterator[redis.lock.Lock]:
         lock = self._redis.lock(
             self.lock_key(partition),
-            timeout=LOCK_TTL_SECONDS,
+            timeout=self._lock_ttl,
             sleep=LOCK_POLL_SECONDS,
-            blocking_timeout=LOCK_WAIT_SECONDS,
+            blocking_timeout=max(deadline.remaining(), 0.01),
             thread_local=False,
         )
-        try:
+        with self._call("lock"):
             acquired = lock.acquire()
-        except RedisError as exc:
-            log.error("redis lock failed: %s", type(exc).__name__)
-            raise CacheUnavailable() from None
         if not acquired:
-            log.warning("partition %s stayed locked for %ss", partition, LOCK_WAIT_SECONDS)
-            raise ServiceUnavailable("Token acquisition for this user is busy; retry shortly.", 1)
+            log.warning("partition %s stayed locked past this request's deadline", partition)
+            raise TokenAcquisitionBusy()
         try:
             yield lock
         finally:
@@ -127,20 +202,68 @@ class RedisTokenCacheStore:
                 log.warning("redis unlock failed: %s", type(exc).__name__)
 
     def save(self, partition: str, blob: bytes, guard: redis.lock.Lock) -> bool:
-        try:
+        with self._call("write"):
             written = self._save_script(
                 keys=[self.key(partition), self.lock_key(partition)],
                 args=[guard.local.token, blob, self._ttl],
             )
-        except RedisError as exc:
-            log.error("redis write failed: %s", type(exc).__name__)
-            raise CacheUnavailable() from None
         if not written:
             log.warning("lost the lock for partition %s; not writing its cache", partition)
         return bool(written)
 
-    def ping(self) -> None:
-        self._redis.ping()
+    def save_if_absent(self, partition: str, blob: bytes) -> bool:
+        with self._call("write"):
+            return bool(self._redis.set(self.key(partition), blob, ex=self._ttl, nx=True))
+
+    def status(self) -> str:
+        """``ok`` or ``degraded``: one PING (bounded by the socket timeout), none while
+        the circuit is open."""
+        try:
+            with self._call("PING"):
+                self._redis.ping()
+        except CacheUnavailable:
+            return "degraded"
+        return "ok"
+
+    @contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        """Run one Redis operation through the breaker; a failure is ``CacheUnavailable``."""
+        if not self.breaker.allow():
+            raise CacheUnavailable()
+        try:
+            yield
+        except RedisError as exc:
+            self.breaker.failure()
+            log.error("redis %s failed: %s", what, type(exc).__name__)
+            raise CacheUnavailable() from None
+        except BaseException:
+            self.breaker.success()  # Redis answered; the caller failed for its own reasons
+            raise
+        self.breaker.success()
+
+
+def _partition_of(key: bytes) -> str | None:
+    """The partition in ``<prefix>:cache:{<partition>}``."""
+    start, end = key.rfind(b"{"), key.rfind(b"}")
+    if start < 0 or end < start:
+        return None
+    return key[start + 1:end].decode("ascii", "replace")
+
+
+class _NeverCoherent:
+    connected = False
+    epoch = 0
+
+
+_NEVER_COHERENT = _NeverCoherent()
+
+
+class _AlwaysCoherent:
+    """The memory store is in this process: every change to it goes through the
+    process's own users, so nothing can change behind a copy's back."""
+
+    connected = True
+    epoch = 0
 
 
 class MemoryTokenCacheStore:
@@ -149,34 +272,52 @@ class MemoryTokenCacheStore:
     def __init__(self, ttl_seconds: int) -> None:
         self._ttl = ttl_seconds
         self._blobs: dict[str, tuple[bytes, float]] = {}
-        # Weak values: a partition's lock lives while a request holds it, then goes away.
-        self._locks: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
-        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()  # for _blobs and _locks
 
-    def load(self, partition: str) -> bytes | None:
-        entry = self._blobs.get(partition)
+    def coherence(self) -> Coherence:
+        return _AlwaysCoherent()
+
+    def watch(self, watcher: Watcher) -> None:
+        return None
+
+    def load(self, partition: str) -> StoredEntry | None:
+        with self._guard:
+            entry = self._blobs.get(partition)
         if entry is None or entry[1] < time.monotonic():
             return None
-        return entry[0]
+        return StoredEntry(entry[0], entry[1])
 
     @contextmanager
-    def lock(self, partition: str) -> Iterator[threading.Lock]:
+    def lock(self, partition: str, deadline: Deadline) -> Iterator[threading.Lock]:
         with self._guard:
-            lock = self._locks.get(partition)
-            if lock is None:
-                lock = self._locks[partition] = threading.Lock()
-        with held(lock):
+            lock = self._locks.setdefault(partition, threading.Lock())
+        with held(lock, deadline.remaining()):
             yield lock
 
     def save(self, partition: str, blob: bytes, guard: threading.Lock) -> bool:
-        if guard is not self._locks.get(partition) or not guard.locked():
-            return False
+        with self._guard:
+            if guard is not self._locks.get(partition) or not guard.locked():
+                return False
+            self._put(partition, blob)
+        return True
+
+    def save_if_absent(self, partition: str, blob: bytes) -> bool:
+        with self._guard:
+            if self._blobs.get(partition, (b"", 0.0))[1] >= time.monotonic():
+                return False
+            self._put(partition, blob)
+        return True
+
+    def _put(self, partition: str, blob: bytes) -> None:
         now = time.monotonic()
         self._blobs[partition] = (blob, now + self._ttl)
         if len(self._blobs) > MEMORY_PRUNE_ABOVE:  # drop expired users now and then
             for key in [k for k, (_, expires) in self._blobs.items() if expires < now]:
-                self._blobs.pop(key, None)
-        return True
+                del self._blobs[key]
+                lock = self._locks.get(key)
+                if lock is not None and not lock.locked():
+                    del self._locks[key]
 
-    def ping(self) -> None:
-        return None
+    def status(self) -> str:
+        return "ok"

@@ -1,16 +1,26 @@
 """msal's HTTP client: the process's pooled session, our timeouts, the cached OpenID
 configuration (so building an msal application costs no request), a per-user
-Retry-After gate, and an offline mode for the lock-free first look at the cache."""
+Retry-After gate, and an offline mode for the first look at the cache.
+
+The offline mode and the request's deadline are context variables, set around one
+msal call by ``offline()`` and ``within()``: msal is handed one client per user at
+construction, so per-call state can't be an argument, and a flag on that shared client
+would leak into another thread's call.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, NoReturn
 
 import requests
 
-from .authority import AUTHORITY_TIMEOUT, OpenIdConfiguration
+from .authority import OpenIdConfiguration
+from .bulkhead import Deadline
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +46,30 @@ class NetworkNeeded(Exception):
     """Raised in offline mode: the cache alone cannot answer."""
 
 
+_offline: ContextVar[bool] = ContextVar("msal_offline", default=False)
+_deadline: ContextVar[Deadline | None] = ContextVar("msal_deadline", default=None)
+
+
+@contextmanager
+def offline() -> Iterator[None]:
+    """msal calls in this block may use the cache only: any request raises NetworkNeeded."""
+    reset = _offline.set(True)
+    try:
+        yield
+    finally:
+        _offline.reset(reset)
+
+
+@contextmanager
+def within(deadline: Deadline) -> Iterator[None]:
+    """Calls to Entra ID in this block end by ``deadline``, whatever their own timeouts."""
+    reset = _deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _deadline.reset(reset)
+
+
 class _CachedResponse:
     def __init__(self, text: str) -> None:
         self.status_code, self.text, self.headers = 200, text, {}
@@ -53,30 +87,43 @@ class MsalHttpClient:
     Retry-After passes after a 429, for two seconds after the others.
     """
 
-    def __init__(self, session: requests.Session, metadata: OpenIdConfiguration) -> None:
+    def __init__(self, session: requests.Session, metadata: OpenIdConfiguration,
+                 timeout: tuple[float, float]) -> None:
         self._session, self._metadata = session, metadata
-        self.offline = False
+        self._timeout = timeout
         self.blocked_until = 0.0
 
     def get(self, url: str, params: Any = None, headers: Any = None, **_: Any) -> Any:
         if not params and url.lower() == self._metadata.url.lower():
             return _CachedResponse(self._metadata.text())
-        if self.offline:
+        if _offline.get():
             raise NetworkNeeded()
         return self._send("GET", url, params=params, headers=headers)
 
     def post(self, url: str, params: Any = None, data: Any = None, headers: Any = None,
              **_: Any) -> Any:
-        if self.offline:
+        if _offline.get():
             raise NetworkNeeded()
         wait = self.blocked_until - time.monotonic()
         if wait > 0:
             raise EntraUnavailable(retry_after=int(wait) + 1)
         return self._send("POST", url, params=params, data=data, headers=headers)
 
+    def _bounded_timeout(self) -> tuple[float, float]:
+        connect, read = self._timeout
+        deadline = _deadline.get()
+        if deadline is None:
+            return connect, read
+        left = deadline.remaining()
+        if left < 0.05:
+            log.warning("no time left for a call to the token endpoint")
+            raise EntraUnavailable(retry_after=1)
+        return min(connect, left), min(read, left)
+
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        timeout = self._bounded_timeout()
         try:
-            response = self._session.request(method, url, timeout=AUTHORITY_TIMEOUT, **kwargs)
+            response = self._session.request(method, url, timeout=timeout, **kwargs)
         except requests.RequestException as exc:
             log.error("token endpoint unreachable: %s", type(exc).__name__)
             self._unavailable(DEFAULT_RETRY_AFTER, OUTAGE_GATE_SECONDS)

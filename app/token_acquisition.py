@@ -1,38 +1,46 @@
 """Acquiring Graph tokens on behalf of the signed-in user (msal's OBO grant).
 
 msal binds a token cache to a ``ConfidentialClientApplication`` at construction, and
-``acquire_token_on_behalf_of`` never reads the cache. So each user gets, per process and
-built on their first request, an application around their own cache object; every
-request re-reads the user's blob from the store (other workers may have written it)
-and goes: silent lookup → only on a miss, OBO → write back if changed. The first look
-is offline and lock-free; anything that needs Entra ID runs under the user's store
-lock, so a burst of cold requests makes one call, whichever worker or instance serves it.
+``acquire_token_on_behalf_of`` never reads the cache. So each user gets, per process, a
+``UserSession`` (see ``app.memory_tier``): an application around their own cache object.
+
+A request goes:
+
+1. **Memory, then Redis, offline.** If the user's session is current, msal's silent
+   lookup runs on it with no I/O at all; otherwise the blob is re-read from the store
+   first. Nothing here waits on Entra ID. While Redis is unreachable the session is
+   used as it is.
+2. **Entra ID, bounded and single-flight.** On a miss the request takes a seat in the
+   worker's waiting room (full: 503 at once) and joins the user's flight: concurrent
+   requests of one user share one leader's result. The leader takes the user's Redis
+   lock (so one call is made whichever worker or instance serves the burst), re-reads,
+   tries the refresh token, else runs OBO, and writes back while it still holds the
+   lock. Everything waits at most until the request's deadline. With Redis down the
+   leader goes on without the lock and writes the entry once Redis is back.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from typing import Any
 
 import msal
 import requests
 
 from .authority import AuthorityUnavailable, OpenIdConfiguration
-from .cache_store import Guard, TokenCacheStore, held
+from .bulkhead import Deadline, SingleFlight, WaitingRoom, held
+from .cache_store import CacheUnavailable, Guard, StoredEntry, TokenCacheStore
 from .errors import ApiError, InsufficientClaims, ServiceUnavailable, bearer_challenge
-from .msal_http import EntraUnavailable, MsalHttpClient, NetworkNeeded
+from .memory_tier import MemoryTier, UserSession
+from .msal_http import EntraUnavailable, MsalHttpClient, NetworkNeeded, offline, within
 from .protector import EntraAccessToken
 from .settings import Settings
-from .token_cache import TokenCacheCodec, UserTokenCache, partition_key
+from .token_cache import TokenCacheCodec, partition_key
 
 log = logging.getLogger(__name__)
-
-USER_SESSIONS = 512  # about 40 KiB each: the msal application and the user's cache
 
 
 class ConsentRequired(ApiError):
@@ -51,21 +59,15 @@ class TokenAcquisitionFailed(ApiError):
     description = "The identity provider refused to issue a token for Microsoft Graph."
 
 
-class _UserSession:
-    """One user's msal application in this process, and the store blob its cache holds.
+class AssertionRejected(ApiError):
+    """Entra refused the incoming token itself: that request's problem, not its user's."""
 
-    Per-user state also isolates throttling: msal's ``http_cache`` keeps its throttling
-    entries, which for OBO are not keyed by user, so a shared one would replay one
-    user's 429 or 400 to everyone.
-    """
+    status = 401
+    error = "invalid_token"
+    description = "The identity provider no longer accepts this access token; get a new one."
 
-    def __init__(self, http: MsalHttpClient) -> None:
-        self.lock = threading.Lock()
-        self.http = http
-        self.http_cache: dict[str, Any] = {}
-        self.cache = UserTokenCache()
-        self.blob: bytes | None = None  # what ``cache`` was last loaded from or saved as
-        self.app: msal.ConfidentialClientApplication | None = None
+    def __init__(self) -> None:
+        super().__init__(headers={"WWW-Authenticate": bearer_challenge(error="invalid_token")})
 
 
 class OnBehalfOfTokenProvider:
@@ -82,49 +84,80 @@ class OnBehalfOfTokenProvider:
         self._settings = settings
         self._scopes = list(settings.graph_scopes)
         self._store, self._codec = store, codec
-        self._session, self._metadata = session, metadata
-        self._users: OrderedDict[str, _UserSession] = OrderedDict()
-        self._users_lock = threading.Lock()
+        timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
+        self.memory = MemoryTier(settings.memory_cache_users,
+                                 lambda: UserSession(MsalHttpClient(session, metadata, timeout)))
+        self._flights: SingleFlight[str] = SingleFlight(private_errors=(AssertionRejected,))
+        self._waiting_room = WaitingRoom(settings.entra_max_waiting_threads)
+        store.watch(self)
         _skip_msal_extension_probe()
 
     def acquire_token(self, user: EntraAccessToken, claims_challenge: str | None = None) -> str:
         """A Graph token for ``user``; with ``claims_challenge``, always a fresh one."""
+        deadline = Deadline(self._settings.token_acquisition_timeout)
         partition = partition_key(user.oid, user.tid)
-        session = self._user_session(partition)
-        with held(session.lock):  # one request per user at a time in this process
-            if claims_challenge is None:
-                self._load(session, partition, user)
-                result = self._silent(session, user, offline=True)
-                if result:
-                    return result["access_token"]
-            with self._store.lock(partition) as guard, _entra_unavailable_is_503():
-                self._load(session, partition, user)  # another request may have filled it
-                result = None if claims_challenge else self._silent(session, user)
-                if not result:
-                    log.info("on-behalf-of exchange for partition %s", partition)
-                    result = self._app(session).acquire_token_on_behalf_of(
-                        user.raw, self._scopes, claims_challenge=claims_challenge
-                    )
-                self._save_if_changed(session, partition, guard)
+        if claims_challenge is None:
+            token = self._from_cache(partition, user, deadline)
+            if token is not None:
+                return token
+        with self._waiting_room.seat():
+            return self._flights.run(
+                (partition, claims_challenge),
+                lambda: self._from_entra(partition, user, claims_challenge, deadline),
+                deadline,
+            )
+
+    def _from_cache(self, partition: str, user: EntraAccessToken, deadline: Deadline) -> str | None:
+        session = self.memory.session(partition)
+        with held(session.lock, deadline.remaining()):
+            if not session.is_current(self._store.coherence()):
+                with suppress(CacheUnavailable):  # Redis is down: serve what this worker holds
+                    self._reload(session, partition, user)
+            result = self._silent(session, user, offline_only=True)
+        return result["access_token"] if result else None
+
+    def _from_entra(self, partition: str, user: EntraAccessToken, claims_challenge: str | None,
+                    deadline: Deadline) -> str:
+        session = self.memory.session(partition)
+        with held(session.lock, deadline.remaining()), self._user_lock(partition, deadline) as guard, \
+                within(deadline), _entra_unavailable_is_503():
+            if guard is not None:
+                with suppress(CacheUnavailable):  # another worker may have filled it
+                    self._reload(session, partition, user)
+            result = None if claims_challenge else self._silent(session, user)
+            if not result:
+                log.info("on-behalf-of exchange for partition %s", partition)
+                result = self._app(session).acquire_token_on_behalf_of(
+                    user.raw, self._scopes, claims_challenge=claims_challenge
+                )
+            self._save_if_changed(session, partition, guard)
         return _access_token_or_raise(result, partition)
 
-    def _silent(self, session: _UserSession, user: EntraAccessToken,
-                offline: bool = False) -> dict[str, Any] | None:
+    @contextmanager
+    def _user_lock(self, partition: str, deadline: Deadline) -> Iterator[Guard | None]:
+        """The user's store lock; None (single flight per process only) while Redis is down."""
+        with ExitStack() as stack:
+            try:
+                guard: Guard | None = stack.enter_context(self._store.lock(partition, deadline))
+            except CacheUnavailable:
+                log.warning("acquiring for partition %s without the shared lock: the store is down",
+                            partition)
+                guard = None
+            yield guard
+
+    def _silent(self, session: UserSession, user: EntraAccessToken,
+                offline_only: bool = False) -> dict[str, Any] | None:
         app = self._app(session)
         account = session.cache.account_of(user.oid, user.tid)
         if account is None:
             return None
-        session.http.offline = offline
         try:
-            return app.acquire_token_silent(self._scopes, account)
-        except NetworkNeeded:  # expired or aging: renew under the lock
+            with offline() if offline_only else nullcontext():
+                return app.acquire_token_silent(self._scopes, account)
+        except NetworkNeeded:  # expired or aging: renew with Entra ID
             return None
-        finally:
-            session.http.offline = False
-            if session.cache.has_state_changed:  # e.g. msal dropped an expired token
-                session.blob = None  # reload before the next use
 
-    def _app(self, session: _UserSession) -> msal.ConfidentialClientApplication:
+    def _app(self, session: UserSession) -> msal.ConfidentialClientApplication:
         if session.app is None:
             try:
                 session.app = msal.ConfidentialClientApplication(
@@ -140,37 +173,77 @@ class OnBehalfOfTokenProvider:
                 raise IdentityProviderUnavailable() from None
         return session.app
 
-    def _load(self, session: _UserSession, partition: str, user: EntraAccessToken) -> None:
-        """Make ``session.cache`` hold what the store holds now (skipped if unchanged)."""
-        blob = self._store.load(partition)
-        if blob is not None and blob == session.blob:
-            return
-        serialized = self._codec.open(partition, blob) if blob else None
-        try:
-            session.cache.deserialize(serialized)
-        except ValueError:
-            log.warning("token cache for partition %s is not JSON; ignoring it", partition)
-            session.cache.deserialize(None)
-        if not session.cache.belongs_to(user.oid, user.tid):
-            log.warning("token cache for partition %s holds another account; ignoring it", partition)
-            session.cache.deserialize(None)
-        session.blob = blob if serialized else None
+    def _reload(self, session: UserSession, partition: str, user: EntraAccessToken) -> None:
+        """Make ``session`` hold what the store holds now (a no-op if the blob is unchanged).
 
-    def _save_if_changed(self, session: _UserSession, partition: str, guard: Guard) -> None:
+        An entry that is not a usable msal cache of this user, whatever the reason, is a
+        miss; the next acquisition replaces it. Raises ``CacheUnavailable``.
+        """
+        coherence = self._store.coherence()
+        epoch = coherence.epoch if coherence.connected else None
+        changes = session.changes
+        entry = self._store.load(partition)
+        if entry is None and session.blob is not None and not session.changed_in_store:
+            # Not deleted: the store lost it (a restart without persistence, a failover).
+            # Put back what this worker holds instead of sending every user to Entra ID.
+            self._store.save_if_absent(partition, session.blob)
+            entry = StoredEntry(session.blob, None)
+        if entry is None or entry.blob != session.blob:
+            usable = entry is not None and self._open(session, partition, user, entry.blob)
+            if not usable:
+                session.cache.load(None)
+            session.blob = entry.blob if entry and usable else None
+        session.expires_at = entry.expires_at if entry else None
+        session.unsaved = False
+        if session.changes == changes:  # no change reported while reading: this is exact
+            session.changed_in_store = False
+            if epoch is not None and coherence.connected and coherence.epoch == epoch:
+                session.verified_epoch = epoch
+
+    def _open(self, session: UserSession, partition: str, user: EntraAccessToken, blob: bytes) -> bool:
+        serialized = self._codec.open(partition, blob)
+        if serialized is None:
+            return False  # the codec logged why
+        if not session.cache.load(serialized):
+            log.warning("token cache for partition %s is not an msal cache; it will be replaced",
+                        partition)
+            return False
+        if not session.cache.belongs_to(user.oid, user.tid):
+            log.warning("token cache for partition %s holds another account; it will be replaced",
+                        partition)
+            session.cache.load(None)
+            return False
+        return True
+
+    def _save_if_changed(self, session: UserSession, partition: str, guard: Guard | None) -> None:
         if not session.cache.has_state_changed:
             return
         blob = self._codec.seal(partition, session.cache.serialize())
-        session.blob = blob if self._store.save(partition, blob, guard) else None
+        session.blob = blob
+        try:
+            if guard is None:
+                raise CacheUnavailable()
+            if not self._store.save(partition, blob, guard):
+                session.blob = None  # someone else's write won: reload before the next use
+        except CacheUnavailable:
+            session.unsaved = True
 
-    def _user_session(self, partition: str) -> _UserSession:
-        with self._users_lock:
-            session = self._users.pop(partition, None) or _UserSession(
-                MsalHttpClient(self._session, self._metadata)
-            )
-            self._users[partition] = session
-            while len(self._users) > USER_SESSIONS:
-                self._users.popitem(last=False)
-            return session
+    # --- the store's watcher ---------------------------------------------------------------------
+    def invalidate(self, partitions: list[str] | None) -> None:
+        self.memory.invalidate(partitions)
+
+    def resync(self) -> None:
+        """The store is back: write what was acquired while it was away, unless another
+        worker wrote that user's entry meanwhile (its next request reads that one)."""
+        for partition, session in self.memory.unsaved():
+            blob = session.blob
+            if blob is None:
+                continue
+            try:
+                self._store.save_if_absent(partition, blob)
+            except CacheUnavailable:
+                return
+            session.unsaved = False
 
 
 @contextmanager
@@ -215,12 +288,7 @@ def _access_token_or_raise(result: dict[str, Any], partition: str) -> str:
             headers={"WWW-Authenticate": bearer_challenge(error="invalid_token")},
         )
     if error == "invalid_grant":
-        raise ApiError(
-            "The identity provider no longer accepts this access token; get a new one.",
-            status=401,
-            error="invalid_token",
-            headers={"WWW-Authenticate": bearer_challenge(error="invalid_token")},
-        )
+        raise AssertionRejected()
     if error == "temporarily_unavailable":
         raise IdentityProviderUnavailable()
     raise TokenAcquisitionFailed()

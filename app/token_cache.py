@@ -45,6 +45,22 @@ def partition_key(oid: str, tid: str) -> str:
 class UserTokenCache(msal.SerializableTokenCache):
     """A single user's msal cache whose entries are findable by the scopes requested."""
 
+    def load(self, serialized: str | None) -> bool:
+        """Replace the contents with ``serialized``; False (and empty) when that is not
+        an msal cache. A blob that decrypts is still untrusted input: msal itself would
+        raise on a wrong shape at every lookup, a failure that would stick to the user."""
+        try:
+            document = json.loads(serialized) if serialized else {}
+        except (ValueError, RecursionError):  # RecursionError: nesting too deep to parse
+            document = None
+        if not is_msal_cache(document):
+            self.deserialize(None)
+            return False
+        with self._lock:
+            self._cache = document
+            self.has_state_changed = False
+        return True
+
     def add(self, event: dict[str, Any], **kwargs: Any) -> None:
         requested = _scope_list(event.get("data", {}).get("scope"))
         returned = _scope_list(event.get("scope")) or requested
@@ -62,6 +78,35 @@ class UserTokenCache(msal.SerializableTokenCache):
         homes = {a.get("home_account_id") for a in accounts}
         return all(rt.get("home_account_id") in homes
                    for rt in self.search(self.CredentialType.REFRESH_TOKEN))
+
+
+_TEXT_FIELDS = frozenset({
+    "home_account_id", "environment", "client_id", "realm", "target", "secret", "credential_type",
+    "local_account_id", "username", "authority_type", "family_id", "token_type", "key_id",
+})
+_TIME_FIELDS = frozenset({"expires_on", "extended_expires_on", "cached_at", "refresh_on"})
+
+
+def is_msal_cache(document: Any) -> bool:
+    """Is ``document`` shaped as msal reads it: sections of entries, each a dict whose
+    identity fields are strings and times are whole numbers as strings? Access tokens
+    must carry ``expires_on``: msal's lookup indexes it without a default."""
+    if not isinstance(document, dict):
+        return False
+    for section, entries in document.items():
+        if not isinstance(entries, dict):
+            return False
+        for entry in entries.values():
+            if not isinstance(entry, dict):
+                return False
+            if section == "AccessToken" and "expires_on" not in entry:
+                return False
+            for name, value in entry.items():
+                if name in _TEXT_FIELDS and not isinstance(value, str):
+                    return False
+                if name in _TIME_FIELDS and not (isinstance(value, str) and value.isdigit()):
+                    return False
+    return True
 
 
 def _is_user(account: dict[str, Any], oid: str, tid: str) -> bool:

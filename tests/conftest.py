@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 
 import fakeredis
@@ -13,6 +14,13 @@ from app import create_app
 from app.cache_store import RedisTokenCacheStore
 from app.settings import Settings
 from tests.support.fake_entra import FakeEntra, settings_env
+
+
+@pytest.fixture(autouse=True)
+def private_tempdir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets its own system temp dir, so disk copies of the authority's keys
+    (kept under it by default) never pass from one test's fake Entra to another's."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path_factory.mktemp("tmp")))
 
 
 @pytest.fixture

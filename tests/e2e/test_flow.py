@@ -135,7 +135,7 @@ def test_redis_holds_only_ciphertext_under_hashed_keys(stack, tenant, api):
     assert keys
     oids = [get(api, "/api/whoami", t).json()["oid"] for t in tokens]
     for key in keys:
-        assert key.startswith(b"flask-obo:tokencache:")
+        assert key.startswith(b"flask-obo:cache:{")
         value = client.get(key)
         for needle in [*tokens, "eyJ", "adele", "megan", *oids, "refresh", "secret"]:
             assert needle.encode() not in key

@@ -14,10 +14,10 @@ import redis
 import responses
 
 from app import create_app
+from app.bulkhead import Deadline
 from app.cache_store import RedisTokenCacheStore
 from app.settings import Settings
 from tests.support.fake_entra import ADELE, BOB, FakeEntra, settings_env
-from tests.support.servers import free_port
 
 pytestmark = pytest.mark.integration
 ENTRA_LATENCY = 0.15  # a token request takes time; without the lock, racers would all call
@@ -29,7 +29,9 @@ def bearer(token: str) -> dict[str, str]:
 
 @pytest.fixture
 def settings(redis_url: str, fernet_key: str, real_redis) -> Settings:
-    return Settings.from_env(settings_env(REDIS_URL=redis_url, TOKEN_CACHE_KEYS=fernet_key))
+    # Room for the whole burst to wait on Entra ID: here the leader's result is what is tested.
+    return Settings.from_env(settings_env(REDIS_URL=redis_url, TOKEN_CACHE_KEYS=fernet_key,
+                                          ENTRA_MAX_WAITING_THREADS="16"))
 
 
 class SlowEntra(FakeEntra):
@@ -108,8 +110,9 @@ def test_process_burst_from_one_user_makes_one_obo_call(redis_url, fernet_key, r
 def _append_under_lock(redis_url: str, worker: int, rounds: int) -> None:
     store = RedisTokenCacheStore(redis.Redis.from_url(redis_url), "t", 60)
     for n in range(rounds):
-        with store.lock("p" * 64) as guard:
-            items = json.loads(store.load("p" * 64) or b"[]")
+        with store.lock("p" * 64, Deadline(30)) as guard:
+            entry = store.load("p" * 64)
+            items = json.loads(entry.blob if entry else b"[]")
             items.append(f"{worker}-{n}")
             assert store.save("p" * 64, json.dumps(items).encode(), guard)
 
@@ -127,28 +130,16 @@ def test_concurrent_writers_never_lose_an_update(redis_url, real_redis):
     for worker in workers:
         worker.join(timeout=60)
         assert worker.exitcode == 0
-    items = json.loads(real_redis.get("t:tokencache:" + "p" * 64))
+    store = RedisTokenCacheStore(real_redis, "t", 60)
+    items = json.loads(real_redis.get(store.key("p" * 64)))
     assert len(items) == len(set(items)) == 7 * 15
 
 
 def test_a_writer_that_lost_its_lock_does_not_overwrite(redis_url, real_redis):
     store = RedisTokenCacheStore(real_redis, "t", 60)
     real_redis.set(store.key("q" * 64), b"newer")
-    with store.lock("q" * 64) as guard:
+    with store.lock("q" * 64, Deadline(5)) as guard:
         real_redis.set(store.lock_key("q" * 64), b"someone-else")  # our lock expired and was taken
         assert store.save("q" * 64, b"stale", guard) is False
     assert real_redis.get(store.key("q" * 64)) == b"newer"
     assert real_redis.get(store.lock_key("q" * 64)) == b"someone-else"  # not released by us
-
-
-def test_redis_down_is_503_not_500(entra: FakeEntra, fernet_key):
-    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    settings = Settings.from_env(settings_env(REDIS_URL=url, TOKEN_CACHE_KEYS=fernet_key))
-    client = create_app(settings).test_client()
-    response = client.get("/api/me", headers=bearer(entra.api_token(ADELE)))
-    assert response.status_code == 503
-    assert response.json["error"] == "temporarily_unavailable"
-    assert "Retry-After" in response.headers
-    ready = client.get("/readyz")
-    assert ready.status_code == 503
-    assert ready.json["failed"] == ["redis"]

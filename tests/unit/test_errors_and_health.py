@@ -15,7 +15,7 @@ from joserfc import jwt
 from joserfc.jwk import OctKey
 
 from app import create_app
-from app.cache_store import RedisTokenCacheStore
+from app.cache_store import MemoryTokenCacheStore, RedisTokenCacheStore
 from app.logging_setup import RedactSecrets
 from app.settings import Settings
 from tests.support.fake_entra import (
@@ -56,12 +56,15 @@ def test_healthz_answers_without_any_io(client, entra):
     assert entra.token_requests == [] and entra.graph_requests == []
 
 
-def test_readyz_is_ready_when_redis_and_the_authority_answer(client, entra):
-    response = client.get("/readyz")
+def test_readyz_reports_its_dependencies_without_calling_entra(client, entra):
+    before = client.get("/readyz")
+    assert client.get("/api/whoami", headers={"Authorization": f"Bearer {entra.api_token()}"}).status_code == 200
+    after = client.get("/readyz")
 
-    assert response.status_code == 200
-    assert response.get_json()["status"] == "ready"
-    assert entra.metadata_fetches == 1
+    assert before.status_code == after.status_code == 200
+    assert before.get_json() == {"status": "ready", "checks": {"redis": "ok", "authority": "unavailable"}}
+    assert after.get_json() == {"status": "ready", "checks": {"redis": "ok", "authority": "ok"}}
+    assert entra.metadata_fetches == 1  # the one of the validated request, none of the probes
     assert entra.token_requests == []
 
 
@@ -80,30 +83,29 @@ def authority_down() -> Iterator[responses.RequestsMock]:
         yield rsps
 
 
-def assert_not_ready(response, failed: set[str]) -> None:
-    body = assert_json_error(response, 503, "not_ready")
-    assert int(response.headers["Retry-After"]) >= 1
-    for dependency in ("redis", "authority"):
-        assert (dependency in body["error_description"]) == (dependency in failed)
-    assert set(body["failed"]) == failed
-
-
-def test_readyz_names_the_authority_when_its_metadata_fails(authority_down, settings, store):
+def test_readyz_stays_ready_while_the_authority_is_down(authority_down, settings, store):
     client = create_app(settings, store=store).test_client()
 
-    assert_not_ready(client.get("/readyz"), {"authority"})
+    response = client.get("/readyz")
+
+    assert response.status_code == 200
+    assert response.get_json()["checks"] == {"redis": "ok", "authority": "unavailable"}
+    assert len(authority_down.calls) == 0
 
 
-def test_readyz_names_redis_when_its_ping_fails(entra, settings, redis_down):
+def test_readyz_says_redis_is_degraded_when_its_ping_fails(entra, settings, redis_down):
     client = create_app(settings, store=redis_down).test_client()
 
-    assert_not_ready(client.get("/readyz"), {"redis"})
+    response = client.get("/readyz")
+
+    assert response.status_code == 200
+    assert response.get_json()["checks"]["redis"] == "degraded"
 
 
-def test_readyz_names_both_when_both_fail(authority_down, settings, redis_down):
-    client = create_app(settings, store=redis_down).test_client()
+def test_readyz_without_redis_does_not_list_it(entra, settings):
+    client = create_app(settings, store=MemoryTokenCacheStore(60)).test_client()
 
-    assert_not_ready(client.get("/readyz"), {"redis", "authority"})
+    assert client.get("/readyz").get_json()["checks"]["redis"] == "not_configured"
 
 
 def test_healthz_stays_ok_while_dependencies_are_down(authority_down, settings, redis_down):
@@ -311,7 +313,7 @@ def test_a_full_graph_flow_logs_no_credential(client, entra, redis_client, caplo
         assert not [m for m in messages if secret in m], secret[:20]
 
 
-def test_readiness_probes_do_not_hammer_the_authority(client, entra):
+def test_readiness_probes_never_call_the_authority(client, entra):
     for _ in range(5):
         assert client.get("/readyz").status_code == 200
-    assert entra.metadata_fetches == 1  # a success is trusted for 30 s
+    assert (entra.metadata_fetches, entra.jwks_fetches) == (0, 0)

@@ -54,7 +54,7 @@ def test_routes_without_graph_never_exchange(client, entra: FakeEntra):
 
 def test_new_spa_tokens_reuse_the_cache_without_growing_it(client, entra: FakeEntra, redis_client):
     assert client.get("/api/me", headers=bearer(entra.api_token(ADELE))).status_code == 200
-    (key,) = redis_client.keys("flask-obo:tokencache:*")
+    (key,) = redis_client.keys("flask-obo:cache:*")
     first_blob = redis_client.get(key)
     for _ in range(5):  # five fresh assertions, as the SPA renews its token
         assert client.get("/api/me/manager", headers=bearer(entra.api_token(ADELE))).status_code == 200

@@ -21,7 +21,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def cache_key(oid: str) -> str:
-    return "flask-obo:tokencache:" + hashlib.sha256(f"{oid}.{TENANT_ID}".encode()).hexdigest()
+    return "flask-obo:cache:{" + hashlib.sha256(f"{oid}.{TENANT_ID}".encode()).hexdigest() + "}"
 
 
 def app_with_keys(keys: str, redis_client):

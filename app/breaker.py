@@ -1,0 +1,72 @@
+"""A circuit breaker for the token-cache store: once Redis is known to be down or hanging,
+no request waits on it; one probe at a time finds out when it is back.
+
+Why not pybreaker: its ``CircuitBreaker.call`` (1.4) holds the breaker's ``RLock`` for
+the whole guarded call, so every Redis command of a worker would run one at a time, and
+while Redis hangs every thread would queue behind the one call in flight: the opposite
+of what a breaker is for. This one takes its lock only to change state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from enum import Enum
+
+log = logging.getLogger(__name__)
+
+
+class State(Enum):
+    CLOSED = "closed"  # calls go through
+    OPEN = "open"  # calls fail at once until the reset timeout has passed
+    HALF_OPEN = "half_open"  # a probe is in flight; the others fail at once (a probe that
+    # hangs past the reset timeout lets one more through, so a lost probe never sticks)
+
+
+class CircuitBreaker:
+    """Opens after ``failure_threshold`` failures in a row; after ``reset_timeout``
+    seconds lets one probe through, which closes it on success and reopens it on failure.
+    """
+
+    def __init__(self, name: str, failure_threshold: int = 3, reset_timeout: float = 2.0) -> None:
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.reset_timeout = reset_timeout
+        self._lock = threading.Lock()
+        self._state = State.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def allow(self) -> bool:
+        """May the caller try the dependency now? (Then it must report the outcome.)"""
+        if self._state is State.CLOSED:
+            return True
+        with self._lock:
+            now = time.monotonic()
+            if self._state is not State.CLOSED and now - self._opened_at >= self.reset_timeout:
+                self._state, self._opened_at = State.HALF_OPEN, now  # this caller is the probe
+                return True
+            return self._state is State.CLOSED
+
+    def success(self) -> None:
+        if self._state is State.CLOSED and self._failures == 0:
+            return
+        with self._lock:
+            if self._state is not State.CLOSED:
+                log.warning("%s is back: circuit closed", self.name)
+            self._state, self._failures = State.CLOSED, 0
+
+    def failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            if self._state is State.HALF_OPEN or (
+                self._state is State.CLOSED and self._failures >= self.failure_threshold
+            ):
+                if self._state is State.CLOSED:
+                    log.error("%s is failing: circuit open, requests go on without it", self.name)
+                self._state, self._opened_at = State.OPEN, time.monotonic()

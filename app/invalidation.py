@@ -1,0 +1,128 @@
+"""Keeping each worker's memory tier coherent with Redis: server-assisted client-side
+caching (``CLIENT TRACKING`` in broadcasting mode, Redis ≥ 6).
+
+One connection per worker asks Redis to report every change to a key under the cache
+prefix (a write by any client, a delete, a TTL expiry, an eviction, a flush) and
+subscribes to ``__redis__:invalidate`` to hear it; RESP2 needs that redirect, and
+redirecting a connection to itself keeps it to one socket whose loss ends both. redis-py's
+own ``cache_config`` would do this with RESP3 but refuses servers older than 7.4
+(Debian 12 ships 7.0), hence the small loop here.
+
+What a memory copy may trust is summed up by ``connected`` and ``epoch``: a copy read
+from Redis while connected, at the current epoch, and not invalidated since, is exact.
+Every (re)connection starts a new epoch, because changes made while no one listened
+were never reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from redis.connection import AbstractConnection
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "__redis__:invalidate"
+PING_EVERY = 1.0  # a silent server is noticed within PING_EVERY + the read timeout
+RECONNECT_BACKOFF = (0.05, 2.0)
+
+InvalidateKeys = Callable[[list[bytes] | None], None]  # None: everything (FLUSHDB/FLUSHALL)
+
+
+class InvalidationListener:
+    """A daemon thread per process that turns Redis's invalidation messages into calls.
+
+    Started lazily by ``ensure_running()`` on the request path (never at import, and
+    again in a gunicorn worker after fork, where the parent's thread does not exist).
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], AbstractConnection],
+        prefix: str,
+        on_keys: InvalidateKeys,
+        on_resync: Callable[[], None],
+        pong_timeout: float,
+    ) -> None:
+        self._connect = connect
+        self._prefix = prefix
+        self._on_keys = on_keys
+        self._on_resync = on_resync
+        self._pong_timeout = pong_timeout
+        self.connected = False
+        self.epoch = 0
+        self._pid = 0
+        self._start_lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def ensure_running(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._start_lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self.connected = False
+            self._stop.clear()
+            threading.Thread(target=self._run, name="flask-obo-invalidation", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        backoff = RECONNECT_BACKOFF[0]
+        while not self._stop.is_set():
+            connection = None
+            try:
+                connection = self._subscribe()
+                self.epoch += 1  # before connected: copies verified earlier are stale now
+                self.connected = True
+                log.info("token cache invalidation channel connected")
+                backoff = RECONNECT_BACKOFF[0]
+                self._on_resync()
+                self._pump(connection)
+            except (RedisError, OSError) as exc:
+                if self.connected:
+                    log.warning("token cache invalidation channel lost: %s", type(exc).__name__)
+            finally:
+                self.connected = False
+                if connection is not None:
+                    connection.disconnect()
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, RECONNECT_BACKOFF[1])
+
+    def _subscribe(self) -> AbstractConnection:
+        connection = self._connect()
+        connection.connect()
+        connection.send_command("CLIENT", "ID")
+        client_id = connection.read_response()
+        connection.send_command("CLIENT", "TRACKING", "on", "REDIRECT", client_id,
+                                "BCAST", "PREFIX", self._prefix)
+        if connection.read_response() != b"OK":
+            raise RedisError("CLIENT TRACKING refused")
+        connection.send_command("SUBSCRIBE", CHANNEL)
+        connection.read_response()
+        return connection
+
+    def _pump(self, connection: AbstractConnection) -> None:
+        last_ping = time.monotonic()
+        awaiting_pong_since: float | None = None
+        while not self._stop.is_set():
+            if connection.can_read(timeout=0.2):
+                message = connection.read_response()
+                if isinstance(message, list) and message and message[0] == b"message":
+                    data = message[2]
+                    self._on_keys(list(data) if isinstance(data, list) else None)
+                elif isinstance(message, list) and message and message[0] == b"pong":
+                    awaiting_pong_since = None
+            now = time.monotonic()
+            if awaiting_pong_since is not None and now - awaiting_pong_since > self._pong_timeout:
+                raise RedisError("no answer to PING")
+            if awaiting_pong_since is None and now - last_ping >= PING_EVERY:
+                connection.send_command("PING")
+                last_ping = awaiting_pong_since = now
