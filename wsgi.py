@@ -1,8 +1,13 @@
 """WSGI entry point: ``gunicorn -c config/gunicorn.conf.py wsgi:app``.
 
 The API runs behind exactly one reverse proxy (nginx), so ProxyFix trusts one hop of
-X-Forwarded-For/-Proto/-Host/-Port and no more. A bad setting stops start-up with one
-line naming the variable (never its value).
+X-Forwarded-For/-Proto/-Host/-Port and no more. That trust holds only while nginx is the
+sole client: it overwrites those headers (X-Forwarded-Host with a host from its own
+server_name list), whereas a client reaching gunicorn directly would choose the host in
+redirects (``Location``) and the address in the logs. Hence gunicorn binds loopback by
+default (config/gunicorn.conf.py) and, in docker-compose.yml, listens on a network only
+nginx shares. A bad setting stops start-up with one line naming the variable (never its
+value).
 """
 
 import sys

@@ -8,7 +8,12 @@ import os
 
 _cores = multiprocessing.cpu_count()
 
-bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")  # a container's port; nginx is in front
+# Loopback unless told otherwise: gunicorn must only be reachable through nginx. It trusts
+# one hop of X-Forwarded-* (wsgi.py's ProxyFix), so a client that reaches it directly picks
+# the host in redirects and the address in the logs; and its workers are no match for a
+# slow client (slowloris), which nginx buffers. docker-compose.yml sets 0.0.0.0:8000 on a
+# network that only nginx shares.
+bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
 # gthread: requests mostly wait on Redis, Entra ID and Graph, so threads are cheap
 # concurrency; one worker per core (at least two) uses the cores for TLS and JSON.
 worker_class = "gthread"
@@ -26,7 +31,9 @@ _shm = "/dev/shm"  # noqa: S108 - gunicorn's documented choice for worker_tmp_di
 worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR", _shm if os.path.isdir(_shm) else None)
 
 # Logs go to stdout/stderr. The access log names no request header except the user agent
-# and the request id: never Authorization, never a token.
+# and the request id: never Authorization, never a token. What the client sent (request
+# id, path, user agent) cannot forge a field or a line: app/gunicorn_logging.py cleans it.
+logger_class = "app.gunicorn_logging.SanitisingLogger"
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-")
 errorlog = os.environ.get("GUNICORN_ERROR_LOG", "-")
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()

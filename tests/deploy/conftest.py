@@ -1,9 +1,11 @@
 """Helpers for the deployment tests: config/nginx.conf rendered for loopback, and run.
 
 The shipped nginx.conf names the compose services (``api-1:8000``), container ports
-(8080, 8443) and container paths. ``render_nginx_conf`` rewrites exactly those lines
-and fails if any of them is missing or appears more often than expected, so the tests
-always run the shipped file and notice when it drifts.
+(8080, 8443, each with a default server for unknown hosts and the API's server) and
+container paths. ``render_nginx_conf`` rewrites exactly those lines and fails if any of
+them is missing or appears more often than expected, so the tests always run the shipped
+file and notice when it drifts. Host names (``server_name``) are not rewritten: the tests
+reach nginx as ``127.0.0.1`` and ``localhost``, which the shipped file lists.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def _sub(pattern: str, repl, text: str, expected: int, what: str) -> str:
     return new
 
 
+def _expect(pattern: str, text: str, expected: int, what: str) -> None:
+    _sub(pattern, "", text, expected, what)
+
+
 def render_nginx_conf(
     text: str,
     *,
@@ -50,9 +56,12 @@ def render_nginx_conf(
     servers = iter(upstreams)
     text = _sub(r"^(\s*server\s+)api-\d+:8000\b", lambda m: m.group(1) + next(servers), text,
                 len(upstreams), "upstream 'server api-N:8000' lines")
-    text = _sub(r"^(\s*listen\s+)8080;", rf"\g<1>127.0.0.1:{http_port};", text, 1, "'listen 8080;'")
-    text = _sub(r"^(\s*listen\s+)8443(\s+ssl\b)", rf"\g<1>127.0.0.1:{tls_port}\g<2>", text, 1,
-                "'listen 8443 ssl'")
+    # Each port has two listeners: the default server (unknown hosts) and the API's.
+    text = _sub(r"^(\s*listen\s+)8080( default_server)?;", rf"\g<1>127.0.0.1:{http_port}\g<2>;", text, 2,
+                "'listen 8080[ default_server];' lines")
+    text = _sub(r"^(\s*listen\s+)8443(\s+ssl\b[^;]*);", rf"\g<1>127.0.0.1:{tls_port}\g<2>;", text, 2,
+                "'listen 8443 ssl ...;' lines")
+    _expect(r"^\s*listen\s+\S+.*\bdefault_server;", text, 2, "'listen ... default_server;' lines")
     text = _sub(r"^(\s*ssl_certificate\s+)\S+;", rf"\g<1>{cert};", text, 1, "ssl_certificate lines")
     text = _sub(r"^(\s*ssl_certificate_key\s+)\S+;", rf"\g<1>{key};", text, 1, "ssl_certificate_key lines")
     text = _sub(r"^(\s*pid\s+)\S+;", rf"\g<1>{run_dir / 'nginx.pid'};", text, 1, "pid lines")
@@ -105,7 +114,9 @@ def run_nginx(
         [binary, "-p", f"{run_dir}/", "-c", str(conf), "-e", str(error_log), "-g", "daemon off;"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    nginx = NginxProcess(f"http://127.0.0.1:{http_port}", f"https://127.0.0.1:{tls_port}",
+    # TLS by name: a client sends SNI only for a host name, and without a listed one the
+    # default server refuses the handshake.
+    nginx = NginxProcess(f"http://127.0.0.1:{http_port}", f"https://localhost:{tls_port}",
                          tmp_path / "nginx-access.log", error_log, conf, process)
     try:
         wait_until(lambda: process.poll() is not None

@@ -179,6 +179,45 @@ def test_nginx_upstreams_and_ports_match_compose(compose: dict) -> None:
     assert published == listens
 
 
+def _networks(service: dict) -> set[str]:
+    """A service's networks; compose attaches one that names none to ``default``."""
+    return set(service.get("networks") or ["default"])
+
+
+def _members(compose: dict, network: str) -> set[str]:
+    return {name for name, service in compose["services"].items() if network in _networks(service)}
+
+
+@pytest.mark.parametrize("service", API_SERVICES)
+def test_api_service_is_reachable_only_through_nginx(compose: dict, service: str) -> None:
+    """gunicorn trusts the X-Forwarded-* headers and leaves slow clients to nginx: it binds
+    all interfaces in its container, but nothing is published and its networks hold no
+    client-facing service but nginx, on an internal one."""
+    api = compose["services"][service]
+    port = runpy.run_path(str(GUNICORN_CONF))["bind"].rsplit(":", 1)[1]
+    assert "ports" not in api, api.get("ports")
+    assert [str(p) for p in api["expose"]] == [port]
+    assert api["environment"]["GUNICORN_BIND"] == f"0.0.0.0:{port}"
+    networks = compose.get("networks") or {}
+    proxy = [n for n in _networks(api) if (networks.get(n) or {}).get("internal") is True
+             and _members(compose, n) == {*API_SERVICES, "nginx"}]
+    assert proxy, "the API shares no internal network with nginx alone"
+    for network in _networks(api) - set(proxy):  # the others: only the API's own backends
+        assert _members(compose, network) - set(API_SERVICES) <= {"redis", "devtenant"}, network
+    # what the API needs is on one of its networks
+    for backend in ("redis", "devtenant"):
+        assert _networks(api) & _networks(compose["services"][backend]), backend
+
+
+def test_only_nginx_and_the_dev_tenant_publish_ports(compose: dict) -> None:
+    published = {name for name, service in compose["services"].items() if service.get("ports")}
+    assert published == {"nginx", "devtenant"}
+    assert all(str(p).startswith("127.0.0.1:") for p in compose["services"]["devtenant"]["ports"])
+    # nginx publishes through a network that is not internal (internal ones cannot)
+    networks = compose.get("networks") or {}
+    assert any(not (networks.get(n) or {}).get("internal") for n in _networks(compose["services"]["nginx"]))
+
+
 @pytest.mark.parametrize("service", API_SERVICES)
 def test_compose_lets_gunicorn_drain(compose: dict, service: str) -> None:
     """``docker compose stop`` sends SIGTERM, then SIGKILL after stop_grace_period (10 s by
@@ -324,6 +363,24 @@ def test_gunicorn_access_log_holds_no_credentials_or_query_string(gunicorn_conf)
     assert headers <= {"x-request-id", "user-agent"}, headers
 
 
+def test_gunicorn_binds_loopback_unless_told(gunicorn_conf, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only nginx may reach gunicorn (forwarded headers, slow clients): loopback by default."""
+    monkeypatch.delenv("GUNICORN_BIND", raising=False)
+    assert gunicorn_conf()["bind"] == "127.0.0.1:8000"
+    monkeypatch.setenv("GUNICORN_BIND", "0.0.0.0:8000")  # what docker-compose.yml sets
+    assert gunicorn_conf()["bind"] == "0.0.0.0:8000"
+
+
+def test_gunicorn_logs_access_through_the_sanitising_logger(gunicorn_conf) -> None:
+    from gunicorn.config import Config
+
+    from app.gunicorn_logging import SanitisingLogger
+
+    cfg = Config()
+    cfg.set("logger_class", gunicorn_conf()["logger_class"])
+    assert cfg.logger_class is SanitisingLogger  # resolved as gunicorn resolves it
+
+
 # --- config/nginx.conf -------------------------------------------------------------------
 
 
@@ -339,6 +396,51 @@ def test_nginx_access_log_holds_no_credentials_or_query_string() -> None:
     for args in re.findall(r"^\s*access_log\s+([^;]+);", conf, re.M):
         words = args.split()
         assert words == ["off"] or (len(words) >= 2 and words[1] in formats), args
+
+
+def _server_blocks(conf: str) -> list[str]:
+    """The bodies of nginx.conf's ``server { ... }`` blocks (braces in quotes skipped)."""
+    bodies = []
+    for match in re.finditer(r"^\s*server\s*\{", conf, re.M):
+        depth, quote, i = 1, None, match.end()
+        while depth:
+            char = conf[i]
+            if quote:
+                quote = None if char == quote else quote
+            elif char in "'\"":
+                quote = char
+            elif char in "{}":
+                depth += 1 if char == "{" else -1
+            i += 1
+        bodies.append(conf[match.end():i - 1])
+    return bodies
+
+
+def _directives(body: str, name: str) -> list[str]:
+    return [args.strip() for args in re.findall(rf"^\s*{name}\s+([^;]*);", body, re.M)]
+
+
+def test_nginx_answers_only_the_hosts_it_names() -> None:
+    """Unknown hosts reach a default server that answers nothing (444) and refuses TLS
+    handshakes; the API's servers name their hosts, and pass only those upstream."""
+    conf = re.sub(r"(?m)^\s*#.*$", "", NGINX_CONF.read_text())
+    servers = _server_blocks(conf)
+    defaults = [s for s in servers if any("default_server" in a for a in _directives(s, "listen"))]
+    assert len(defaults) == 1, "one default server for every port"
+    (default,) = defaults
+    assert {a.split()[0] for a in _directives(default, "listen")} == {"8080", "8443"}
+    assert _directives(default, "return") == ["444"]
+    assert _directives(default, "ssl_reject_handshake") == ["on"]
+    assert "proxy_pass" not in default
+    for server in (s for s in servers if s is not default):
+        (names,) = _directives(server, "server_name")
+        assert names and not re.search(r"(^|\s)(_|~|\*|\.)", names), names  # no catch-all, wildcard, regex
+    # upstream, the host is always one nginx matched, never what the client sent
+    headers = dict(a.split(None, 1) for a in _directives(conf, "proxy_set_header"))
+    assert headers["Host"] == headers["X-Forwarded-Host"] == "$host"
+    # set once, for the whole server: a location setting any would drop them all
+    assert len(headers) == len(_directives(conf, "proxy_set_header"))
+    assert not re.search(r"\$http_(host|x_forwarded)", conf)
 
 
 @pytest.mark.nginx

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 import secrets
+import socket
+import ssl
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -231,6 +234,129 @@ def test_access_logs_hold_no_token_or_query_string(stack: Stack) -> None:
         text = path.read_text() if path.exists() else ""
         assert signature not in text, path  # ... but neither the token
         assert "query-marker" not in text, path  # nor the query string
+
+
+# --- hosts, forwarded headers, access logs -------------------------------------------------
+
+# The shipped formats (config/gunicorn.conf.py, config/nginx.conf): a quoted field holds
+# anything but an unescaped quote; the others hold no space.
+QUOTED = r'"(?:[^"\\]|\\.)*"'
+GUNICORN_LINE = re.compile(
+    rf"\S+ {QUOTED} \d{{3}} \S+ \d+ms {QUOTED} request_id=[A-Za-z0-9._:-]{{1,64}} pid=<\d+>")
+NGINX_LINE = re.compile(rf"\S+ {QUOTED} \d{{3}} \d+ [\d.]+ {QUOTED} request_id=[0-9a-f]{{32}} upstream=\S.*")
+FIELDS = re.compile(rf"{QUOTED}|\S+")
+
+
+def bare_fields(line: str) -> dict[str, str]:
+    """A line's ``key=value`` fields outside quotes."""
+    fields = [field for field in FIELDS.findall(line) if not field.startswith('"') and "=" in field]
+    return dict(field.split("=", 1) for field in fields)
+
+
+def raw_http(url: str, request: bytes, sni: str | None = None) -> bytes:
+    """Send ``request`` as is (requests refuses forged lines) and read until the server closes.
+
+    For https URLs the certificate is not checked, so only the server can refuse the
+    handshake; ``sni`` is the name sent (None: none, as for an IP address)."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=TIMEOUT) as sock:
+        conn = sock
+        if parts.scheme == "https":
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            conn = context.wrap_socket(sock, server_hostname=sni)
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+        return answer
+
+
+def get_request(path: str, host: str, *headers: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", *headers, "Connection: close", "", ""]
+    return "\r\n".join(lines).encode()
+
+
+FORGED_FORWARDING = {
+    "X-Forwarded-Host": "evil.example", "X-Forwarded-Port": "666", "X-Forwarded-Proto": "gopher",
+}
+
+
+def test_a_forged_forwarded_host_never_reaches_a_location(stack: Stack) -> None:
+    """``/api//me``: werkzeug redirects to ``/api/me`` with an absolute Location built from
+    the host, port and scheme ProxyFix takes from the one proxy it trusts."""
+    # Why gunicorn must not be reachable: straight to it, the client picks the host.
+    direct = get(f"{stack.apis[0].process.url}/api//me", headers=dict(FORGED_FORWARDING),
+                 allow_redirects=False)
+    assert direct.status_code == 308
+    assert urlsplit(direct.headers["Location"]).hostname == "evil.example"
+
+    nginx_http_port = urlsplit(stack.nginx.http_url).port
+    tls = urlsplit(stack.nginx.https_url)
+    ca = str(stack.tenant.state_dir / "ca-bundle.pem")
+    cases = [  # (url, Host header, expected Location prefix)
+        (f"{stack.nginx.http_url}/api//me", None, f"http://127.0.0.1:{nginx_http_port}/api/me"),
+        (f"{stack.nginx.http_url}/api//me", f"localhost:{nginx_http_port}", f"http://localhost:{nginx_http_port}/"),
+        (f"{stack.nginx.https_url}/api//me", None, f"https://localhost:{tls.port}/api/me"),
+    ]
+    for url, host, expected in cases:
+        headers = {**FORGED_FORWARDING, **({"Host": host} if host else {})}
+        response = get(url, headers=headers, allow_redirects=False, verify=ca)
+        assert response.status_code == 308, (url, response.text)
+        assert response.headers["Location"].startswith(expected), (url, response.headers["Location"])
+
+
+def test_unknown_hosts_get_no_answer(stack: Stack) -> None:
+    """The default server: 444 (the connection closes without a byte) on http; on TLS the
+    handshake fails unless SNI names a known host, and a known SNI with an unknown Host
+    gets 444 too. None of these requests reaches gunicorn."""
+    path = f"/unknown-host-{uuid.uuid4().hex}"
+    https, http = stack.nginx.https_url, stack.nginx.http_url
+    forged = get_request(path, "evil.example", "X-Forwarded-Host: localhost")
+    assert raw_http(http, forged) == b""
+    assert raw_http(https, forged, sni="localhost") == b""
+    for sni in ("evil.example", None):
+        with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+            raw_http(https, get_request(path, "localhost"), sni=sni)
+    # controls: the same requests for a known host are answered
+    assert raw_http(http, get_request(path, "localhost")).startswith(b"HTTP/1.1 404 ")
+    assert raw_http(https, get_request(path, "localhost"), sni="localhost").startswith(b"HTTP/1.1 404 ")
+
+    logged = lines_with(stack.nginx.access_lines, path, 4)  # the 444s are logged, after the close
+    assert sorted(line.split('"')[2].split()[0] for line in logged) == ["404", "404", "444", "444"], logged
+    proxied = lines_with(lambda: stack.apis[0].access_lines() + stack.apis[1].access_lines(), path, 2)
+    assert len(proxied) == 2  # the controls only
+
+
+def test_forged_request_id_and_user_agent_create_no_log_field(stack: Stack) -> None:
+    """Spaces, quotes, backslashes, ``key=value`` pairs and an encoded newline (in the path:
+    ``PATH_INFO`` is decoded) from a client, straight to gunicorn and through nginx. (A raw
+    newline in a header never gets through: both answer 400.) Every access log line keeps
+    the shipped format, and only the server's own fields appear outside quotes."""
+    mark = uuid.uuid4().hex[:12]
+    path = f"/forge-{mark}%0A6.6.6.6%20%22GET%20/%20HTTP/1.1%22%20200%20status=200"
+    headers = (f'X-Request-Id: {mark} status=200 user=admin "quoted" \\" end',
+               'User-Agent: ua\\" status=200 user=admin "')
+    api1 = stack.apis[0]
+    for base in (api1.process.url, stack.nginx.http_url):
+        assert raw_http(base, get_request(path, "localhost", *headers)).startswith(b"HTTP/1.1 404 ")
+
+    api_lines = lambda: stack.apis[0].access_lines() + stack.apis[1].access_lines()  # noqa: E731
+    logged = lines_with(api_lines, f"/forge-{mark}", 2)
+    direct, proxied = sorted(logged, key=lambda line: "_status_" not in line)  # the client's id first
+    (nginx_line,) = lines_with(stack.nginx.access_lines, f"/forge-{mark}", 1)
+    for line in api_lines():
+        assert GUNICORN_LINE.fullmatch(line), line
+    for line in stack.nginx.access_lines():
+        assert NGINX_LINE.fullmatch(line), line
+    assert set(bare_fields(direct)) == set(bare_fields(proxied)) == {"request_id", "pid"}
+    assert set(bare_fields(nginx_line)) == {"request_id", "upstream"}
+    assert bare_fields(direct)["request_id"].startswith(f"{mark}_status_200_user_admin_")
+    # through nginx, gunicorn logs nginx's request id, never the client's
+    assert bare_fields(proxied)["request_id"] == bare_fields(nginx_line)["request_id"]
+    # and the app's own log lines never carry them
+    for api in stack.apis:
+        assert mark not in api.process.log.read_text()
 
 
 # --- failover ------------------------------------------------------------------------------
