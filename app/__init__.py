@@ -12,7 +12,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import errors, protector
 from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys
-from .cache_store import LOCK_TTL_MARGIN, MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
+from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
 from .graph_client import GraphClient
 from .health import health
 from .http import build_session
@@ -82,11 +82,7 @@ def _refuse_large_bodies() -> None:
 
 def _token_cache_store(settings: Settings) -> TokenCacheStore:
     if settings.redis_url:
-        return RedisTokenCacheStore.from_url(
-            settings.redis_url, settings.token_cache_prefix, settings.token_cache_ttl_seconds,
-            timeout=settings.redis_timeout,
-            lock_ttl_seconds=settings.token_acquisition_timeout + LOCK_TTL_MARGIN,
-        )
+        return RedisTokenCacheStore.from_settings(settings)
     log.warning(
         "REDIS_URL is not set: tokens are cached in this process only (for local use; "
         "other workers and instances will not share them)"

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis
 from redis.exceptions import LockError, RedisError, ResponseError
@@ -26,7 +26,8 @@ from redis.exceptions import LockError, RedisError, ResponseError
 from .breaker import CircuitBreaker
 from .bulkhead import Deadline, TokenAcquisitionBusy, held
 from .errors import ServiceUnavailable
-from .invalidation import InvalidationListener
+from .redis_topology import RedisClient, invalidation_for, redis_client
+from .settings import DEFAULT_REDIS_TIMEOUT, Settings
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,9 @@ class RedisTokenCacheStore:
     write (a script over both keys) is allowed; key names carry only the partition hash.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str, ttl_seconds: int,
-                 lock_ttl_seconds: float = 30.0, listen: bool = False) -> None:
+    def __init__(self, client: RedisClient, prefix: str, ttl_seconds: int,
+                 lock_ttl_seconds: float = 30.0, listen: bool = False,
+                 timeout: float = DEFAULT_REDIS_TIMEOUT) -> None:
         self._redis = client
         self._prefix = prefix
         self._ttl = ttl_seconds
@@ -109,22 +111,18 @@ class RedisTokenCacheStore:
         self._save_script = client.register_script(_SAVE_IF_LOCK_HELD)
         self.breaker = CircuitBreaker("redis")
         self._watcher: Watcher | None = None
-        self._listener = InvalidationListener(
-            self._listener_connection, f"{prefix}:cache:", self._invalidated, self._resync,
-            pong_timeout=1.0 + (client.connection_pool.connection_kwargs.get("socket_timeout") or 1.0),
+        self._invalidation = invalidation_for(
+            client, f"{prefix}:cache:", self._invalidated, self._resync, pong_timeout=1.0 + timeout,
         ) if listen else None
 
     @classmethod
-    def from_url(cls, url: str, prefix: str, ttl_seconds: int, timeout: float,
-                 lock_ttl_seconds: float) -> RedisTokenCacheStore:
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=30,
-            protocol=2,
+    def from_settings(cls, settings: Settings) -> RedisTokenCacheStore:
+        """The store for ``REDIS_URL`` and its topology, with its invalidation listener."""
+        return cls(
+            redis_client(settings), settings.token_cache_prefix, settings.token_cache_ttl_seconds,
+            lock_ttl_seconds=settings.token_acquisition_timeout + LOCK_TTL_MARGIN,
+            listen=True, timeout=settings.redis_timeout,
         )
-        return cls(client, prefix, ttl_seconds, lock_ttl_seconds, listen=True)
 
     def key(self, partition: str) -> str:
         return f"{self._prefix}:cache:{{{partition}}}"
@@ -134,17 +132,13 @@ class RedisTokenCacheStore:
 
     # --- coherence -----------------------------------------------------------------------
     def coherence(self) -> Coherence:
-        if self._listener is None:
+        if self._invalidation is None:
             return _NEVER_COHERENT
-        self._listener.ensure_running()
-        return self._listener
+        self._invalidation.ensure_running()
+        return self._invalidation  # type: ignore[no-any-return]
 
     def watch(self, watcher: Watcher) -> None:
         self._watcher = watcher
-
-    def _listener_connection(self) -> Any:
-        pool = self._redis.connection_pool
-        return pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
 
     def _invalidated(self, keys: list[bytes] | None) -> None:
         if self._watcher is None:
@@ -156,6 +150,7 @@ class RedisTokenCacheStore:
         self._watcher.invalidate([p for p in partitions if p])
 
     def _resync(self) -> None:
+        self.breaker.success()  # the listener just talked to Redis: it is back
         if self._watcher is not None:
             self._watcher.resync()
 

@@ -58,6 +58,9 @@ class Settings:
     graph_base_url: str = "https://graph.microsoft.com/v1.0"
     graph_scopes: tuple[str, ...] = ("https://graph.microsoft.com/.default",)
     redis_url: str | None = field(default=None, repr=False)
+    redis_cluster: bool = False  # REDIS_URL names any node of a Redis Cluster
+    redis_sentinels: tuple[tuple[str, int], ...] = ()  # REDIS_URL's host names the master service
+    redis_sentinel_password: str | None = field(default=None, repr=False)
     token_cache_keys: tuple[str, ...] = field(default=(), repr=False)
     token_cache_prefix: str = "flask-obo"
     token_cache_ttl_seconds: int = DEFAULT_TTL_SECONDS
@@ -119,6 +122,14 @@ class Settings:
         keys = env.fernet_keys("TOKEN_CACHE_KEYS")
         if redis_url and not keys:
             raise SettingsError("TOKEN_CACHE_KEYS: required when REDIS_URL is set")
+        redis_cluster = env.boolean("REDIS_CLUSTER")
+        sentinels = env.addresses("REDIS_SENTINELS")
+        if (redis_cluster or sentinels) and not redis_url:
+            raise SettingsError("REDIS_URL: required with REDIS_CLUSTER or REDIS_SENTINELS")
+        if redis_cluster and sentinels:
+            raise SettingsError("REDIS_SENTINELS: set either it or REDIS_CLUSTER, not both")
+        if redis_url and redis_url.startswith("unix:") and (redis_cluster or sentinels):
+            raise SettingsError("REDIS_URL: must be redis:// or rediss:// with a cluster or sentinels")
         return cls(
             tenant_id=env.guid("AZURE_TENANT_ID"),
             client_id=client_id,
@@ -130,6 +141,9 @@ class Settings:
             graph_base_url=env.https_url("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0"),
             graph_scopes=env.scopes("GRAPH_SCOPES", "https://graph.microsoft.com/.default"),
             redis_url=redis_url,
+            redis_cluster=redis_cluster,
+            redis_sentinels=sentinels,
+            redis_sentinel_password=env.optional("REDIS_SENTINEL_PASSWORD"),
             token_cache_keys=keys,
             token_cache_prefix=env.matching("TOKEN_CACHE_PREFIX", "flask-obo", _PREFIX),
             token_cache_ttl_seconds=env.positive_int("TOKEN_CACHE_TTL_SECONDS", DEFAULT_TTL_SECONDS),
@@ -203,6 +217,25 @@ class _Env:
         if parts.scheme not in {"redis", "rediss", "unix"}:
             raise SettingsError(f"{name}: must start with redis://, rediss:// or unix://")
         return value
+
+    def boolean(self, name: str) -> bool:
+        value = (self.optional(name) or "false").lower()
+        if value not in {"true", "false", "1", "0", "yes", "no"}:
+            raise SettingsError(f"{name}: must be true or false")
+        return value in {"true", "1", "yes"}
+
+    def addresses(self, name: str) -> tuple[tuple[str, int], ...]:
+        """``host:port,host:port`` (IPv6 hosts in brackets)."""
+        result = []
+        for position, item in enumerate((self.optional(name) or "").split(","), start=1):
+            item = item.strip()
+            if not item:
+                continue
+            match = re.fullmatch(r"\[?([A-Za-z0-9.:_-]+?)\]?:([0-9]{1,5})", item)
+            if not match or not 0 < int(match.group(2)) < 65536:
+                raise SettingsError(f"{name}: entry {position} is not host:port")
+            result.append((match.group(1), int(match.group(2))))
+        return tuple(result)
 
     def token(self, name: str, default: str) -> str:
         value = self.optional(name) or default

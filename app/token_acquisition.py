@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from typing import Any
@@ -182,8 +183,9 @@ class OnBehalfOfTokenProvider:
         coherence = self._store.coherence()
         epoch = coherence.epoch if coherence.connected else None
         changes = session.changes
+        expired = session.expires_at is not None and time.monotonic() >= session.expires_at
         entry = self._store.load(partition)
-        if entry is None and session.blob is not None and not session.changed_in_store:
+        if entry is None and session.blob is not None and not (session.changed_in_store or expired):
             # Not deleted: the store lost it (a restart without persistence, a failover).
             # Put back what this worker holds instead of sending every user to Entra ID.
             self._store.save_if_absent(partition, session.blob)

@@ -1,0 +1,151 @@
+"""The Redis topologies the token cache runs on, from the settings:
+
+* ``REDIS_URL`` alone: one Redis (``redis://`` or ``rediss://``; a private CA with
+  redis-py's own ``?ssl_ca_certs=/path``).
+* ``REDIS_CLUSTER=true``: ``REDIS_URL`` names any node of a Redis Cluster.
+* ``REDIS_SENTINELS=host:port,…``: Sentinel; the host part of ``REDIS_URL`` names the
+  master service (``redis://:password@mymaster/0``) and its password, database and scheme
+  apply to the master, as in django-redis.
+
+Also here: where invalidation listeners connect. One Redis or Sentinel's master needs
+one; a cluster needs one per primary, since each primary reports only its own keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from redis.cluster import RedisCluster
+from redis.connection import AbstractConnection, ConnectionPool, SSLConnection, parse_url
+from redis.exceptions import RedisError
+from redis.sentinel import Sentinel
+
+from .invalidation import InvalidateKeys, InvalidationListener
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+RedisClient = redis.Redis | RedisCluster
+CLUSTER_RECHECK_SECONDS = 1.0
+
+
+def redis_client(settings: Settings) -> RedisClient:
+    assert settings.redis_url is not None
+    timeouts: dict[str, Any] = {
+        "socket_timeout": settings.redis_timeout,
+        "socket_connect_timeout": settings.redis_timeout,
+        "protocol": 2,
+    }
+    if settings.redis_cluster:
+        return RedisCluster.from_url(settings.redis_url, **timeouts)
+    if settings.redis_sentinels:
+        return _sentinel_master(settings, timeouts)
+    return redis.Redis.from_url(settings.redis_url, health_check_interval=30, **timeouts)
+
+
+def _sentinel_master(settings: Settings, timeouts: dict[str, Any]) -> redis.Redis:
+    assert settings.redis_url is not None
+    master = parse_url(settings.redis_url)
+    service = master.pop("host")
+    master.pop("port", None)
+    if master.pop("connection_class", None) is SSLConnection:
+        master["ssl"] = True
+    sentinel_kwargs = {**timeouts}
+    if settings.redis_sentinel_password:
+        sentinel_kwargs["password"] = settings.redis_sentinel_password
+    sentinel = Sentinel(list(settings.redis_sentinels), sentinel_kwargs=sentinel_kwargs, **timeouts)
+    return sentinel.master_for(service, **master)
+
+
+def listener_connection(pool: ConnectionPool) -> AbstractConnection:
+    """A fresh connection like the pool's, for a subscriber: RESP2 (for the redirect), and
+    no health checks, since redis-py's check expects a ``PONG`` a subscribed connection
+    never sends (the listener pings on its own)."""
+    kwargs = {**pool.connection_kwargs, "protocol": 2, "health_check_interval": 0}
+    return pool.connection_class(**kwargs)  # type: ignore[no-any-return]
+
+
+def invalidation_for(client: RedisClient, prefix: str, on_keys: InvalidateKeys,
+                     on_resync: Callable[[], None], pong_timeout: float) -> Any:
+    """An object with ``connected``, ``epoch`` and ``ensure_running()`` for ``client``."""
+    if isinstance(client, RedisCluster):
+        return ClusterInvalidation(client, prefix, on_keys, on_resync, pong_timeout)
+    return InvalidationListener(lambda: listener_connection(client.connection_pool), prefix,
+                                on_keys, on_resync, pong_timeout)
+
+
+class ClusterInvalidation:
+    """A listener per primary of a cluster. Copies are trusted only while every one of
+    them is connected; ``epoch`` moves whenever any of them reconnects or the set of
+    primaries changes (a failover), so nothing verified before such a moment stays so.
+
+    A supervisor thread (started lazily, like the listeners, and again after a fork)
+    re-reads the cluster's primaries once a second while a listener is down, off the
+    request path.
+    """
+
+    def __init__(self, cluster: RedisCluster, prefix: str, on_keys: InvalidateKeys,
+                 on_resync: Callable[[], None], pong_timeout: float) -> None:
+        self._cluster = cluster
+        self._args = (prefix, on_keys, on_resync, pong_timeout)
+        self._listeners: dict[str, InvalidationListener] = {}
+        self._generation = 0
+        self._pid = 0
+        self._start_lock = threading.Lock()
+
+    @property
+    def connected(self) -> bool:
+        listeners = list(self._listeners.values())
+        return bool(listeners) and all(listener.connected for listener in listeners)
+
+    @property
+    def epoch(self) -> int:
+        return self._generation + sum(listener.epoch for listener in list(self._listeners.values()))
+
+    def ensure_running(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._start_lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._listeners = {}  # a parent's threads do not exist in a forked child
+            threading.Thread(target=self._supervise, name="flask-obo-cluster-invalidation",
+                             daemon=True).start()
+
+    def _supervise(self) -> None:
+        refresh = False
+        while True:
+            try:
+                self._reconcile(refresh)
+            except (RedisError, OSError) as exc:
+                log.warning("token cache invalidation: cannot read the cluster's primaries: %s",
+                            type(exc).__name__)
+            time.sleep(CLUSTER_RECHECK_SECONDS)
+            refresh = not self.connected
+
+    def _reconcile(self, refresh: bool) -> None:
+        """Listen to exactly the current primaries."""
+        if refresh:
+            self._cluster.nodes_manager.initialize()
+        primaries = {node.name: node for node in self._cluster.get_primaries()}
+        gone = [name for name in self._listeners if name not in primaries]
+        new = [name for name in primaries if name not in self._listeners]
+        if not gone and not new:
+            return
+        listeners = dict(self._listeners)
+        for name in gone:
+            listeners.pop(name).stop()
+        for name in new:
+            pool = primaries[name].redis_connection.connection_pool
+            listeners[name] = InvalidationListener(lambda pool=pool: listener_connection(pool), *self._args)
+            listeners[name].ensure_running()
+        self._generation += 1 + sum(listener.epoch for listener in self._listeners.values())
+        self._listeners = listeners
+        log.info("token cache invalidation: listening to %d cluster primaries", len(listeners))
