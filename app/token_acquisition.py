@@ -8,8 +8,9 @@ A request goes:
 
 1. **Memory, then Redis, offline.** If the user's session is current, msal's silent
    lookup runs on it with no I/O at all; otherwise the blob is re-read from the store
-   first. Nothing here waits on Entra ID. While Redis is unreachable the session is
-   used as it is.
+   first. Nothing here waits on Entra ID, nor on a leader that does: a session that
+   stays busy sends the request to step 2 at once. While Redis is unreachable the
+   session is used as it is.
 2. **Entra ID, bounded and single-flight.** On a miss the request takes a seat in the
    worker's waiting room (full: 503 at once) and joins the user's flight: concurrent
    requests of one user share one leader's result. The leader takes the user's Redis
@@ -42,6 +43,8 @@ from .settings import Settings
 from .token_cache import TokenCacheCodec, partition_key
 
 log = logging.getLogger(__name__)
+
+SESSION_BUSY_SECONDS = 0.05  # longer than any offline lookup; a leader holds it far longer
 
 
 class ConsentRequired(ApiError):
@@ -98,7 +101,7 @@ class OnBehalfOfTokenProvider:
         deadline = Deadline(self._settings.token_acquisition_timeout)
         partition = partition_key(user.oid, user.tid)
         if claims_challenge is None:
-            token = self._from_cache(partition, user, deadline)
+            token = self._from_cache(partition, user)
             if token is not None:
                 return token
         with self._waiting_room.seat():
@@ -108,13 +111,20 @@ class OnBehalfOfTokenProvider:
                 deadline,
             )
 
-    def _from_cache(self, partition: str, user: EntraAccessToken, deadline: Deadline) -> str | None:
+    def _from_cache(self, partition: str, user: EntraAccessToken) -> str | None:
+        """The token from memory or Redis, never waiting on Entra ID: None on a miss, and
+        also when the user's session stays busy (a leader holds it while it talks to
+        Entra ID; waiting here would hold a thread outside the waiting room)."""
         session = self.memory.session(partition)
-        with held(session.lock, deadline.remaining()):
+        if not session.lock.acquire(timeout=SESSION_BUSY_SECONDS):
+            return None
+        try:
             if not session.is_current(self._store.coherence()):
                 with suppress(CacheUnavailable):  # Redis is down: serve what this worker holds
                     self._reload(session, partition, user)
             result = self._silent(session, user, offline_only=True)
+        finally:
+            session.lock.release()
         return result["access_token"] if result else None
 
     def _from_entra(self, partition: str, user: EntraAccessToken, claims_challenge: str | None,
@@ -238,14 +248,16 @@ class OnBehalfOfTokenProvider:
         """The store is back: write what was acquired while it was away, unless another
         worker wrote that user's entry meanwhile (its next request reads that one)."""
         for partition, session in self.memory.unsaved():
-            blob = session.blob
-            if blob is None:
-                continue
+            if not session.lock.acquire(blocking=False):
+                continue  # in use: that request's own reload puts it back
             try:
-                self._store.save_if_absent(partition, blob)
+                if session.blob is not None:
+                    self._store.save_if_absent(partition, session.blob)
+                session.unsaved = False
             except CacheUnavailable:
                 return
-            session.unsaved = False
+            finally:
+                session.lock.release()
 
 
 @contextmanager
