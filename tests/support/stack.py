@@ -26,15 +26,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass
 class DevTenantProcess:
-    url: str
+    url: str  # where the process itself answers (counters, Graph)
     state_dir: Path
     process: subprocess.Popen[bytes]
+    # What tokens and discovery name, when it differs from ``url`` (e.g. a proxy in front).
+    public_url: str | None = None
 
     @property
     def tenant(self):  # -> devtenant.DevTenant
         from devtenant import DevTenant
 
-        return DevTenant(self.state_dir, self.url)
+        return DevTenant(self.state_dir, self.public_url or self.url)
 
     def session(self) -> requests.Session:
         session = requests.Session()
@@ -68,19 +70,37 @@ def _trusting(state_dir: Path) -> Iterator[None]:
 
 
 @contextmanager
-def devtenant(state_dir: Path, *extra: str) -> Iterator[DevTenantProcess]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "devtenant", "serve", "--port", "0", "--state-dir", str(state_dir), *extra],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-    )
-    try:
-        line = process.stdout.readline().decode()  # the one "ready at <url>" line
-        match = re.search(r"ready at (\S+)", line)
-        assert match, f"dev tenant did not start: {line!r}"
-        yield DevTenantProcess(match.group(1), state_dir, process)
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+def devtenant(state_dir: Path, *extra: str, public_url: str | None = None) -> Iterator[DevTenantProcess]:
+    """The dev tenant on a free port.
+
+    With ``public_url`` (e.g. a proxy in front of it), issuers and discovery name that URL
+    while ``url`` stays the process's own ``https://127.0.0.1:<port>`` (its certificate
+    covers 127.0.0.1). Its ready line then shows the public URL, so the port is chosen
+    here and the start retried if another process took it meanwhile.
+    """
+    for _attempt in range(3):
+        port = free_port() if public_url else 0
+        args = ["--port", str(port)] + (["--public-url", public_url] if public_url else [])
+        process = subprocess.Popen(
+            [sys.executable, "-m", "devtenant", "serve", *args, "--state-dir", str(state_dir), *extra],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        try:
+            line = process.stdout.readline().decode()  # the one "ready at <url>" line
+            match = re.search(r"ready at (\S+)", line)
+            if not match and public_url and process.wait(timeout=15) == 1:
+                continue  # "cannot listen": the chosen port was taken meanwhile
+            assert match, f"dev tenant did not start: {line!r}"
+            if public_url:
+                yield DevTenantProcess(f"https://127.0.0.1:{port}", state_dir, process, match.group(1))
+            else:
+                yield DevTenantProcess(match.group(1), state_dir, process)
+            return
+        finally:
+            if process.poll() is None:
+                process.terminate()
+            process.wait(timeout=15)
+    raise AssertionError("dev tenant did not start: no free port after 3 attempts")
 
 
 def api_env(tenant: DevTenantProcess, redis_url: str | None = None, **extra: str) -> dict[str, str]:
@@ -88,6 +108,8 @@ def api_env(tenant: DevTenantProcess, redis_url: str | None = None, **extra: str
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "GRAPH_", "TOKEN_CACHE"))}
     env.pop("REDIS_URL", None)
     env.update(tenant.tenant.env())
+    if tenant.public_url:  # Entra ID through the public URL, Graph straight to the process
+        env["GRAPH_BASE_URL"] = f"{tenant.url}/v1.0"
     if redis_url:
         from cryptography.fernet import Fernet
 

@@ -1,0 +1,79 @@
+"""Redis paused for 5 s (``CLIENT PAUSE 5000 ALL``) under the steady load.
+
+Every Redis command waits out the pause, so the API must bound its waits on Redis
+(REDIS_TIMEOUT_SECONDS) and serve warm users without it: their p99 barely moves, a cold
+user's requests answer within the acquisition bound (200 or 503 + Retry-After), and
+/readyz answers at once. Once Redis answers again, everything is 200.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.faults.conftest import (
+    ENTRA_MAX_WAITING_THREADS,
+    FAULT_COLD_USER,
+    TOKEN_ACQUISITION_TIMEOUT,
+    WORKERS,
+    Checks,
+    FaultStack,
+    answered_in_time,
+    check_readyz,
+    check_service_resumes,
+    check_warm_p99,
+    slowest,
+    steady_calls,
+    wait_for_samples,
+    warm_up,
+)
+from tests.support.faults import Call, LoadGenerator, burst, redis_paused, summary
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+PAUSE_SECONDS = 5.0
+COLD_BURST = 8
+COLD_ANSWER_LIMIT = TOKEN_ACQUISITION_TIMEOUT + 1
+BASELINE_SAMPLES = 200  # both tags: about 100 warm /api/me, so p99 is not just the max
+AFTER_SAMPLES = 40
+
+
+def test_a_paused_redis_delays_warm_users_boundedly_and_service_resumes(stack: FaultStack) -> None:
+    checks = Checks("redis pause")
+    with stack.api("redis-pause") as api:
+        warm_up(stack, api)
+        with LoadGenerator(api.url, steady_calls(stack), threads=4, interval=0.05, duration=60) as load:
+            wait_for_samples(lambda: load.samples, BASELINE_SAMPLES, timeout=30)
+            with redis_paused(stack.redis_url, PAUSE_SECONDS) as pause:
+                probe = LoadGenerator(api.url, [Call("readyz", "/readyz")], threads=1, interval=0.25,
+                                      duration=PAUSE_SECONDS, timeout=5).start()
+                cold = burst(api.url, stack.call("cold", "/api/me", FAULT_COLD_USER), COLD_BURST,
+                             timeout=COLD_ANSWER_LIMIT + 10)
+                readyz = probe.join(timeout=PAUSE_SECONDS + 10)  # the pause lasts this long
+            # Redis answers again (redis_paused waited for it)
+            cold_got_token = any(s.status == 200 for s in cold)
+            ready_at = check_service_resumes(stack, api, checks, fault_cold_got_token=cold_got_token)
+            wait_for_samples(lambda: load.window(ready_at, float("inf")), AFTER_SAMPLES, timeout=20)
+            after = load.window(ready_at, time.monotonic())
+
+        baseline = load.window(load.started_at, pause.start, "warm")
+        warm = load.window(pause.start, pause.end, "warm")
+        whoami = load.window(pause.start, pause.end, "whoami")
+        checks.figure(f"pause {pause.end - pause.start:.1f} s; baseline warm /api/me {summary(baseline)}")
+        checks.figure(f"during: warm /api/me {summary(warm)}; /api/whoami {summary(whoami)}")
+        checks.figure(f"during: cold burst {summary(cold)}; /readyz {summary(readyz)}")
+        checks.figure(f"during: slowest {slowest(warm + whoami + readyz, pause.start)}")
+        at_once = sum(s.latency < 1.0 for s in cold)
+        checks.figure(f"cold burst: {at_once} of {len(cold)} answered within 1 s "
+                      f"(at most {WORKERS * ENTRA_MAX_WAITING_THREADS} may wait on Entra ID)")
+        checks.figure(f"after /readyz turned 200: {summary(after)}")
+
+        check_warm_p99(checks, "pause", warm, baseline)
+        bad = answered_in_time(cold, COLD_ANSWER_LIMIT, {200, 503})
+        checks.expect(not bad, f"cold user's burst: {len(bad)} of {len(cold)} not 200 or 503 + Retry-After "
+                               f"within {COLD_ANSWER_LIMIT} s: {bad}")
+        check_readyz(checks, "pause", readyz)
+        failed = [s for s in after if s.status != 200]
+        checks.expect(not failed, f"after the pause: {len(failed)} of {len(after)} not 200: {failed[:3]}")
+        checks.verify(api)
