@@ -233,12 +233,12 @@ class OnBehalfOfTokenProvider:
         blob = self._codec.seal(partition, session.cache.serialize())
         session.blob = blob
         try:
-            if guard is None:
-                raise CacheUnavailable()
-            if not self._store.save(partition, blob, guard):
+            if guard is None:  # acquired without the lock: Redis may be back by now
+                self._store.save_if_absent(partition, blob)
+            elif not self._store.save(partition, blob, guard):
                 session.blob = None  # someone else's write won: reload before the next use
         except CacheUnavailable:
-            session.unsaved = True
+            session.unsaved = True  # written by resync() or this user's next reload
 
     # --- the store's watcher ---------------------------------------------------------------------
     def invalidate(self, partitions: list[str] | None) -> None:
