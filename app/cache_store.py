@@ -3,7 +3,7 @@
 Both stores offer the same operations: ``load``; a per-partition ``lock`` that makes
 token acquisition single-flight across processes; ``save``, which only writes while the
 caller still holds that lock, so two writers never lose each other's update; and
-``save_if_absent`` for an entry acquired while Redis was down. Each also says how far a
+``save_unless_changed`` for an entry acquired while Redis was down. Each also says how far a
 copy held in memory can be trusted (``coherence``) and tells its ``watcher`` of changes.
 
 Redis failures never reach the user from here as such: every call goes through a
@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
-from redis.exceptions import LockError, RedisError, ResponseError
+from redis.exceptions import LockError, RedisClusterException, RedisError, ResponseError
 
 from .breaker import CircuitBreaker
 from .bulkhead import Deadline, TokenAcquisitionBusy, held
@@ -35,15 +35,30 @@ LOCK_POLL_SECONDS = 0.02
 LOCK_TTL_MARGIN = 10  # the lock outlives the longest work under it (the acquisition timeout)
 MEMORY_PRUNE_ABOVE = 10_000
 
-# Write only while the lock still carries our token (it may have expired meanwhile).
-# SET replaces a key of any type, so an entry of the wrong Redis type is overwritten too.
-_SAVE_IF_LOCK_HELD = """
+# RedisClusterException (no node reachable, say) is not a RedisError.
+REDIS_FAILURES = (RedisError, RedisClusterException)
+
+_SCRIPTS = {
+    # Write only while the lock still carries our token (it may have expired meanwhile).
+    # SET replaces a key of any type, so an entry of the wrong Redis type is overwritten too.
+    "save_if_locked": """
 if redis.call('get', KEYS[2]) == ARGV[1] then
   redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3])
   return 1
 end
 return 0
-"""
+""",
+    # Write only if the entry is still the one the caller started from (ARGV[4] = 0: absent).
+    "save_if_unchanged": """
+local ok, current = pcall(redis.call, 'get', KEYS[1])
+if not ok then current = nil end
+if (ARGV[4] == '0' and not current) or (ARGV[4] == '1' and current == ARGV[1]) then
+  redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0
+""",
+}
 
 
 class CacheUnavailable(ServiceUnavailable):
@@ -89,9 +104,13 @@ class TokenCacheStore(Protocol):
 
     def save(self, partition: str, blob: bytes, guard: Guard) -> bool: ...
 
-    def save_if_absent(self, partition: str, blob: bytes) -> bool: ...
+    def save_unless_changed(self, partition: str, blob: bytes, base: bytes | None) -> bool: ...
 
     def status(self) -> str: ...
+
+    @property
+    def losses(self) -> int:
+        """How many times the store was seen to lose its data (restart, failover)."""
 
 
 class RedisTokenCacheStore:
@@ -101,28 +120,46 @@ class RedisTokenCacheStore:
     write (a script over both keys) is allowed; key names carry only the partition hash.
     """
 
-    def __init__(self, client: RedisClient, prefix: str, ttl_seconds: int,
+    def __init__(self, client: RedisClient | Callable[[], RedisClient], prefix: str, ttl_seconds: int,
                  lock_ttl_seconds: float = 30.0, listen: bool = False,
                  timeout: float = DEFAULT_REDIS_TIMEOUT) -> None:
-        self._redis = client
+        """``client`` may be a function that makes one on first use: ``RedisCluster``
+        connects as it is built, and a worker must start while the cluster is down."""
+        self._make_client = client if callable(client) else (lambda: client)
+        self._client: RedisClient | None = None
+        self._client_lock = threading.Lock()
         self._prefix = prefix
         self._ttl = ttl_seconds
         self._lock_ttl = lock_ttl_seconds
-        self._save_script = client.register_script(_SAVE_IF_LOCK_HELD)
+        self._listen, self._pong_timeout = listen, 1.0 + timeout
+        self._invalidation: Any = None
         self.breaker = CircuitBreaker("redis")
         self._watcher: Watcher | None = None
-        self._invalidation = invalidation_for(
-            client, f"{prefix}:cache:", self._invalidated, self._resync, pong_timeout=1.0 + timeout,
-        ) if listen else None
+        self.losses = 0  # times Redis was seen to lose its data (a restart, a failover)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisTokenCacheStore:
         """The store for ``REDIS_URL`` and its topology, with its invalidation listener."""
         return cls(
-            redis_client(settings), settings.token_cache_prefix, settings.token_cache_ttl_seconds,
+            lambda: redis_client(settings), settings.token_cache_prefix,
+            settings.token_cache_ttl_seconds,
             lock_ttl_seconds=settings.token_acquisition_timeout + LOCK_TTL_MARGIN,
             listen=True, timeout=settings.redis_timeout,
         )
+
+    @property
+    def _redis(self) -> RedisClient:
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    client = self._make_client()
+                    self._scripts = {name: client.register_script(text) for name, text in _SCRIPTS.items()}
+                    self._client = client
+        return self._client
+
+    def _script(self, name: str) -> Any:
+        self._redis  # noqa: B018 - makes the client and registers the scripts
+        return self._scripts[name]
 
     def key(self, partition: str) -> str:
         return f"{self._prefix}:cache:{{{partition}}}"
@@ -132,8 +169,20 @@ class RedisTokenCacheStore:
 
     # --- coherence -----------------------------------------------------------------------
     def coherence(self) -> Coherence:
-        if self._invalidation is None:
+        if not self._listen:
             return _NEVER_COHERENT
+        if self._invalidation is None:
+            try:
+                with self._call("connect"):
+                    client = self._redis
+            except CacheUnavailable:
+                return _NEVER_COHERENT
+            with self._client_lock:
+                if self._invalidation is None:
+                    self._invalidation = invalidation_for(
+                        client, f"{self._prefix}:cache:", self._invalidated, self._resync,
+                        self._lost_data, pong_timeout=self._pong_timeout,
+                    )
         self._invalidation.ensure_running()
         return self._invalidation  # type: ignore[no-any-return]
 
@@ -154,6 +203,9 @@ class RedisTokenCacheStore:
         if self._watcher is not None:
             self._watcher.resync()
 
+    def _lost_data(self) -> None:
+        self.losses += 1
+
     # --- entries ---------------------------------------------------------------------------
     def load(self, partition: str) -> StoredEntry | None:
         with self._call("GET"):
@@ -161,8 +213,9 @@ class RedisTokenCacheStore:
             pipe.get(self.key(partition))
             pipe.pttl(self.key(partition))
             blob, ttl_ms = pipe.execute(raise_on_error=False)
-        if isinstance(ttl_ms, RedisError) and not isinstance(ttl_ms, ResponseError):
-            raise ttl_ms
+            for result in (blob, ttl_ms):  # a cluster pipeline returns failures unraised
+                if isinstance(result, Exception) and not isinstance(result, ResponseError):
+                    raise result
         if isinstance(blob, ResponseError):  # WRONGTYPE: not ours to read; a miss
             log.warning("token cache for partition %s is not a string in Redis; treating it as a miss",
                         partition)
@@ -174,14 +227,14 @@ class RedisTokenCacheStore:
 
     @contextmanager
     def lock(self, partition: str, deadline: Deadline) -> Iterator[redis.lock.Lock]:
-        lock = self._redis.lock(
-            self.lock_key(partition),
-            timeout=self._lock_ttl,
-            sleep=LOCK_POLL_SECONDS,
-            blocking_timeout=max(deadline.remaining(), 0.01),
-            thread_local=False,
-        )
         with self._call("lock"):
+            lock = self._redis.lock(
+                self.lock_key(partition),
+                timeout=self._lock_ttl,
+                sleep=LOCK_POLL_SECONDS,
+                blocking_timeout=max(deadline.remaining(), 0.01),
+                thread_local=False,
+            )
             acquired = lock.acquire()
         if not acquired:
             log.warning("partition %s stayed locked past this request's deadline", partition)
@@ -193,12 +246,12 @@ class RedisTokenCacheStore:
                 lock.release()
             except LockError:
                 log.warning("lock for partition %s expired before release", partition)
-            except RedisError as exc:
+            except REDIS_FAILURES as exc:
                 log.warning("redis unlock failed: %s", type(exc).__name__)
 
     def save(self, partition: str, blob: bytes, guard: redis.lock.Lock) -> bool:
         with self._call("write"):
-            written = self._save_script(
+            written = self._script("save_if_locked")(
                 keys=[self.key(partition), self.lock_key(partition)],
                 args=[guard.local.token, blob, self._ttl],
             )
@@ -206,9 +259,15 @@ class RedisTokenCacheStore:
             log.warning("lost the lock for partition %s; not writing its cache", partition)
         return bool(written)
 
-    def save_if_absent(self, partition: str, blob: bytes) -> bool:
+    def save_unless_changed(self, partition: str, blob: bytes, base: bytes | None) -> bool:
+        """Write ``blob`` if the entry is still ``base`` (None: absent), without the lock:
+        for what was acquired while Redis was away, which must neither be lost nor
+        overwrite what another worker wrote meanwhile."""
         with self._call("write"):
-            return bool(self._redis.set(self.key(partition), blob, ex=self._ttl, nx=True))
+            written = self._script("save_if_unchanged")(
+                keys=[self.key(partition)], args=[base or b"", blob, self._ttl, 0 if base is None else 1],
+            )
+        return bool(written)
 
     def status(self) -> str:
         """``ok`` or ``degraded``: one PING (bounded by the socket timeout), none while
@@ -227,7 +286,7 @@ class RedisTokenCacheStore:
             raise CacheUnavailable()
         try:
             yield
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             self.breaker.failure()
             log.error("redis %s failed: %s", what, type(exc).__name__)
             raise CacheUnavailable() from None
@@ -264,11 +323,13 @@ class _AlwaysCoherent:
 class MemoryTokenCacheStore:
     """In-process store for local use: one process, nothing shared, lost on restart."""
 
+    losses = 0
+
     def __init__(self, ttl_seconds: int) -> None:
         self._ttl = ttl_seconds
         self._blobs: dict[str, tuple[bytes, float]] = {}
         self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()  # for _blobs and _locks
+        self._guard = threading.RLock()  # for changes to _blobs and _locks
 
     def coherence(self) -> Coherence:
         return _AlwaysCoherent()
@@ -277,8 +338,7 @@ class MemoryTokenCacheStore:
         return None
 
     def load(self, partition: str) -> StoredEntry | None:
-        with self._guard:
-            entry = self._blobs.get(partition)
+        entry = self._blobs.get(partition)
         if entry is None or entry[1] < time.monotonic():
             return None
         return StoredEntry(entry[0], entry[1])
@@ -297,9 +357,10 @@ class MemoryTokenCacheStore:
             self._put(partition, blob)
         return True
 
-    def save_if_absent(self, partition: str, blob: bytes) -> bool:
+    def save_unless_changed(self, partition: str, blob: bytes, base: bytes | None) -> bool:
         with self._guard:
-            if self._blobs.get(partition, (b"", 0.0))[1] >= time.monotonic():
+            current = self.load(partition)
+            if (current.blob if current else None) != base:
                 return False
             self._put(partition, blob)
         return True

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "__redis__:invalidate"
 PING_EVERY = 1.0  # a silent server is noticed within PING_EVERY + the read timeout
-RECONNECT_BACKOFF = (0.05, 2.0)
+RECONNECT_BACKOFF = (0.05, 1.0)
 
 InvalidateKeys = Callable[[list[bytes] | None], None]  # None: everything (FLUSHDB/FLUSHALL)
 
@@ -47,15 +47,19 @@ class InvalidationListener:
         prefix: str,
         on_keys: InvalidateKeys,
         on_resync: Callable[[], None],
+        on_lost_data: Callable[[], None],
         pong_timeout: float,
     ) -> None:
         self._connect = connect
         self._prefix = prefix
         self._on_keys = on_keys
         self._on_resync = on_resync
+        self._on_lost_data = on_lost_data
         self._pong_timeout = pong_timeout
         self.connected = False
         self.epoch = 0
+        self._run_id: bytes | None = None  # the server's; a new one means it restarted
+        self._last_failure = ""
         self._pid = 0
         self._start_lock = threading.Lock()
         self._stop = threading.Event()
@@ -83,12 +87,13 @@ class InvalidationListener:
                 self.epoch += 1  # before connected: copies verified earlier are stale now
                 self.connected = True
                 log.info("token cache invalidation channel connected")
+                self._last_failure = ""
                 backoff = RECONNECT_BACKOFF[0]
-                self._on_resync()
+                # Off this thread: resync writes to Redis, and invalidations must keep flowing.
+                threading.Thread(target=self._on_resync, name="flask-obo-resync", daemon=True).start()
                 self._pump(connection)
-            except (RedisError, OSError) as exc:
-                if self.connected:
-                    log.warning("token cache invalidation channel lost: %s", type(exc).__name__)
+            except Exception as exc:  # the thread must outlive any failure
+                self._log_failure(exc)
             finally:
                 self.connected = False
                 if connection is not None:
@@ -96,9 +101,24 @@ class InvalidationListener:
             self._stop.wait(backoff)
             backoff = min(backoff * 2, RECONNECT_BACKOFF[1])
 
+    def _log_failure(self, exc: Exception) -> None:
+        """Once per kind of failure, so a Redis that refuses tracking (an ACL without
+        CLIENT or SUBSCRIBE, a proxy) is visible, and an outage is not a log flood."""
+        failure = type(exc).__name__ if isinstance(exc, (RedisError, OSError)) else repr(exc)[:200]
+        if failure != self._last_failure:
+            self._last_failure = failure
+            log.warning("token cache invalidation channel down (%s): memory copies are re-read "
+                        "before use", failure)
+
     def _subscribe(self) -> AbstractConnection:
         connection = self._connect()
         connection.connect()
+        connection.send_command("INFO", "server")
+        run_id = _run_id(connection.read_response())
+        if self._run_id is not None and run_id != self._run_id:
+            log.warning("redis restarted or failed over (new run id): entries it lost may be put back")
+            self._on_lost_data()
+        self._run_id = run_id
         connection.send_command("CLIENT", "ID")
         client_id = connection.read_response()
         connection.send_command("CLIENT", "TRACKING", "on", "REDIRECT", client_id,
@@ -126,3 +146,11 @@ class InvalidationListener:
             if awaiting_pong_since is None and now - last_ping >= PING_EVERY:
                 connection.send_command("PING")
                 last_ping = awaiting_pong_since = now
+
+
+def _run_id(info: bytes | str) -> bytes:
+    text = info.encode() if isinstance(info, str) else info
+    for line in text.splitlines():
+        if line.startswith(b"run_id:"):
+            return line[7:].strip()
+    return b""

@@ -38,14 +38,17 @@ class UserSession:
         self.cache = UserTokenCache()
         self.app: msal.ConfidentialClientApplication | None = None
         self.blob: bytes | None = None  # what ``cache`` was last loaded from or saved as
+        self.stored: bytes | None = None  # what the store held when last read or written
+        self.losses_seen = 0  # the store's data losses known when ``stored`` was read
         self.expires_at: float | None = None  # when the store drops ``blob``
         self.verified_epoch = -1  # the coherence epoch ``blob`` was read at; -1: unverified
         self.changes = 0  # invalidations seen, so a read racing one is not trusted
         self.changed_in_store = False  # an invalidation since the last read: honour it
-        self.unsaved = False  # acquired while the store was down: write it once it is back
+        self.unsaved = False  # ``blob`` was acquired while the store was down: write it back
 
     def is_current(self, coherence: Coherence) -> bool:
-        return (coherence.connected and self.verified_epoch == coherence.epoch
+        """Usable without asking Redis? (An unsaved session asks, to write itself back.)"""
+        return (coherence.connected and self.verified_epoch == coherence.epoch and not self.unsaved
                 and (self.expires_at is None or time.monotonic() < self.expires_at))
 
 
@@ -78,6 +81,17 @@ class MemoryTier:
                 session.changes += 1
                 session.verified_epoch = -1
                 session.changed_in_store = True
+
+    def mark_read(self, session: UserSession, changes: int, epoch: int | None) -> None:
+        """``session`` now reflects the store, as read when it had seen ``changes``
+        invalidations at ``epoch`` (None: the channel was down): trust it unless an
+        invalidation came in meanwhile. Under the tier's lock, as ``invalidate`` is."""
+        with self._lock:
+            if session.changes != changes:
+                return
+            session.changed_in_store = False
+            if epoch is not None:
+                session.verified_epoch = epoch
 
     def unsaved(self) -> list[tuple[str, UserSession]]:
         with self._lock:

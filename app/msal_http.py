@@ -18,6 +18,7 @@ from contextvars import ContextVar
 from typing import Any, NoReturn
 
 import requests
+import urllib3
 
 from .authority import OpenIdConfiguration
 from .bulkhead import Deadline
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 DEFAULT_RETRY_AFTER = 5
 MAX_RETRY_AFTER = 300
 OUTAGE_GATE_SECONDS = 2  # after a 5xx, timeout or garbage answer: brief, not per Retry-After
+READ_CHUNK = 64 * 1024
+MAX_RESPONSE_BYTES = 1024 * 1024  # a token response is a few KiB
 
 
 class EntraUnavailable(requests.RequestException):
@@ -123,8 +126,9 @@ class MsalHttpClient:
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         timeout = self._bounded_timeout()
         try:
-            response = self._session.request(method, url, timeout=timeout, **kwargs)
-        except requests.RequestException as exc:
+            response = self._session.request(method, url, timeout=timeout, stream=True, **kwargs)
+            _read_body_by(response, _deadline.get())
+        except (requests.RequestException, _TooSlow, urllib3.exceptions.HTTPError) as exc:
             log.error("token endpoint unreachable: %s", type(exc).__name__)
             self._unavailable(DEFAULT_RETRY_AFTER, OUTAGE_GATE_SECONDS)
         if response.status_code == 429:
@@ -147,6 +151,29 @@ class MsalHttpClient:
 
     def close(self) -> None:  # the session outlives this client
         return None
+
+
+class _TooSlow(Exception):
+    """The token endpoint's answer did not arrive whole by the request's deadline."""
+
+
+def _read_body_by(response: requests.Response, deadline: Deadline | None) -> None:
+    """Read the body, giving up at ``deadline``: a read timeout bounds each socket read,
+    not the whole answer, so a server that trickles bytes would otherwise hold the
+    request (and its seat in the waiting room) for as long as it likes."""
+    chunks, size = [], 0
+    try:
+        while chunk := response.raw.read1(READ_CHUNK, decode_content=True):
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES or (deadline is not None and deadline.expired):
+                raise _TooSlow()
+            chunks.append(chunk)
+    except BaseException:
+        response.close()
+        raise
+    response._content = b"".join(chunks)  # as requests itself fills it when not streaming
+    response._content_consumed = True
+    response.raw.release_conn()
 
 
 def _is_json_object(response: requests.Response) -> bool:

@@ -21,9 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.connection import AbstractConnection, ConnectionPool, SSLConnection, parse_url
-from redis.exceptions import RedisError
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from .invalidation import InvalidateKeys, InvalidationListener
@@ -43,7 +44,9 @@ def redis_client(settings: Settings) -> RedisClient:
         "protocol": 2,
     }
     if settings.redis_cluster:
-        return RedisCluster.from_url(settings.redis_url, **timeouts)
+        # One retry (a MOVED after a failover), no backoff: the breaker, not the client,
+        # decides how long to keep trying; redis-py's default is ten with backoff.
+        return RedisCluster.from_url(settings.redis_url, retry=Retry(NoBackoff(), 1), **timeouts)
     if settings.redis_sentinels:
         return _sentinel_master(settings, timeouts)
     return redis.Redis.from_url(settings.redis_url, health_check_interval=30, **timeouts)
@@ -72,12 +75,13 @@ def listener_connection(pool: ConnectionPool) -> AbstractConnection:
 
 
 def invalidation_for(client: RedisClient, prefix: str, on_keys: InvalidateKeys,
-                     on_resync: Callable[[], None], pong_timeout: float) -> Any:
+                     on_resync: Callable[[], None], on_lost_data: Callable[[], None],
+                     pong_timeout: float) -> Any:
     """An object with ``connected``, ``epoch`` and ``ensure_running()`` for ``client``."""
     if isinstance(client, RedisCluster):
-        return ClusterInvalidation(client, prefix, on_keys, on_resync, pong_timeout)
+        return ClusterInvalidation(client, prefix, on_keys, on_resync, on_lost_data, pong_timeout)
     return InvalidationListener(lambda: listener_connection(client.connection_pool), prefix,
-                                on_keys, on_resync, pong_timeout)
+                                on_keys, on_resync, on_lost_data, pong_timeout)
 
 
 class ClusterInvalidation:
@@ -91,9 +95,11 @@ class ClusterInvalidation:
     """
 
     def __init__(self, cluster: RedisCluster, prefix: str, on_keys: InvalidateKeys,
-                 on_resync: Callable[[], None], pong_timeout: float) -> None:
+                 on_resync: Callable[[], None], on_lost_data: Callable[[], None],
+                 pong_timeout: float) -> None:
         self._cluster = cluster
-        self._args = (prefix, on_keys, on_resync, pong_timeout)
+        self._on_lost_data = on_lost_data
+        self._args = (prefix, on_keys, on_resync, on_lost_data, pong_timeout)
         self._listeners: dict[str, InvalidationListener] = {}
         self._generation = 0
         self._pid = 0
@@ -124,7 +130,7 @@ class ClusterInvalidation:
         while True:
             try:
                 self._reconcile(refresh)
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # the thread must outlive any failure
                 log.warning("token cache invalidation: cannot read the cluster's primaries: %s",
                             type(exc).__name__)
             time.sleep(CLUSTER_RECHECK_SECONDS)
@@ -139,6 +145,8 @@ class ClusterInvalidation:
         new = [name for name in primaries if name not in self._listeners]
         if not gone and not new:
             return
+        if gone and self._listeners:
+            self._on_lost_data()  # a failover: what the old primary had not replicated is lost
         listeners = dict(self._listeners)
         for name in gone:
             listeners.pop(name).stop()

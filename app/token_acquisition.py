@@ -120,7 +120,9 @@ class OnBehalfOfTokenProvider:
             return None
         try:
             if not session.is_current(self._store.coherence()):
-                with suppress(CacheUnavailable):  # Redis is down: serve what this worker holds
+                # Redis is down: serve what this worker holds. Even if Redis reported a
+                # change, that was most likely another worker's newer token; our own is valid.
+                with suppress(CacheUnavailable):
                     self._reload(session, partition, user)
             result = self._silent(session, user, offline_only=True)
         finally:
@@ -167,6 +169,14 @@ class OnBehalfOfTokenProvider:
                 return app.acquire_token_silent(self._scopes, account)
         except NetworkNeeded:  # expired or aging: renew with Entra ID
             return None
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            # is_msal_cache() admits only what msal reads; this catches what a future msal
+            # might read differently, so such an entry is a miss, not a 500 that sticks.
+            log.warning("msal could not read the token cache for a user (%s); it will be replaced",
+                        type(exc).__name__)
+            session.cache.load(None)
+            session.blob = None
+            return None
 
     def _app(self, session: UserSession) -> msal.ConfidentialClientApplication:
         if session.app is None:
@@ -192,25 +202,26 @@ class OnBehalfOfTokenProvider:
         """
         coherence = self._store.coherence()
         epoch = coherence.epoch if coherence.connected else None
-        changes = session.changes
+        changes, losses = session.changes, self._store.losses
         expired = session.expires_at is not None and time.monotonic() >= session.expires_at
         entry = self._store.load(partition)
-        if entry is None and session.blob is not None and not (session.changed_in_store or expired):
-            # Not deleted: the store lost it (a restart without persistence, a failover).
-            # Put back what this worker holds instead of sending every user to Entra ID.
-            self._store.save_if_absent(partition, session.blob)
+        current = entry.blob if entry else None
+        put_back = session.blob is not None and (
+            (session.unsaved and current == session.stored)  # acquired while Redis was away
+            or (current is None and losses > session.losses_seen  # Redis lost it: not a delete
+                and not (session.changed_in_store or expired))
+        )
+        if put_back and self._store.save_unless_changed(partition, session.blob, current):
             entry = StoredEntry(session.blob, None)
         if entry is None or entry.blob != session.blob:
             usable = entry is not None and self._open(session, partition, user, entry.blob)
             if not usable:
                 session.cache.load(None)
             session.blob = entry.blob if entry and usable else None
+        session.stored, session.losses_seen = (entry.blob if entry else None), losses
         session.expires_at = entry.expires_at if entry else None
         session.unsaved = False
-        if session.changes == changes:  # no change reported while reading: this is exact
-            session.changed_in_store = False
-            if epoch is not None and coherence.connected and coherence.epoch == epoch:
-                session.verified_epoch = epoch
+        self.memory.mark_read(session, changes, epoch if coherence.connected else None)
 
     def _open(self, session: UserSession, partition: str, user: EntraAccessToken, blob: bytes) -> bool:
         serialized = self._codec.open(partition, blob)
@@ -234,9 +245,14 @@ class OnBehalfOfTokenProvider:
         session.blob = blob
         try:
             if guard is None:  # acquired without the lock: Redis may be back by now
-                self._store.save_if_absent(partition, blob)
-            elif not self._store.save(partition, blob, guard):
-                session.blob = None  # someone else's write won: reload before the next use
+                written = self._store.save_unless_changed(partition, blob, session.stored)
+                session.unsaved = not written
+            else:
+                written = self._store.save(partition, blob, guard)
+                if not written:  # someone else's write won: reload before the next use
+                    session.blob, session.verified_epoch = None, -1
+            if written:
+                session.stored = blob
         except CacheUnavailable:
             session.unsaved = True  # written by resync() or this user's next reload
 
@@ -251,9 +267,10 @@ class OnBehalfOfTokenProvider:
             if not session.lock.acquire(blocking=False):
                 continue  # in use: that request's own reload puts it back
             try:
-                if session.blob is not None:
-                    self._store.save_if_absent(partition, session.blob)
-                session.unsaved = False
+                if session.blob is not None and session.unsaved and self._store.save_unless_changed(
+                        partition, session.blob, session.stored):
+                    session.stored = session.blob
+                session.unsaved = False  # written, or someone else's newer entry wins
             except CacheUnavailable:
                 return
             finally:

@@ -85,12 +85,18 @@ _TEXT_FIELDS = frozenset({
     "local_account_id", "username", "authority_type", "family_id", "token_type", "key_id",
 })
 _TIME_FIELDS = frozenset({"expires_on", "extended_expires_on", "cached_at", "refresh_on"})
+# What msal indexes without a default when it reads an entry of each kind.
+_REQUIRED_FIELDS = {
+    "AccessToken": frozenset({"secret", "expires_on"}),
+    "RefreshToken": frozenset({"secret"}),
+    "IdToken": frozenset({"secret"}),
+}
 
 
 def is_msal_cache(document: Any) -> bool:
     """Is ``document`` shaped as msal reads it: sections of entries, each a dict whose
-    identity fields are strings and times are whole numbers as strings? Access tokens
-    must carry ``expires_on``: msal's lookup indexes it without a default."""
+    identity fields are strings and times are whole numbers as (ASCII) strings, with the
+    fields msal's lookups index without a default?"""
     if not isinstance(document, dict):
         return False
     for section, entries in document.items():
@@ -99,12 +105,13 @@ def is_msal_cache(document: Any) -> bool:
         for entry in entries.values():
             if not isinstance(entry, dict):
                 return False
-            if section == "AccessToken" and "expires_on" not in entry:
+            if not _REQUIRED_FIELDS.get(section, frozenset()) <= entry.keys():
                 return False
             for name, value in entry.items():
                 if name in _TEXT_FIELDS and not isinstance(value, str):
                     return False
-                if name in _TIME_FIELDS and not (isinstance(value, str) and value.isdigit()):
+                if name in _TIME_FIELDS and not (isinstance(value, str) and value.isascii()
+                                                  and value.isdigit()):
                     return False
     return True
 
