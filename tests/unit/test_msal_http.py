@@ -1,0 +1,82 @@
+"""msal's HTTP client against a real socket: a token endpoint that trickles its answer
+cannot hold a request past its deadline, and an ordinary answer is read whole."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from app.bulkhead import Deadline
+from app.msal_http import EntraUnavailable, MsalHttpClient, within
+
+BODY = b'{"access_token": "at", "token_type": "Bearer", "expires_in": 3600}'
+
+
+class _Metadata:
+    url = "https://login.example/never-asked"
+
+
+@pytest.fixture
+def trickling_server() -> Iterator[str]:
+    """Sends the status line and headers at once, then one byte of body every 100 ms."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    done = threading.Event()
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: %d\r\n\r\n" % len(BODY))
+            for byte in BODY:
+                if done.wait(0.1):
+                    return
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:
+                    return  # the client gave up: what we want
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/token"
+    done.set()
+    thread.join(timeout=5)
+    listener.close()
+
+
+def test_a_trickling_answer_ends_at_the_deadline(trickling_server: str) -> None:
+    url = trickling_server
+    client = MsalHttpClient(requests.Session(), _Metadata(), timeout=(1.0, 2.0))  # each read < 2 s
+
+    started = time.monotonic()
+    with pytest.raises(EntraUnavailable), within(Deadline(0.6)):
+        client.post(url, data={"grant_type": "x"})
+    took = time.monotonic() - started
+
+    assert 0.5 <= took < 1.0  # the whole body would take 6.7 s; each byte comes within the read timeout
+    assert client.blocked_until > time.monotonic()  # and this user's next calls fail fast
+
+
+def test_an_ordinary_answer_is_read_whole() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as plain:
+        def serve() -> None:
+            connection, _ = plain.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                   b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY))
+
+        threading.Thread(target=serve, daemon=True).start()
+        client = MsalHttpClient(requests.Session(), _Metadata(), timeout=(1.0, 2.0))
+        with within(Deadline(5)):
+            response = client.post(f"http://127.0.0.1:{plain.getsockname()[1]}/token", data={})
+
+    assert response.status_code == 200
+    assert response.json()["access_token"] == "at"
