@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -71,3 +72,63 @@ def redis_server(password: str | None = None) -> Iterator[str]:
         process.terminate()
         process.wait(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+class RedisProcess:
+    """A redis-server of one test's own, on a port it keeps: killed, it is restarted on the
+    same port (empty: it persists nothing), as clients see a Redis outage and recovery;
+    frozen (SIGSTOP), it accepts connections and answers nothing, as a hung Redis."""
+
+    def __init__(self, binary: str, port: int, workdir: str) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self._args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                      "--appendonly", "no", "--dir", workdir, "--daemonize", "no"]
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start it (again) and wait until it answers."""
+        assert self._process is None, "already running"
+        self._process = subprocess.Popen(self._args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self.client().ping(), what="redis-server")
+
+    def kill(self) -> None:
+        """SIGKILL: every connection is reset at once, nothing is saved."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait(timeout=10)
+            self._process = None
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """SIGSTOP for the block: the kernel still accepts connections, no command is answered."""
+        assert self._process is not None, "not running"
+        self._process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._process.send_signal(signal.SIGCONT)
+
+    def client(self, timeout: float = 5.0) -> redis.Redis:
+        """A control connection of the test's (not the app's)."""
+        return redis.Redis.from_url(self.url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+@contextmanager
+def redis_process() -> Iterator[RedisProcess]:
+    """A started ``RedisProcess`` on a free loopback port, killed at the end."""
+    binary = require_binary("redis-server")
+    workdir = tempfile.mkdtemp(prefix="flask-obo-redis-")
+    server = RedisProcess(binary, free_port(), workdir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def command_calls(client: redis.Redis) -> dict[str, int]:
+    """``INFO commandstats`` as calls per command (``get``, ``ping``, ``client|list``, ...)."""
+    return {name.removeprefix("cmdstat_"): int(stats["calls"])
+            for name, stats in client.info("commandstats").items()}

@@ -1,0 +1,259 @@
+"""Redis down, hung, and back empty, against a redis-server of each test's own.
+
+* Killed: warm users are served from memory at memory speed, a cold user gets one OBO
+  per burst (single flight per process), /readyz says ``degraded`` within a second.
+* Restarted empty: what was acquired meanwhile reaches Redis by itself, and entries Redis
+  lost are put back from memory on their user's next request: no new OBO for anyone.
+* Hung (SIGSTOP): the circuit breaker opens after a few socket timeouts, so requests that
+  would read Redis skip it instead of each waiting REDIS_TIMEOUT_SECONDS.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import redis
+import responses
+
+from app.breaker import State
+from app.settings import Settings
+from app.token_cache import partition_key
+from tests.integration.test_memory_tier import CAROL, RecordingEntra, Worker, wait_for
+from tests.support.fake_entra import ADELE, BOB, TENANT_ID, settings_env
+from tests.support.servers import RedisProcess, redis_process
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+REDIS_TIMEOUT = 0.5  # REDIS_TIMEOUT_SECONDS (the default, set explicitly: the assertions rely on it)
+ENTRA_LATENCY = 0.15  # an OBO takes this long, so a burst's requests overlap
+LOAD_SECONDS = 3.0
+READY_BOUND = 1.0
+FAST = 0.1  # a median request served from memory, far from REDIS_TIMEOUT even on 2 busy cores
+BURST = 4
+
+
+@dataclass
+class SlowEntra(RecordingEntra):
+    def _token(self, request: Any) -> tuple[int, dict[str, str], str]:
+        time.sleep(ENTRA_LATENCY)  # simulated latency of Entra ID, not synchronisation
+        return super()._token(request)
+
+
+@dataclass
+class Sample:
+    at: float  # time.monotonic() when the request started
+    status: int
+    latency: float
+
+
+def load(app: Worker, users: list[str], seconds: float, threads: int = 2,
+         interval: float = 0.005) -> list[Sample]:
+    """/api/me from ``threads`` threads, each pausing ``interval`` between requests (pacing,
+    so the load threads do not starve each other of the two cores), cycling through ``users``."""
+    samples: list[Sample] = []
+    end = time.monotonic() + seconds
+
+    def run(offset: int) -> None:
+        n = offset
+        while time.monotonic() < end:
+            at = time.monotonic()
+            status, latency = app.timed_me(users[n % len(users)])
+            samples.append(Sample(at, status, latency))
+            n += 1
+            time.sleep(interval)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, range(threads)))
+    return samples
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def figures(samples: list[Sample]) -> str:
+    latencies = [s.latency for s in samples]
+    return (f"{len(samples)} requests, p50 {percentile(latencies, 0.5) * 1000:.1f} ms, "
+            f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms, max {max(latencies) * 1000:.0f} ms")
+
+
+def burst(app: Worker, oid: str, n: int) -> list[int]:
+    """``n`` concurrent /api/me of one user, each with its own SPA token, released together."""
+    tokens = [app.entra.api_token(oid) for _ in range(n)]
+    start = threading.Barrier(n)
+
+    def call(token: str) -> int:
+        start.wait()
+        return app.client.get("/api/me", headers={"Authorization": f"Bearer {token}"}).status_code
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(call, tokens))
+
+
+def readyz_degraded_within(app: Worker, since: float, bound: float) -> float:
+    """Poll /readyz until it answers 200 with redis ``degraded``; seconds from ``since``."""
+    def degraded() -> bool:
+        response = app.client.get("/readyz")
+        assert response.status_code == 200
+        return response.json["checks"]["redis"] == "degraded"
+
+    wait_for(degraded, bound, "/readyz to report redis degraded")
+    return time.monotonic() - since
+
+
+def key_of(app: Worker, oid: str) -> str:
+    return app.store.key(partition_key(oid, TENANT_ID))
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server() -> Iterator[RedisProcess]:
+    with redis_process() as process:
+        yield process
+
+
+@pytest.fixture
+def control(server: RedisProcess) -> Iterator[redis.Redis]:
+    client = server.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(server: RedisProcess, fernet_key: str) -> Settings:
+    return Settings.from_env(settings_env(REDIS_URL=server.url, TOKEN_CACHE_KEYS=fernet_key,
+                                          REDIS_TIMEOUT_SECONDS=str(REDIS_TIMEOUT),
+                                          ENTRA_MAX_WAITING_THREADS=str(2 * BURST)))
+
+
+@pytest.fixture
+def entra() -> Iterator[SlowEntra]:
+    fake = SlowEntra()
+    fake.add_user(CAROL, "Carol Crane", manager=None)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        fake.register(rsps)
+        yield fake
+
+
+@pytest.fixture
+def worker(settings: Settings, entra: SlowEntra) -> Iterator[Callable[[], Worker]]:
+    built: list[Worker] = []
+
+    def build() -> Worker:
+        built.append(Worker(settings, entra))
+        return built[-1]
+
+    yield build
+    for each in built:
+        each.stop()
+
+
+# --- Redis killed, then restarted empty -------------------------------------------------------------
+
+
+def test_redis_killed_warm_users_served_from_memory_and_nobody_reexchanged_after_restart(
+    worker, entra: SlowEntra, server: RedisProcess
+) -> None:
+    app = worker()
+    for oid in (ADELE, CAROL):
+        assert app.me(oid) == 200
+        app.settle(oid)
+    assert entra.obo_calls() == 2
+
+    server.kill()
+    killed_at = time.monotonic()
+    ready_after = readyz_degraded_within(app, killed_at, READY_BOUND)
+
+    cold: list[int] = []
+    bursting = threading.Thread(target=lambda: cold.extend(burst(app, BOB, BURST)))
+    bursting.start()  # a cold user, while the warm ones keep coming
+    samples = load(app, [ADELE, CAROL], LOAD_SECONDS)
+    bursting.join()
+
+    ok = [s for s in samples if s.status == 200]
+    steady = [s.latency for s in samples if s.at >= killed_at + 1.0]
+    steady_p50, steady_p99 = percentile(steady, 0.5), percentile(steady, 0.99)
+    print(f"/readyz degraded {ready_after * 1000:.0f} ms after the kill; warm during the outage: "
+          f"{figures(samples)}; after its first second: p50 {steady_p50 * 1000:.1f} ms, "
+          f"p99 {steady_p99 * 1000:.1f} ms")
+    assert len(ok) >= 0.99 * len(samples)
+    assert app.store.breaker.state is State.OPEN  # requests go on without Redis
+    assert steady_p50 < FAST
+    assert steady_p99 < REDIS_TIMEOUT  # nobody waits a socket timeout (the box's noise aside)
+    assert cold == [200] * BURST
+    assert entra.obo_calls() == 3  # Bob's burst: one OBO, without the shared lock
+
+    server.start()  # empty: it persists nothing
+    app.wait_connected()
+    fresh = server.client()
+    for oid in (ADELE, CAROL, BOB):  # each user's next request puts their entry back
+        wait_for(lambda oid=oid: app.me(oid) == 200 and fresh.exists(key_of(app, oid)) == 1, 5.0,
+                 f"{oid}'s entry back")
+    fresh.close()
+    assert entra.obo_calls() == 3, "an entry Redis lost was exchanged again instead of put back"
+
+    other = worker()  # a worker started after the outage reads what was put back
+    assert [other.me(oid) for oid in (ADELE, CAROL, BOB)] == [200] * 3
+    assert entra.obo_calls() == 3
+
+
+def test_an_entry_acquired_during_an_outage_reaches_redis_by_itself(
+    worker, entra: SlowEntra, server: RedisProcess, control: redis.Redis
+) -> None:
+    """Bob is served once during a short outage, while warm users' requests have opened
+    the breaker, and never comes back: once Redis is, the listener writes his entry."""
+    app = worker()
+    assert app.me(ADELE) == 200
+    app.settle(ADELE)
+
+    server.kill()
+    assert app.me(BOB) == 200  # OBO without Redis: kept in memory, to be written later
+    wait_for(lambda: app.me(ADELE) == 200 and app.store.breaker.state is State.OPEN, 2.0,
+             "the breaker to open")
+    assert entra.obo_calls() == 2
+
+    server.start()  # empty
+    app.wait_connected()
+    took = wait_for(lambda: control.exists(key_of(app, BOB)) == 1, 5.0, "Bob's entry in Redis")
+    print(f"Bob's entry written {took * 1000:.0f} ms after the listener reconnected")
+    assert worker().me(BOB) == 200  # another worker reads it: no second OBO
+    assert entra.obo_calls() == 2
+
+
+# --- Redis hung -------------------------------------------------------------------------------------
+
+
+def test_a_hung_redis_opens_the_breaker_instead_of_a_timeout_per_request(
+    worker, entra: SlowEntra, server: RedisProcess, control: redis.Redis
+) -> None:
+    """Adele's copy is unverified (her entry was rewritten just before Redis hung), so each
+    of her requests would read Redis: after a few timeouts, they skip it."""
+    app = worker()
+    assert app.me(ADELE) == 200
+    app.settle(ADELE)
+    key = key_of(app, ADELE)
+    control.set(key, control.get(key), keepttl=True)  # same blob: only the copy's trust changes
+    wait_for(lambda: not app.is_current(ADELE), 1.0, "the invalidation to arrive")
+
+    with server.frozen():
+        samples = load(app, [ADELE], LOAD_SECONDS, threads=1)
+    breaker = app.store.breaker
+
+    slow = [s for s in samples if s.latency >= REDIS_TIMEOUT * 0.8]
+    probes = int(LOAD_SECONDS // breaker.reset_timeout) + 1
+    print(f"hung Redis for {LOAD_SECONDS} s: {figures(samples)}; {len(slow)} waited a socket timeout "
+          f"(at most {breaker.failure_threshold} + {probes} probes allowed)")
+    assert all(s.status == 200 for s in samples)
+    assert len(slow) <= breaker.failure_threshold + probes
+    assert len(samples) >= 20
+    assert percentile([s.latency for s in samples], 0.5) < FAST
+    assert entra.obo_calls() == 1

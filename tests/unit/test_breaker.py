@@ -1,0 +1,154 @@
+"""The Redis circuit breaker, on a clock the tests move: closed until N failures in a row,
+then failing fast; after the reset timeout one probe at a time, whose outcome closes or
+reopens it; a probe that never reports does not keep it shut."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from app import breaker as breaker_module
+from app.breaker import CircuitBreaker, State
+
+THRESHOLD = 3
+RESET = 2.0
+
+
+class Clock:
+    """Stands in for the ``time`` module in ``app.breaker``: ``monotonic()`` moves only
+    when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(breaker_module, "time", fake)
+    return fake
+
+
+@pytest.fixture
+def breaker(clock: Clock) -> CircuitBreaker:
+    return CircuitBreaker("redis", failure_threshold=THRESHOLD, reset_timeout=RESET)
+
+
+def trip(breaker: CircuitBreaker) -> None:
+    """Fail ``failure_threshold`` calls in a row."""
+    for _ in range(breaker.failure_threshold):
+        assert breaker.allow()
+        breaker.failure()
+
+
+def test_closed_lets_every_call_through(breaker: CircuitBreaker) -> None:
+    assert all(breaker.allow() for _ in range(100))
+    assert breaker.state is State.CLOSED
+
+
+def test_opens_after_threshold_failures_in_a_row(breaker: CircuitBreaker) -> None:
+    for _ in range(THRESHOLD - 1):
+        assert breaker.allow()
+        breaker.failure()
+    assert breaker.state is State.CLOSED
+    assert breaker.allow()
+    breaker.failure()
+    assert breaker.state is State.OPEN
+
+
+def test_a_success_resets_the_count_of_failures(breaker: CircuitBreaker) -> None:
+    for _ in range(3):  # never THRESHOLD in a row
+        for _ in range(THRESHOLD - 1):
+            breaker.failure()
+        breaker.success()
+    assert breaker.state is State.CLOSED
+    assert breaker.allow()
+
+
+def test_open_fails_fast_until_the_reset_timeout(breaker: CircuitBreaker, clock: Clock) -> None:
+    trip(breaker)
+    for _ in range(10):
+        assert not breaker.allow()
+    clock.advance(RESET - 0.01)
+    assert not breaker.allow()
+    assert breaker.state is State.OPEN
+
+
+def test_after_the_reset_timeout_one_probe_goes_through(breaker: CircuitBreaker, clock: Clock) -> None:
+    trip(breaker)
+    clock.advance(RESET)
+    assert breaker.allow()  # the probe
+    assert breaker.state is State.HALF_OPEN
+    assert [breaker.allow() for _ in range(10)] == [False] * 10  # the others, while it is out
+
+
+def test_one_probe_among_concurrent_callers(breaker: CircuitBreaker, clock: Clock) -> None:
+    trip(breaker)
+    clock.advance(RESET)
+    start = threading.Barrier(16)
+
+    def ask(_: int) -> bool:
+        start.wait()
+        return breaker.allow()
+
+    with ThreadPoolExecutor(16) as pool:
+        assert sum(pool.map(ask, range(16))) == 1
+
+
+def test_a_probe_that_succeeds_closes_it(breaker: CircuitBreaker, clock: Clock) -> None:
+    trip(breaker)
+    clock.advance(RESET)
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state is State.CLOSED
+    assert all(breaker.allow() for _ in range(10))
+    for _ in range(THRESHOLD - 1):  # and it counts failures from zero again
+        breaker.failure()
+    assert breaker.state is State.CLOSED
+
+
+def test_a_probe_that_fails_reopens_it_for_another_reset_timeout(breaker: CircuitBreaker,
+                                                                 clock: Clock) -> None:
+    trip(breaker)
+    clock.advance(RESET)
+    assert breaker.allow()
+    breaker.failure()  # one failure is enough: it was the probe
+    assert breaker.state is State.OPEN
+    clock.advance(RESET - 0.01)
+    assert not breaker.allow()
+    clock.advance(0.01)
+    assert breaker.allow()
+    assert breaker.state is State.HALF_OPEN
+
+
+def test_a_lost_probe_does_not_keep_it_shut(breaker: CircuitBreaker, clock: Clock) -> None:
+    """The probe hangs, or its thread dies, and never reports: after another reset timeout
+    the next caller probes instead."""
+    trip(breaker)
+    clock.advance(RESET)
+    assert breaker.allow()  # a probe that never reports
+    clock.advance(RESET - 0.01)
+    assert not breaker.allow()
+    clock.advance(0.01)
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state is State.CLOSED
+
+
+def test_a_late_failure_of_a_call_started_before_it_opened_does_not_extend_it(
+    breaker: CircuitBreaker, clock: Clock
+) -> None:
+    trip(breaker)
+    clock.advance(RESET - 0.5)
+    breaker.failure()  # a call let through while closed, failing only now
+    assert breaker.state is State.OPEN
+    clock.advance(0.5)
+    assert breaker.allow()
