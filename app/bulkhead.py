@@ -101,6 +101,10 @@ class SingleFlight(Generic[T]):
             with self._lock:
                 del self._flights[key]
 
+    def running(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._flights
+
 
 class WaitingRoom:
     """At most ``capacity`` threads inside at once; the next one is turned away at once."""

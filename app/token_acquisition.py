@@ -8,9 +8,9 @@ A request goes:
 
 1. **Memory, then Redis, offline.** If the user's session is current, msal's silent
    lookup runs on it with no I/O at all; otherwise the blob is re-read from the store
-   first. Nothing here waits on Entra ID, nor on a leader that does: a session that
-   stays busy sends the request to step 2 at once. While Redis is unreachable the
-   session is used as it is.
+   first. Nothing here waits on Entra ID, nor on a leader that does: while a leader of
+   this user holds the session, the request joins its flight (step 2). While Redis is
+   unreachable the session is used as it is.
 2. **Entra ID, bounded and single-flight.** On a miss the request takes a seat in the
    worker's waiting room (full: 503 at once) and joins the user's flight: concurrent
    requests of one user share one leader's result. The leader takes the user's Redis
@@ -33,7 +33,7 @@ import msal
 import requests
 
 from .authority import AuthorityUnavailable, OpenIdConfiguration
-from .bulkhead import Deadline, SingleFlight, WaitingRoom, held
+from .bulkhead import Deadline, SingleFlight, TokenAcquisitionBusy, WaitingRoom, held
 from .cache_store import CacheUnavailable, Guard, StoredEntry, TokenCacheStore
 from .errors import ApiError, InsufficientClaims, ServiceUnavailable, bearer_challenge
 from .memory_tier import MemoryTier, UserSession
@@ -101,7 +101,7 @@ class OnBehalfOfTokenProvider:
         deadline = Deadline(self._settings.token_acquisition_timeout)
         partition = partition_key(user.oid, user.tid)
         if claims_challenge is None:
-            token = self._from_cache(partition, user)
+            token = self._from_cache(partition, user, deadline)
             if token is not None:
                 return token
         with self._waiting_room.seat():
@@ -111,13 +111,16 @@ class OnBehalfOfTokenProvider:
                 deadline,
             )
 
-    def _from_cache(self, partition: str, user: EntraAccessToken) -> str | None:
+    def _from_cache(self, partition: str, user: EntraAccessToken, deadline: Deadline) -> str | None:
         """The token from memory or Redis, never waiting on Entra ID: None on a miss, and
-        also when the user's session stays busy (a leader holds it while it talks to
-        Entra ID; waiting here would hold a thread outside the waiting room)."""
+        also while a leader of this user holds the session to talk to Entra ID (then the
+        request joins that flight, in the waiting room, rather than wait out here)."""
         session = self.memory.session(partition)
-        if not session.lock.acquire(timeout=SESSION_BUSY_SECONDS):
-            return None
+        while not session.lock.acquire(timeout=SESSION_BUSY_SECONDS):
+            if self._flights.running((partition, None)):
+                return None
+            if deadline.expired:
+                raise TokenAcquisitionBusy()
         try:
             if not session.is_current(self._store.coherence()):
                 # Redis is down: serve what this worker holds. Even if Redis reported a
@@ -132,18 +135,24 @@ class OnBehalfOfTokenProvider:
     def _from_entra(self, partition: str, user: EntraAccessToken, claims_challenge: str | None,
                     deadline: Deadline) -> str:
         session = self.memory.session(partition)
-        with held(session.lock, deadline.remaining()), self._user_lock(partition, deadline) as guard, \
-                within(deadline), _entra_unavailable_is_503():
-            if guard is not None:
-                with suppress(CacheUnavailable):  # another worker may have filled it
-                    self._reload(session, partition, user)
-            result = None if claims_challenge else self._silent(session, user)
-            if not result:
-                log.info("on-behalf-of exchange for partition %s", partition)
-                result = self._app(session).acquire_token_on_behalf_of(
-                    user.raw, self._scopes, claims_challenge=claims_challenge
-                )
-            self._save_if_changed(session, partition, guard)
+        with held(session.lock, deadline.remaining()):
+            if claims_challenge is None and session.is_current(self._store.coherence()):
+                # The leader that held the session may have just filled it.
+                result = self._silent(session, user, offline_only=True)
+                if result:
+                    return str(result["access_token"])
+            with self._user_lock(partition, deadline) as guard, within(deadline), \
+                    _entra_unavailable_is_503():
+                if guard is not None:
+                    with suppress(CacheUnavailable):  # another worker may have filled it
+                        self._reload(session, partition, user)
+                result = None if claims_challenge else self._silent(session, user)
+                if not result:
+                    log.info("on-behalf-of exchange for partition %s", partition)
+                    result = self._app(session).acquire_token_on_behalf_of(
+                        user.raw, self._scopes, claims_challenge=claims_challenge
+                    )
+                self._save_if_changed(session, partition, guard)
         return _access_token_or_raise(result, partition)
 
     @contextmanager
