@@ -34,6 +34,24 @@ RECONNECT_BACKOFF = (0.05, 1.0)
 InvalidateKeys = Callable[[list[bytes] | None], None]  # None: everything (FLUSHDB/FLUSHALL)
 
 
+class ThreadPerProcess:
+    """Runs ``target`` on a daemon thread, started on first need in each process: a
+    gunicorn worker forked from a parent that started one does not inherit the thread."""
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        self._target, self._name = target, name
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def ensure_running(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._target, name=self._name, daemon=True).start()
+
+
 class InvalidationListener:
     """A daemon thread per process that turns Redis's invalidation messages into calls.
 
@@ -60,25 +78,17 @@ class InvalidationListener:
         self.epoch = 0
         self._run_id: bytes | None = None  # the server's; a new one means it restarted
         self._last_failure = ""
-        self._pid = 0
-        self._start_lock = threading.Lock()
         self._stop = threading.Event()
+        self._thread = ThreadPerProcess(self._run, "flask-obo-invalidation")
 
     def ensure_running(self) -> None:
-        if self._pid == os.getpid():
-            return
-        with self._start_lock:
-            if self._pid == os.getpid():
-                return
-            self._pid = os.getpid()
-            self.connected = False
-            self._stop.clear()
-            threading.Thread(target=self._run, name="flask-obo-invalidation", daemon=True).start()
+        self._thread.ensure_running()
 
     def stop(self) -> None:
         self._stop.set()
 
     def _run(self) -> None:
+        self.connected = False  # in a forked child, the parent's connection is not ours
         backoff = RECONNECT_BACKOFF[0]
         while not self._stop.is_set():
             connection = None

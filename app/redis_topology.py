@@ -14,8 +14,6 @@ one; a cluster needs one per primary, since each primary reports only its own ke
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +25,7 @@ from redis.connection import AbstractConnection, ConnectionPool, SSLConnection, 
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .invalidation import InvalidateKeys, InvalidationListener
+from .invalidation import InvalidateKeys, InvalidationListener, ThreadPerProcess
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,8 +100,7 @@ class ClusterInvalidation:
         self._args = (prefix, on_keys, on_resync, on_lost_data, pong_timeout)
         self._listeners: dict[str, InvalidationListener] = {}
         self._generation = 0
-        self._pid = 0
-        self._start_lock = threading.Lock()
+        self._thread = ThreadPerProcess(self._supervise, "flask-obo-cluster-invalidation")
 
     @property
     def connected(self) -> bool:
@@ -115,17 +112,10 @@ class ClusterInvalidation:
         return self._generation + sum(listener.epoch for listener in list(self._listeners.values()))
 
     def ensure_running(self) -> None:
-        if self._pid == os.getpid():
-            return
-        with self._start_lock:
-            if self._pid == os.getpid():
-                return
-            self._pid = os.getpid()
-            self._listeners = {}  # a parent's threads do not exist in a forked child
-            threading.Thread(target=self._supervise, name="flask-obo-cluster-invalidation",
-                             daemon=True).start()
+        self._thread.ensure_running()  # the supervisor starts the listeners
 
     def _supervise(self) -> None:
+        self._listeners = {}  # in a forked child, the parent's listeners have no threads
         refresh = False
         while True:
             try:
