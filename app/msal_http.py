@@ -75,7 +75,8 @@ def within(deadline: Deadline) -> Iterator[None]:
 
 class _CachedResponse:
     def __init__(self, text: str) -> None:
-        self.status_code, self.text, self.headers = 200, text, {}
+        self.status_code, self.text = 200, text
+        self.headers: dict[str, str] = {}
 
     def raise_for_status(self) -> None:
         return None

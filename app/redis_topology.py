@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import redis
@@ -142,7 +143,7 @@ class ClusterInvalidation:
             listeners.pop(name).stop()
         for name in new:
             pool = primaries[name].redis_connection.connection_pool
-            listeners[name] = InvalidationListener(lambda pool=pool: listener_connection(pool), *self._args)
+            listeners[name] = InvalidationListener(partial(listener_connection, pool), *self._args)
             listeners[name].ensure_running()
         self._generation += 1 + sum(listener.epoch for listener in self._listeners.values())
         self._listeners = listeners

@@ -214,14 +214,14 @@ class OnBehalfOfTokenProvider:
         changes, losses = session.changes, self._store.losses
         expired = session.expires_at is not None and time.monotonic() >= session.expires_at
         entry = self._store.load(partition)
-        current = entry.blob if entry else None
-        put_back = session.blob is not None and (
+        current, held_blob = (entry.blob if entry else None), session.blob
+        put_back = held_blob is not None and (
             (session.unsaved and current == session.stored)  # acquired while Redis was away
             or (current is None and losses > session.losses_seen  # Redis lost it: not a delete
                 and not (session.changed_in_store or expired))
         )
-        if put_back and self._store.save_unless_changed(partition, session.blob, current):
-            entry = StoredEntry(session.blob, None)
+        if put_back and held_blob and self._store.save_unless_changed(partition, held_blob, current):
+            entry = StoredEntry(held_blob, None)
         if entry is None or entry.blob != session.blob:
             usable = entry is not None and self._open(session, partition, user, entry.blob)
             if not usable:
