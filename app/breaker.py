@@ -61,6 +61,14 @@ class CircuitBreaker:
                 log.warning("%s is back: circuit closed", self.name)
             self._state, self._failures = State.CLOSED, 0
 
+    def trip(self) -> None:
+        """Open now: someone watching the dependency (the invalidation listener) saw it
+        stop answering, so no request need find out by waiting a timeout."""
+        with self._lock:
+            if self._state is State.CLOSED:
+                log.error("%s stopped answering: circuit open, requests go on without it", self.name)
+            self._state, self._opened_at = State.OPEN, time.monotonic()
+
     def failure(self) -> None:
         with self._lock:
             self._failures += 1

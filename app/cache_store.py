@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import redis
 from redis.exceptions import LockError, RedisClusterException, RedisError, ResponseError
 
-from .breaker import CircuitBreaker
+from .breaker import CircuitBreaker, State
 from .bulkhead import Deadline, TokenAcquisitionBusy, held
 from .errors import ServiceUnavailable
 from .redis_topology import RedisClient, invalidation_for, redis_client
@@ -112,6 +112,10 @@ class TokenCacheStore(Protocol):
     def losses(self) -> int:
         """How many times the store was seen to lose its data (restart, failover)."""
 
+    @property
+    def healthy(self) -> bool:
+        """False while the store is known to be down (no I/O to find out)."""
+
 
 class RedisTokenCacheStore:
     """Blobs under ``<prefix>:cache:{<partition>}``, locks under ``<prefix>:lock:{<partition>}``.
@@ -181,7 +185,7 @@ class RedisTokenCacheStore:
                 if self._invalidation is None:
                     self._invalidation = invalidation_for(
                         client, f"{self._prefix}:cache:", self._invalidated, self._resync,
-                        self._lost_data, pong_timeout=self._pong_timeout,
+                        self._lost_data, self.breaker.trip, pong_timeout=self._pong_timeout,
                     )
         self._invalidation.ensure_running()
         return self._invalidation  # type: ignore[no-any-return]
@@ -205,6 +209,11 @@ class RedisTokenCacheStore:
 
     def _lost_data(self) -> None:
         self.losses += 1
+
+    @property
+    def healthy(self) -> bool:
+        """Is Redis answering, as far as anyone here knows? (No I/O.)"""
+        return self.breaker.state is State.CLOSED
 
     # --- entries ---------------------------------------------------------------------------
     def load(self, partition: str) -> StoredEntry | None:
@@ -324,6 +333,7 @@ class MemoryTokenCacheStore:
     """In-process store for local use: one process, nothing shared, lost on restart."""
 
     losses = 0
+    healthy = True
 
     def __init__(self, ttl_seconds: int) -> None:
         self._ttl = ttl_seconds

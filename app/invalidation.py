@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from redis.connection import AbstractConnection
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class InvalidationListener:
         on_keys: InvalidateKeys,
         on_resync: Callable[[], None],
         on_lost_data: Callable[[], None],
+        on_unreachable: Callable[[], None],
         pong_timeout: float,
     ) -> None:
         self._connect = connect
@@ -73,6 +74,7 @@ class InvalidationListener:
         self._on_keys = on_keys
         self._on_resync = on_resync
         self._on_lost_data = on_lost_data
+        self._on_unreachable = on_unreachable
         self._pong_timeout = pong_timeout
         self.connected = False
         self.epoch = 0
@@ -104,6 +106,11 @@ class InvalidationListener:
                 self._pump(connection)
             except Exception as exc:  # the thread must outlive any failure
                 self._log_failure(exc)
+                # Unreachable: it cannot be connected to, or stopped answering PING. Not a
+                # dropped connection (a reconnect tells), nor a refusal (an ACL): it answered.
+                if isinstance(exc, TimeoutError) or (
+                        not self.connected and isinstance(exc, (ConnectionError, OSError))):
+                    self._on_unreachable()
             finally:
                 self.connected = False
                 if connection is not None:
@@ -152,7 +159,7 @@ class InvalidationListener:
                     awaiting_pong_since = None
             now = time.monotonic()
             if awaiting_pong_since is not None and now - awaiting_pong_since > self._pong_timeout:
-                raise RedisError("no answer to PING")
+                raise TimeoutError("no answer to PING")
             if awaiting_pong_since is None and now - last_ping >= PING_EVERY:
                 connection.send_command("PING")
                 last_ping = awaiting_pong_since = now

@@ -75,12 +75,13 @@ def listener_connection(pool: ConnectionPool) -> AbstractConnection:
 
 def invalidation_for(client: RedisClient, prefix: str, on_keys: InvalidateKeys,
                      on_resync: Callable[[], None], on_lost_data: Callable[[], None],
-                     pong_timeout: float) -> Any:
+                     on_unreachable: Callable[[], None], pong_timeout: float) -> Any:
     """An object with ``connected``, ``epoch`` and ``ensure_running()`` for ``client``."""
     if isinstance(client, RedisCluster):
-        return ClusterInvalidation(client, prefix, on_keys, on_resync, on_lost_data, pong_timeout)
+        return ClusterInvalidation(client, prefix, on_keys, on_resync, on_lost_data, on_unreachable,
+                                   pong_timeout)
     return InvalidationListener(lambda: listener_connection(client.connection_pool), prefix,
-                                on_keys, on_resync, on_lost_data, pong_timeout)
+                                on_keys, on_resync, on_lost_data, on_unreachable, pong_timeout)
 
 
 class ClusterInvalidation:
@@ -95,10 +96,10 @@ class ClusterInvalidation:
 
     def __init__(self, cluster: RedisCluster, prefix: str, on_keys: InvalidateKeys,
                  on_resync: Callable[[], None], on_lost_data: Callable[[], None],
-                 pong_timeout: float) -> None:
+                 on_unreachable: Callable[[], None], pong_timeout: float) -> None:
         self._cluster = cluster
         self._on_lost_data = on_lost_data
-        self._args = (prefix, on_keys, on_resync, on_lost_data, pong_timeout)
+        self._args = (prefix, on_keys, on_resync, on_lost_data, on_unreachable, pong_timeout)
         self._listeners: dict[str, InvalidationListener] = {}
         self._generation = 0
         self._thread = ThreadPerProcess(self._supervise, "flask-obo-cluster-invalidation")

@@ -122,9 +122,12 @@ class OnBehalfOfTokenProvider:
             if deadline.expired:
                 raise TokenAcquisitionBusy()
         try:
-            if not session.is_current(self._store.coherence()):
-                # Redis is down: serve what this worker holds. Even if Redis reported a
-                # change, that was most likely another worker's newer token; our own is valid.
+            # While Redis is known to be down, a session that holds a token is served as it
+            # is: even if Redis reported a change, that was most likely another worker's
+            # newer token, and ours is valid. Such a request is never the breaker's probe
+            # (the listener, /readyz and users with nothing in memory find out instead).
+            if not session.is_current(self._store.coherence()) and (
+                    self._store.healthy or session.blob is None):
                 with suppress(CacheUnavailable):
                     self._reload(session, partition, user)
             result = self._silent(session, user, offline_only=True)
