@@ -152,3 +152,14 @@ def test_a_late_failure_of_a_call_started_before_it_opened_does_not_extend_it(
     assert breaker.state is State.OPEN
     clock.advance(0.5)
     assert breaker.allow()
+
+
+def test_a_watcher_can_open_it_at_once_and_it_then_probes_as_usual(breaker: CircuitBreaker,
+                                                                    clock: Clock) -> None:
+    breaker.trip()  # the invalidation listener saw Redis stop answering: no request need wait
+
+    assert breaker.state is State.OPEN and not breaker.allow()
+    clock.advance(RESET)
+    assert breaker.allow()  # the probe
+    breaker.success()
+    assert breaker.state is State.CLOSED and breaker.allow()
