@@ -26,9 +26,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check app devtenant tests bench scripts wsgi.py config
 
-## benchmarks (not part of the test suite)
+## benchmarks (not part of the test suite; about 5 minutes; needs redis-server)
 bench: $(STAMP)
-	$(PY) bench/token_cache_bench.py
+	@command -v redis-server >/dev/null || { echo "make bench needs redis-server: sudo apt-get install redis-server"; exit 1; }
+	@status=0; \
+	echo "== bench/token_cache_bench.py"; $(PY) bench/token_cache_bench.py || status=1; \
+	echo "== bench/serving_bench.py"; $(PY) bench/serving_bench.py || status=1; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -5,22 +5,27 @@
 Measures, interleaved round by round so machine noise hits every series alike (the
 figure per series is its fastest round):
   * bare GET      redis GET of a value the size of one user's sealed cache
-  * warm path     OnBehalfOfTokenProvider.acquire_token on a cache hit, steady state:
-                  Redis GET, blob recognised as unchanged, msal silent hit
+  * warm, memory  OnBehalfOfTokenProvider.acquire_token on a cache hit, steady state: the
+                  user's session in the memory tier is current, msal silent hit, no Redis
+  * warm, re-read the same when the session must be checked against Redis (after an
+                  invalidation or a reconnection): Redis GET, blob recognised as
+                  unchanged, msal silent hit
   * warm, new blob  the same when the blob changed since this worker last saw it:
                   Redis GET + decrypt + decompress + msal cache load + silent hit
   * warm, new worker  the same with no per-user state in the process: GET + decrypt +
                   decompress + msal app built + silent hit
   * msal memory   msal with a long-lived app and in-memory cache (no Redis, no crypto)
 and the bytes in Redis per user against msal's own JSON after 1 and 5 SPA tokens.
-Targets: warm path <= 3x bare GET; bytes <= 0.6x msal's JSON; no growth.
+Targets: warm, re-read <= 3x bare GET; bytes <= 0.6x msal's JSON; no growth.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,11 +67,15 @@ def user_of(api_token: str) -> EntraAccessToken:
 
 
 def main() -> int:
-    with redis_server() as url, responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+    with redis_server() as url, responses.RequestsMock(assert_all_requests_are_fired=False) as rsps, \
+            tempfile.TemporaryDirectory(prefix="flask-obo-bench-authority-") as authority_dir:
         entra = FakeEntra(realistic=True)
         entra.register(rsps)
         key = Fernet.generate_key().decode()
-        settings = Settings.from_env(settings_env(REDIS_URL=url, TOKEN_CACHE_KEYS=key))
+        # A fresh disk copy of the authority's documents: FakeEntra makes new keys each run
+        # under the same kid, so one left by an earlier run would fail every signature.
+        settings = Settings.from_env(settings_env(REDIS_URL=url, TOKEN_CACHE_KEYS=key,
+                                                  AUTHORITY_CACHE_DIR=authority_dir))
         app = create_app(settings)
         client = app.test_client()
         provider = app.extensions["flask-obo.tokens"]
@@ -77,9 +86,9 @@ def main() -> int:
         for n in range(1, 6):
             token = entra.api_token(ADELE)
             assert client.get("/api/me", headers={"Authorization": f"Bearer {token}"}).status_code == 200
-            (cache_key,) = r.keys("flask-obo:tokencache:*")
+            (cache_key,) = [k for k in r.keys("flask-obo:*") if b":lock:" not in k]
             blob = r.get(cache_key)
-            partition = cache_key.decode().rsplit(":", 1)[1]
+            partition = re.search(r"[0-9a-f]{64}", cache_key.decode()).group(0)  # sha256 of oid.tid
             cache = UserTokenCache()
             cache.deserialize(TokenCacheCodec([key]).open(partition, blob))
             if n in (1, 5):
@@ -95,18 +104,27 @@ def main() -> int:
         account = memory_app.get_accounts()[0]
         scopes = list(settings.graph_scopes)
 
+        sessions = provider.memory._sessions
+
+        def warm_reread() -> None:
+            for session in sessions.values():
+                session.verified_epoch = -1  # as after an invalidation: check Redis first
+            provider.acquire_token(user)
+
         def warm_blob_changed() -> None:
-            for session in provider._users.values():
+            for session in sessions.values():
                 session.blob = None  # as if another worker had written: decrypt + load
+                session.verified_epoch = -1
             provider.acquire_token(user)
 
         def warm_new_worker() -> None:
-            provider._users.clear()  # a fresh worker: build the app, decrypt, deserialize
+            sessions.clear()  # a fresh worker: build the app, decrypt, deserialize
             provider.acquire_token(user)
 
         series = {
             "bare GET": lambda: r.get("bench:bare"),
-            "warm path": lambda: provider.acquire_token(user),
+            "warm, memory": lambda: provider.acquire_token(user),
+            "warm, re-read": warm_reread,
             "warm, new blob": warm_blob_changed,
             "warm, new worker": warm_new_worker,
             "msal memory": lambda: memory_app.acquire_token_silent(scopes, account),
@@ -131,7 +149,7 @@ def main() -> int:
 
     growth = sizes[1][1] - sizes[0][1]
     checks = {
-        "warm path <= 3x bare GET": best["warm path"] <= 3 * bare,
+        "warm, re-read <= 3x bare GET": best["warm, re-read"] <= 3 * bare,
         "bytes <= 0.6x msal JSON": all(stored <= 0.6 * j for _, stored, j in sizes),
         "no growth from new SPA tokens": growth <= 0 and obo_calls == 1,
     }
