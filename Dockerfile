@@ -1,5 +1,9 @@
-# flask-obo API (and, in the compose stack, the dev tenant) on a slim Python image.
-FROM python:3.11-slim
+# flask-obo images, one per target:
+#   api        the production image: the API's wheel and its dependencies, non-root. No dev
+#              tenant, no test tools. The default target (the last stage).
+#   devtenant  the dev tenant (a local Entra ID + Graph) for the compose stack; never in production.
+#   docker build --target api -t flask-obo .
+FROM python:3.11-slim AS base
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -14,14 +18,35 @@ COPY setup.cfg pyproject.toml README.md ./
 RUN python -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); \
 print(c['options']['install_requires'])" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
+RUN useradd --system --uid 10001 --home-dir /srv/flask-obo --shell /usr/sbin/nologin flaskobo
 
-COPY app ./app
+
+# The project's wheel, built from the build context: setup.cfg decides what it holds (the
+# API's packages; never devtenant/ or tests/).
+FROM base AS build
+COPY . /src
+RUN pip wheel --no-deps /src -w /wheels
+
+
+# The dev tenant runs from its source folder (it is not part of the wheel).
+FROM base AS devtenant
+RUN python -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); \
+print(c['options.extras_require']['devtenant'])" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 COPY devtenant ./devtenant
+RUN mkdir /devtenant && chown 10001 /devtenant
+# `python -m devtenant token adele` (docker compose exec) reads the state the server wrote.
+ENV DEVTENANT_STATE_DIR=/devtenant
+USER 10001
+EXPOSE 8443
+CMD ["python", "-m", "devtenant", "serve", "--host", "0.0.0.0", "--port", "8443"]
+
+
+FROM base AS api
+COPY --from=build /wheels /tmp/wheels
+RUN pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 COPY config ./config
 COPY wsgi.py ./
-RUN pip install --no-deps . \
- && useradd --system --uid 10001 --home-dir /srv/flask-obo --shell /usr/sbin/nologin flaskobo
-
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \

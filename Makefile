@@ -1,10 +1,15 @@
-# flask-obo — the two commands: `make run` and `make test`.
+# flask-obo — the two commands: `make run` and `make test`. `make` alone lists the targets.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint bench clean
+.PHONY: help run test lint bench clean
+.DEFAULT_GOAL := help
+
+## list these targets (what `make` alone does)
+help:
+	@awk '/^## /{doc = substr($$0, 4); next} /^[a-z][a-z-]*:/{if (doc) printf "  make %-6s %s\n", substr($$1, 1, length($$1) - 1), doc} {doc = ""}' $(firstword $(MAKEFILE_LIST))
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +28,7 @@ test: $(STAMP)
 	$(PY) -m ruff check app devtenant tests bench scripts wsgi.py config
 	$(PY) -m pytest
 
+## ruff only (make test runs it too)
 lint: $(STAMP)
 	$(PY) -m ruff check app devtenant tests bench scripts wsgi.py config
 
@@ -34,5 +40,6 @@ bench: $(STAMP)
 	echo "== bench/serving_bench.py"; $(PY) bench/serving_bench.py || status=1; \
 	exit $$status
 
+## remove the virtualenv and the caches
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info build dist

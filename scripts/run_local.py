@@ -5,6 +5,12 @@
   minted token for a signed-in user. Tokens are cached in the process unless
   ``REDIS_URL`` is set.
 * ``AZURE_TENANT_ID``/``AZURE_CLIENT_ID`` set: runs against that tenant; no dev tenant.
+  A template's placeholder (empty, the all-zero GUID, ``<...>``) is not a setting: a
+  ``.env`` copied from ``config/example.env`` still runs the dev tenant.
+
+``API_PORT`` (8000), ``DEVTENANT_PORT`` (8443, or a free one if taken) and
+``DEVTENANT_STATE_DIR`` (``.devtenant``: the dev tenant's keys, CA and log) change where
+it runs.
 
 Ctrl-C stops everything it started.
 """
@@ -12,12 +18,14 @@ Ctrl-C stops everything it started.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,18 +33,38 @@ API_HOST = "127.0.0.1"
 API_PORT = int(os.environ.get("API_PORT", "8000"))
 DEVTENANT_PORT = int(os.environ.get("DEVTENANT_PORT", "8443"))
 STATE_DIR = Path(os.environ.get("DEVTENANT_STATE_DIR", ROOT / ".devtenant"))
+TENANT_SETTINGS = ("AZURE_TENANT_ID", "AZURE_CLIENT_ID")
+# A template's value, not a setting: the all-zero GUID, or "<what to put here>".
+_PLACEHOLDER = re.compile(r"0{8}-0{4}-0{4}-0{4}-0{12}|.*<[^<>]*>.*")
+
+
+def is_placeholder(value: str | None) -> bool:
+    """Empty, the all-zero GUID or a ``<...>`` value: what a template holds, not a setting."""
+    return value is None or not value.strip() or _PLACEHOLDER.fullmatch(value.strip()) is not None
+
+
+def merged_settings(dotenv: Mapping[str, str | None], environ: Mapping[str, str]) -> dict[str, str]:
+    """``.env`` overlaid by the environment. A placeholder from ``.env`` becomes ``""``:
+    the API reads ``.env`` too, and an empty variable in its environment overrides it."""
+    from_file = {key: "" if is_placeholder(value) else value for key, value in dotenv.items()}
+    return {**from_file, **environ}
+
+
+def uses_real_tenant(settings: Mapping[str, str]) -> bool:
+    """Run against Entra ID when a tenant or client id is set; else start the dev tenant."""
+    return any(not is_placeholder(settings.get(name)) for name in TENANT_SETTINGS)
 
 
 def main() -> int:
     sys.path.insert(0, str(ROOT))  # the dev tenant, when run from a plain checkout
     from dotenv import dotenv_values
 
-    env = {**{k: v for k, v in dotenv_values(ROOT / ".env").items() if v}, **os.environ}
+    env = merged_settings(dotenv_values(ROOT / ".env"), os.environ)
     children: list[subprocess.Popen[bytes]] = []
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         tenant = None
-        if env.get("AZURE_TENANT_ID") or env.get("AZURE_CLIENT_ID"):
+        if uses_real_tenant(env):
             print("Azure settings found: running against Entra ID, dev tenant not started.")
             api_env = dict(env)
         else:

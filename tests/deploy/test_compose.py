@@ -8,16 +8,19 @@ against each other (service names, ports, paths, secrets).
 
 from __future__ import annotations
 
+import base64
 import configparser
 import fnmatch
 import json
 import multiprocessing
+import os
 import re
 import runpy
 import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -137,6 +140,97 @@ def test_api_service_environment(compose: dict, service: str) -> None:
     assert mounts[state_dir] in {v.split(":")[0] for v in compose["services"]["devtenant"]["volumes"]}
 
 
+@pytest.mark.parametrize(
+    ("service", "target"), [*((s, "api") for s in API_SERVICES), ("devtenant", "devtenant")]
+)
+def test_compose_builds_each_service_from_its_dockerfile_target(
+    compose: dict, stages: dict[str, Stage], service: str, target: str
+) -> None:
+    """The API containers are the production image (no dev tenant, no test tools)."""
+    build = compose["services"][service]["build"]
+    assert isinstance(build, dict), f"{service}: `build: .` builds the Dockerfile's last stage"
+    assert build["target"] == target and target in stages
+    assert (ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")).resolve() == DOCKERFILE
+
+
+def test_devtenant_service_names_its_state_dir_for_every_command(compose: dict) -> None:
+    """``docker compose exec devtenant python -m devtenant token adele`` must read the state
+    ``serve`` writes; without DEVTENANT_STATE_DIR it would create a new tenant in its cwd."""
+    service = compose["services"]["devtenant"]
+    command = service["command"]
+    state_dir = command[command.index("--state-dir") + 1]
+    assert service["environment"]["DEVTENANT_STATE_DIR"] == state_dir
+    assert state_dir in {v.split(":")[1] for v in service["volumes"]}
+
+
+def _documented_compose_commands() -> list[str]:
+    """The ``docker compose ...`` lines of docker-compose.yml's header and the README."""
+    header = [line.lstrip("# ") for line in COMPOSE_FILE.read_text().splitlines() if line.startswith("#")]
+    readme = (ROOT / "README.md").read_text().splitlines()
+    return [line.strip() for line in header + readme if "docker compose " in line and "`" not in line]
+
+
+def test_documented_exec_commands_capture_without_a_terminal(compose: dict) -> None:
+    """``$(docker compose exec ...)`` without -T gets a terminal, and the token a trailing CR."""
+    captured = [m for line in _documented_compose_commands()
+                for m in re.findall(r"\$\((docker compose exec [^)]*)\)", line)]
+    assert captured, "the compose instructions no longer show how to get a token"
+    for command in captured:
+        words = shlex.split(command)
+        assert "-T" in words[3:words.index("python")], command
+        service = next(w for w in words[3:] if not w.startswith("-"))
+        assert service in compose["services"], command
+
+
+def test_documented_token_commands_use_the_served_tenant(compose: dict, tmp_path: Path) -> None:
+    """Run each documented ``docker compose exec -T devtenant python -m devtenant token ...``
+    as the container would (the service's environment, the volume at a local path, a
+    working directory that is not the state dir): the token is signed by the key of the
+    tenant ``serve`` runs, for the issuer the API trusts, and no second tenant appears."""
+    from devtenant.state import ensure_state, record_server_url
+
+    documented = sorted({m for line in _documented_compose_commands()
+                         for m in re.findall(r"\$\((docker compose exec [^)]*devtenant token[^)]*)\)", line)})
+    assert documented, "the compose instructions no longer show how to get a token"
+    service = compose["services"]["devtenant"]
+    serve = service["command"]
+    container_state = serve[serve.index("--state-dir") + 1]
+    public_url = serve[serve.index("--public-url") + 1]
+    volume = tmp_path / "volume"  # what the devtenant-state volume holds after `serve`
+    record_server_url(ensure_state(volume), public_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVTENANT_")}
+    for key, value in service.get("environment", {}).items():
+        env[key] = str(value).replace(container_state, str(volume))
+    env["PYTHONPATH"] = str(ROOT)  # the image's WORKDIR holds devtenant/
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    api_env = compose["services"][API_SERVICES[0]]["environment"]
+    trusted_issuer = f"{api_env['AZURE_AUTHORITY_HOST']}/{api_env['AZURE_TENANT_ID']}/v2.0"
+
+    def token(argv: list[str], environ: dict[str, str]) -> tuple[dict, dict]:
+        assert argv[:3] == ["python", "-m", "devtenant"], argv
+        result = subprocess.run([sys.executable, *argv[1:]], cwd=workdir, env=environ,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        header, claims = (base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+                          for part in result.stdout.strip().split(".")[:2])
+        return json.loads(header), json.loads(claims)
+
+    for line in documented:
+        words = shlex.split(line)
+        argv = [w.replace(container_state, str(volume)) for w in words[words.index("python"):]]
+        header, claims = token(argv, env)
+        assert claims["iss"] == trusted_issuer, line
+        assert header["kid"] == DevTenant(volume).active_kid(), line
+        assert not (workdir / ".devtenant").exists(), line
+    # negative control: without DEVTENANT_STATE_DIR, `token adele` makes a new tenant
+    del env["DEVTENANT_STATE_DIR"]
+    header, claims = token(["python", "-m", "devtenant", "token", "adele"], env)
+    assert (workdir / ".devtenant").is_dir()
+    assert header["kid"] != DevTenant(volume).active_kid()
+    assert claims["iss"] != trusted_issuer
+
+
 def test_compose_file_holds_no_fernet_key() -> None:
     text = COMPOSE_FILE.read_text()
     assert not FERNET_KEY.findall(text)
@@ -233,32 +327,78 @@ def test_compose_lets_gunicorn_drain(compose: dict, service: str) -> None:
 # --- Dockerfile --------------------------------------------------------------------------
 
 
-def test_dockerfile_uses_a_slim_python_base(dockerfile: list[tuple[str, str]]) -> None:
-    (base,) = _all(dockerfile, "FROM")
-    image = base.split()[0]
+@dataclass
+class Stage:
+    name: str
+    base: str  # an image, or the name of an earlier stage
+    instructions: list[tuple[str, str]]
+
+
+@pytest.fixture(scope="module")
+def stages(dockerfile: list[tuple[str, str]]) -> dict[str, Stage]:
+    """The Dockerfile's stages by name, in order (``FROM <image|stage> AS <name>``)."""
+    result: dict[str, Stage] = {}
+    for word, args in dockerfile:
+        if word == "FROM":
+            words = args.split()
+            assert len(words) == 3 and words[1].upper() == "AS", f"unnamed stage: FROM {args}"
+            result[words[2]] = Stage(words[2], words[0], [])
+        else:
+            assert result, f"{word} before the first FROM"
+            next(reversed(result.values())).instructions.append((word, args))
+    return result
+
+
+def _chain(stages: dict[str, Stage], name: str) -> list[tuple[str, str]]:
+    """What a target's image is made of: its base stages' instructions, then its own."""
+    stage = stages[name]
+    inherited = _chain(stages, stage.base) if stage.base in stages else []
+    return inherited + stage.instructions
+
+
+def _copies(instructions: list[tuple[str, str]]) -> list[tuple[str | None, list[str]]]:
+    """(--from stage or None, sources) of each COPY."""
+    result = []
+    for args in _all(instructions, "COPY"):
+        words = json.loads(args) if args.startswith("[") else args.split()
+        flags = [w for w in words if w.startswith("--")]
+        origin = next((f.split("=", 1)[1] for f in flags if f.startswith("--from=")), None)
+        result.append((origin, [w for w in words if not w.startswith("--")][:-1]))
+    return result
+
+
+def test_dockerfile_uses_a_slim_python_base(stages: dict[str, Stage]) -> None:
+    images = {stage.base for stage in stages.values() if stage.base not in stages}
+    assert len(images) == 1, images  # every target from one base image
+    (image,) = images
     assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?", image), image
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
     assert setup["options"]["python_requires"].strip() == ">=3.11"
 
 
-def test_dockerfile_runs_as_a_non_root_user(dockerfile: list[tuple[str, str]]) -> None:
-    users = _all(dockerfile, "USER")
-    assert users, "no USER: the container runs as root"
+def test_dockerfile_has_an_api_and_a_devtenant_target(stages: dict[str, Stage]) -> None:
+    assert {"api", "devtenant"} <= set(stages)
+    # a plain `docker build .` builds the last stage: the production image
+    assert list(stages)[-1] == "api"
+
+
+@pytest.mark.parametrize("target", ["api", "devtenant"])
+def test_dockerfile_targets_run_as_a_non_root_user(stages: dict[str, Stage], target: str) -> None:
+    chain = _chain(stages, target)
+    users = _all(chain, "USER")
+    assert users, f"{target}: no USER, the container runs as root"
     user = users[-1].split(":")[0]
     assert user not in ("root", "0"), user
     # the numeric user is the one created
-    assert any(f"--uid {user} " in args for args in _all(dockerfile, "RUN")), "USER is not created"
+    assert any(f"--uid {user} " in args for args in _all(chain, "RUN")), "USER is not created"
     # and it is the last USER before CMD
-    words = [w for w, _ in dockerfile]
+    words = [w for w, _ in chain]
     assert words.index("CMD") > len(words) - 1 - words[::-1].index("USER")
 
 
-def test_dockerfile_installs_the_dependencies_of_setup_cfg(
-    dockerfile: list[tuple[str, str]], tmp_path: Path
-) -> None:
-    """Run the Dockerfile's own requirement extraction on setup.cfg and compare."""
-    run = next(args for args in _all(dockerfile, "RUN") if "install_requires" in args)
+def _extract_requirements(run: str, tmp_path: Path) -> set[str]:
+    """Run a RUN's ``python -c ... > file && pip install -r file`` extraction on setup.cfg."""
     extract, _, rest = run.partition(" > ")
     requirements_file, _, install = rest.partition(" && ")
     assert f"pip install -r {requirements_file.strip()}" in install
@@ -267,22 +407,72 @@ def test_dockerfile_installs_the_dependencies_of_setup_cfg(
     (tmp_path / "setup.cfg").write_text((ROOT / "setup.cfg").read_text())
     result = subprocess.run([sys.executable, "-c", words[2]], cwd=tmp_path, capture_output=True, text=True,
                             timeout=30, check=True)
-    extracted = {Requirement(line).name.lower() for line in result.stdout.splitlines() if line.strip()}
+    return {Requirement(line).name.lower() for line in result.stdout.splitlines() if line.strip()}
+
+
+def _declared(section: str, key: str) -> set[str]:
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
-    declared = {Requirement(line).name.lower()
-                for line in setup["options"]["install_requires"].splitlines() if line.strip()}
-    assert declared and extracted == declared
-    assert {"gunicorn", "flask", "msal", "redis"} <= declared
+    return {Requirement(line).name.lower() for line in setup[section][key].splitlines() if line.strip()}
+
+
+@pytest.mark.parametrize(
+    ("target", "section", "key"),
+    [("api", "options", "install_requires"), ("devtenant", "options", "install_requires"),
+     ("devtenant", "options.extras_require", "devtenant")],
+)
+def test_dockerfile_installs_the_dependencies_of_setup_cfg(
+    stages: dict[str, Stage], tmp_path: Path, target: str, section: str, key: str
+) -> None:
+    """Run the Dockerfile's own requirement extraction on setup.cfg and compare."""
+    runs = [args for args in _all(_chain(stages, target), "RUN") if f"['{key}']" in args]
+    assert len(runs) == 1, f"{target}: no single RUN installing {section}/{key}"
+    declared = _declared(section, key)
+    assert declared and _extract_requirements(runs[0], tmp_path) == declared
+    if key == "install_requires":
+        assert {"gunicorn", "flask", "msal", "redis"} <= declared
+
+
+def test_api_image_holds_neither_the_dev_tenant_nor_the_test_tools(stages: dict[str, Stage]) -> None:
+    """The production target copies no devtenant/ or tests/, installs no extra, and gets the
+    API's code only as the project's wheel (whose contents test_packaging.py builds and checks)."""
+    chain = _chain(stages, "api")
+    text = " ".join(args for _, args in chain)
+    assert "devtenant" not in text and "tests" not in text
+    assert not re.search(r"\[(dev|devtenant)\]|extras_require|\s-e\s|--editable", text), text
+    own = [sources for origin, sources in _copies(chain) if origin is None]
+    assert all(not source.startswith(("app", "devtenant", "tests", ".")) for s in own for source in s), own
+    wheels = [(origin, sources) for origin, sources in _copies(chain) if origin is not None]
+    assert len(wheels) == 1, wheels
+    origin, (source,) = wheels[0]
+    build = _all(stages[origin].instructions, "RUN")
+    wheel = rf"pip wheel --no-deps \S+ -w {re.escape(source)}"
+    assert any(re.fullmatch(wheel, args) for args in build), build
+    assert any(re.fullmatch(r"pip install --no-deps \S+\.whl( && .*)?", args) for args in _all(chain, "RUN"))
+    # nothing else of the build stage (its copy of the build context) reaches the image
+    assert "build" not in {stage.base for stage in stages.values()}
+
+
+def test_devtenant_target_runs_the_dev_tenant_from_its_sources(
+    stages: dict[str, Stage], compose: dict
+) -> None:
+    chain = _chain(stages, "devtenant")
+    assert any("devtenant" in sources for origin, sources in _copies(chain) if origin is None)
+    (cmd,) = _all(stages["devtenant"].instructions, "CMD")
+    assert json.loads(cmd)[:4] == ["python", "-m", "devtenant", "serve"]
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(_all(chain, "ENV"))))
+    service = compose["services"]["devtenant"]
+    assert env["DEVTENANT_STATE_DIR"] == service["environment"]["DEVTENANT_STATE_DIR"]
 
 
 def test_dockerfile_copies_only_files_in_the_build_context(dockerfile: list[tuple[str, str]]) -> None:
     ignored = [p.strip().rstrip("/") for p in (ROOT / ".dockerignore").read_text().splitlines()
                if p.strip() and not p.startswith("#")]
     missing, excluded = [], []
-    for args in _all(dockerfile, "COPY"):
-        words = json.loads(args) if args.startswith("[") else args.split()
-        for source in [w for w in words if not w.startswith("--")][:-1]:
+    for origin, sources in _copies(dockerfile):
+        if origin is not None:  # from another stage, not from the build context
+            continue
+        for source in sources:
             if not (ROOT / source).exists():
                 missing.append(source)
             if any(fnmatch.fnmatch(source, pattern) for pattern in ignored):
@@ -291,16 +481,25 @@ def test_dockerfile_copies_only_files_in_the_build_context(dockerfile: list[tupl
     assert not excluded, f"COPY sources excluded by .dockerignore: {excluded}"
 
 
-def test_dockerfile_copies_what_cmd_and_healthcheck_need(dockerfile: list[tuple[str, str]]) -> None:
-    (cmd,) = _all(dockerfile, "CMD")
+def test_dockerignore_keeps_stale_build_output_out_of_the_wheel() -> None:
+    """The build stage runs ``pip wheel`` on the build context: a local build/ (setuptools
+    packs build/lib as found, an old devtenant/ included) or egg-info must not be in it."""
+    ignored = {p.strip().rstrip("/") for p in (ROOT / ".dockerignore").read_text().splitlines()
+               if p.strip() and not p.startswith("#")}
+    assert {"build", "dist", "*.egg-info", ".env", ".venv", ".devtenant", "tests"} <= ignored
+
+
+def test_dockerfile_copies_what_cmd_and_healthcheck_need(stages: dict[str, Stage]) -> None:
+    api = stages["api"].instructions
+    (cmd,) = _all(api, "CMD")
     assert json.loads(cmd) == ["gunicorn", "--config", "config/gunicorn.conf.py", "wsgi:app"]
-    copied = {json.loads(a)[0] if a.startswith("[") else a.split()[0] for a in _all(dockerfile, "COPY")}
-    assert {"config", "wsgi.py", "app"} <= copied
+    copied = {source for origin, sources in _copies(api) if origin is None for source in sources}
+    assert {"config", "wsgi.py"} <= copied  # app/ comes in the wheel
     assert (ROOT / "config/gunicorn.conf.py").is_file() and (ROOT / "wsgi.py").is_file()
 
 
-def test_dockerfile_healthcheck_probes_healthz(dockerfile: list[tuple[str, str]]) -> None:
-    (health,) = _all(dockerfile, "HEALTHCHECK")
+def test_dockerfile_healthcheck_probes_healthz(stages: dict[str, Stage]) -> None:
+    (health,) = _all(stages["api"].instructions, "HEALTHCHECK")
     port = runpy.run_path(str(GUNICORN_CONF))["bind"].rsplit(":", 1)[1]
     assert re.search(rf"http://(127\.0\.0\.1|localhost):{port}/healthz\b", health), health
     assert "CMD" in health.split()
