@@ -25,8 +25,16 @@ GRAPH_TIMEOUT = (3.05, 10)
 _AUTH_PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*"([^"]*)"')
 
 
-class GraphNotFound(Exception):
-    """Graph answered 404 for the requested resource."""
+class GraphNotFound(ApiError):
+    """Graph answered 404 for the requested resource.
+
+    An ``ApiError``, so every route answers it as a JSON 404 (never a 500) unless the route
+    catches it to say more, as ``/api/me/manager`` does (``manager_not_found``).
+    """
+
+    status = 404
+    error = "not_found"
+    description = "Microsoft Graph has no such resource."
 
 
 class GraphClaimsChallenge(Exception):
@@ -92,7 +100,7 @@ class GraphClient:
         log.warning("graph %s answered HTTP %d (request-id %s)", path, status,
                     response.headers.get("request-id"))
         if status == 404:
-            raise GraphNotFound(path)
+            raise GraphNotFound()  # the path is logged above, never echoed to the caller
         if status == 401:
             claims = claims_from_challenge(response.headers.get("WWW-Authenticate", ""))
             if claims:
