@@ -7,7 +7,8 @@ server_name list), whereas a client reaching gunicorn directly would choose the 
 redirects (``Location``) and the address in the logs. Hence gunicorn binds loopback by
 default (config/gunicorn.conf.py) and, in docker-compose.yml, listens on a network only
 nginx shares. A bad setting stops start-up with one line naming the variable (never its
-value).
+value). Under gunicorn that line comes from config/gunicorn.conf.py, which checks the same
+settings in the master before forking; this one serves ``flask --app wsgi`` and the like.
 """
 
 import sys

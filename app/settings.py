@@ -29,6 +29,9 @@ DEFAULT_REDIS_TIMEOUT = 0.5
 DEFAULT_MEMORY_CACHE_USERS = 5000
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$|^\*$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# What Entra ID takes as an App ID URI: scheme://authority[/path] (api://, https://) or urn:...
+_APP_ID_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+(/[^\s?#]*)?|urn:[^\s?#]+")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # gunicorn's and logging's common names
 
 
 class SettingsError(ValueError):
@@ -72,6 +75,7 @@ class Settings:
     redis_timeout: float = DEFAULT_REDIS_TIMEOUT
     memory_cache_users: int = DEFAULT_MEMORY_CACHE_USERS
     authority_cache_dir: str | None = None  # None: a private directory under the system temp dir
+    log_level: str = "INFO"  # LOG_LEVEL, checked here (app/logging_setup.py applies it)
 
     def __post_init__(self) -> None:
         if not self.app_id_uri:
@@ -101,8 +105,9 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from ``environ`` (default: ``.env`` overlaid by ``os.environ``)."""
-        env = _Env(_default_environ() if environ is None else environ)
+        env = Env(_default_environ() if environ is None else environ)
         client_id = env.guid("AZURE_CLIENT_ID")
+        app_id_uri = env.app_id_uri("AZURE_APP_ID_URI") or f"api://{client_id}"
         secret = env.optional("AZURE_CLIENT_SECRET")
         cert_path = env.optional("AZURE_CLIENT_CERTIFICATE_PATH")
         if secret and cert_path:
@@ -135,9 +140,10 @@ class Settings:
             client_id=client_id,
             client_secret=secret,
             client_certificate=certificate,
-            app_id_uri=env.optional("AZURE_APP_ID_URI") or f"api://{client_id}",
+            app_id_uri=app_id_uri,
             authority_host=env.https_url("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com"),
-            required_scope=env.token("API_REQUIRED_SCOPE", "user_impersonation"),
+            required_scope=env.scope_name("API_REQUIRED_SCOPE", "user_impersonation",
+                                          api=(app_id_uri, f"api://{client_id}", client_id)),
             graph_base_url=env.https_url("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0"),
             graph_scopes=env.scopes("GRAPH_SCOPES", "https://graph.microsoft.com/.default"),
             redis_url=redis_url,
@@ -161,6 +167,7 @@ class Settings:
                 "TOKEN_MEMORY_CACHE_USERS", DEFAULT_MEMORY_CACHE_USERS, unit="users"
             ),
             authority_cache_dir=env.optional("AUTHORITY_CACHE_DIR"),
+            log_level=env.log_level("LOG_LEVEL").upper(),
         )
 
 
@@ -171,8 +178,11 @@ def _default_environ() -> dict[str, str]:
     return {**dotenv, **os.environ}
 
 
-class _Env:
-    """Typed accessors; each error message names the variable and never its value."""
+class Env:
+    """Typed accessors; each error message names the variable and never its value.
+
+    Public so that config/gunicorn.conf.py checks gunicorn's own variables the same way.
+    """
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
@@ -201,8 +211,17 @@ class _Env:
             parts.port  # noqa: B018 - raises ValueError on a malformed port
         except ValueError:
             raise SettingsError(f"{name}: is not a valid URL") from None
-        if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+        if parts.scheme != "https" or not parts.hostname:
             raise SettingsError(f"{name}: must be an https:// URL (msal refuses plain http)")
+        if parts.query or parts.fragment or "?" in value or "#" in value:
+            raise SettingsError(f"{name}: must not have a query (?...) or a fragment (#...)")
+        return value
+
+    def app_id_uri(self, name: str) -> str | None:
+        """An App ID URI, the audience of v1 tokens: ``api://...``, ``https://...``, ``urn:...``."""
+        value = self.optional(name)
+        if value is not None and not _APP_ID_URI.fullmatch(value):
+            raise SettingsError(f"{name}: must be a URI such as api://<client id> (the Application ID URI)")
         return value
 
     def redis_url(self, name: str) -> str | None:
@@ -243,6 +262,33 @@ class _Env:
             raise SettingsError(f"{name}: must be a single scope value without spaces or quotes")
         return value
 
+    def scope_name(self, name: str, default: str, api: tuple[str, ...]) -> str:
+        """A scope as tokens carry it in ``scp``: its bare name (``user_impersonation``).
+
+        SPA developers copy the full form MSAL.js asks for, ``api://<client id>/<name>``;
+        ``scp`` never holds that, so every token would be refused. It means ``<name>`` when
+        its prefix is this API (one of ``api``: App ID URI, ``api://<client id>``, client id);
+        another API's scope can never be in this API's tokens, so it is refused.
+        """
+        value = self.token(name, default)
+        prefix, slash, scope = value.rpartition("/")
+        if not slash:
+            return value
+        if scope and prefix.casefold() in {owner.casefold() for owner in api}:
+            return scope
+        raise SettingsError(
+            f"{name}: must be the scope's name alone (e.g. user_impersonation) or this API's "
+            "App ID URI followed by /<name>; this is not a scope of this API"
+        )
+
+    def log_level(self, name: str) -> str:
+        """One of ``LOG_LEVELS``, lower-case: gunicorn would quietly take another as info and
+        ``logging`` would raise in every worker."""
+        value = (self.optional(name) or "info").lower()
+        if value not in LOG_LEVELS:
+            raise SettingsError(f"{name}: must be one of {', '.join(LOG_LEVELS)}")
+        return value
+
     def matching(self, name: str, default: str, pattern: re.Pattern[str]) -> str:
         value = self.optional(name) or default
         if not pattern.fullmatch(value):
@@ -261,6 +307,15 @@ class _Env:
             return default
         if not re.fullmatch(r"[0-9]{1,10}", raw) or int(raw) <= 0:
             raise SettingsError(f"{name}: must be a positive whole number of {unit}")
+        return int(raw)
+
+    def whole_number(self, name: str, default: int, unit: str) -> int:
+        """Like ``positive_int``, for settings where 0 means something (e.g. "never")."""
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        if not re.fullmatch(r"[0-9]{1,10}", raw):
+            raise SettingsError(f"{name}: must be a whole number of {unit} (0 or more)")
         return int(raw)
 
     def seconds(self, name: str, default: float) -> float:

@@ -1,12 +1,28 @@
 """gunicorn settings for flask-obo: ``gunicorn -c config/gunicorn.conf.py wsgi:app``.
 
 Every value can be overridden with the environment variable named beside it.
+
+gunicorn runs this file in its master, before it forks any worker, so every setting is
+checked here: gunicorn's own and the API's (``Settings.from_env``). A bad one stops
+start-up with one line naming the variable, never its value, and exit status 1: not a
+traceback from each worker in turn. Only the values are read when something else runs this
+file (tests, tools), as the API's settings may then legitimately be absent.
 """
 
 import multiprocessing
 import os
+import sys
+from pathlib import Path
+
+# The project's root, where `app` is, whatever the working directory (gunicorn applies
+# --chdir only after reading this file).
+_root = str(Path(__file__).resolve().parents[1])
+if _root not in sys.path:
+    sys.path.insert(0, _root)
+from app.settings import Env, Settings, SettingsError  # noqa: E402
 
 _cores = multiprocessing.cpu_count()
+_env = Env(os.environ)
 
 # Loopback unless told otherwise: gunicorn must only be reachable through nginx. It trusts
 # one hop of X-Forwarded-* (wsgi.py's ProxyFix), so a client that reaches it directly picks
@@ -17,15 +33,23 @@ bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
 # gthread: requests mostly wait on Redis, Entra ID and Graph, so threads are cheap
 # concurrency; one worker per core (at least two) uses the cores for TLS and JSON.
 worker_class = "gthread"
-workers = int(os.environ.get("GUNICORN_WORKERS", max(2, _cores)))
-threads = int(os.environ.get("GUNICORN_THREADS", 4 * _cores))
-# A request may wait on a token request (~13 s worst case) and Graph retries; a worker
-# silent for longer than this is stuck and gets replaced.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", 60))
-graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", 30))  # drain on SIGTERM
 keepalive = 5  # nginx keeps upstream connections open; reuse them
-max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", 5000))  # recycle slowly: bounds memory
-max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", max_requests // 10))
+try:
+    workers = _env.positive_int("GUNICORN_WORKERS", max(2, _cores), unit="workers")
+    threads = _env.positive_int("GUNICORN_THREADS", 4 * _cores, unit="threads")
+    # A request may wait on a token request (~13 s worst case) and Graph retries; a worker
+    # silent for longer than this is stuck and gets replaced (so 0, "never", is refused).
+    timeout = _env.positive_int("GUNICORN_TIMEOUT", 60)
+    graceful_timeout = _env.whole_number("GUNICORN_GRACEFUL_TIMEOUT", 30, unit="seconds")  # drain on SIGTERM
+    # Recycle slowly: bounds memory (0: never).
+    max_requests = _env.whole_number("GUNICORN_MAX_REQUESTS", 5000, unit="requests")
+    max_requests_jitter = _env.whole_number("GUNICORN_MAX_REQUESTS_JITTER", max_requests // 10,
+                                            unit="requests")
+    loglevel = _env.log_level("LOG_LEVEL")
+    if __name__ == "__config__":  # gunicorn's name for this file: it is about to start the API
+        Settings.from_env()
+except SettingsError as error:
+    sys.exit(f"flask-obo: configuration error: {error}")
 # Heartbeat files on tmpfs, so a slow container disk cannot make workers look dead.
 _shm = "/dev/shm"  # noqa: S108 - gunicorn's documented choice for worker_tmp_dir
 worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR", _shm if os.path.isdir(_shm) else None)
@@ -36,7 +60,6 @@ worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR", _shm if os.path.isdir
 logger_class = "app.gunicorn_logging.SanitisingLogger"
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-")
 errorlog = os.environ.get("GUNICORN_ERROR_LOG", "-")
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 access_log_format = (
     '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%(a)s" request_id=%({x-request-id}i)s pid=%(p)s'
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,7 @@ def test_explicit_values_are_taken_and_normalised():
 GOOD_KEY = Fernet.generate_key().decode()
 BAD_KEY = "this-is-not-a-fernet-key-at-all"
 REDIS_WITH_PASSWORD = "redis://:hunter2-redis-password@cache.example:6379/0"
+OTHER_API = "5d0c6a4e-1111-4000-8000-00000000abcd"
 
 CASES = {
     "missing-tenant": (settings_env(AZURE_TENANT_ID=""), "AZURE_TENANT_ID", ()),
@@ -156,6 +158,14 @@ CASES = {
                             ("flask:obo",)),
     "cors-origin-with-a-path": (settings_env(CORS_ALLOWED_ORIGINS="https://spa.example/app"),
                                 "CORS_ALLOWED_ORIGINS", ("https://spa.example/app",)),
+    "app-id-uri-not-a-uri": (settings_env(AZURE_APP_ID_URI="not a uri"), "AZURE_APP_ID_URI", ("not a uri",)),
+    "graph-with-a-query": (settings_env(GRAPH_BASE_URL="https://graph.microsoft.com/v1.0?$top=5"),
+                           "GRAPH_BASE_URL", ("$top=5",)),
+    "graph-with-a-fragment": (settings_env(GRAPH_BASE_URL="https://graph.microsoft.com/v1.0#me"),
+                              "GRAPH_BASE_URL", ("#me",)),
+    "scope-of-another-api": (settings_env(API_REQUIRED_SCOPE=f"api://{OTHER_API}/user_impersonation"),
+                             "API_REQUIRED_SCOPE", (OTHER_API,)),
+    "log-level-verbose": (settings_env(LOG_LEVEL="VERBOSE"), "LOG_LEVEL", ("VERBOSE",)),
 }
 
 
@@ -193,6 +203,114 @@ def test_an_https_url_with_a_malformed_port_is_refused(variable):
         Settings.from_env(settings_env(**{variable: "https://login.contoso.example:99x"}))
 
     assert_one_line_naming(raised.value, variable, "99x")
+
+
+def test_a_graph_url_with_a_query_is_told_so():
+    """Not "must be an https:// URL", which it is."""
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env(settings_env(GRAPH_BASE_URL="https://graph.microsoft.com/v1.0?$top=5"))
+
+    assert "must not have a query" in str(raised.value)
+    assert "https://" not in str(raised.value)
+
+
+@pytest.mark.parametrize("uri", ["api://contoso.example/obo", f"api://{TENANT_ID}/obo",
+                                 "https://contoso.example/obo", "urn:contoso:obo"])
+def test_app_id_uris_in_entra_forms_are_taken(uri):
+    assert Settings.from_env(settings_env(AZURE_APP_ID_URI=uri)).app_id_uri == uri
+
+
+# --- API_REQUIRED_SCOPE in MSAL.js's full form ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scope", "extra"),
+    [
+        (f"api://{CLIENT_ID}/user_impersonation", {}),
+        (f"api://{CLIENT_ID.upper()}/user_impersonation", {}),
+        (f"{CLIENT_ID}/user_impersonation", {}),
+        ("api://contoso.example/obo/user_impersonation", {"AZURE_APP_ID_URI": "api://contoso.example/obo"}),
+    ],
+    ids=["api-client-id", "upper-case", "bare-client-id", "app-id-uri"],
+)
+def test_this_apis_full_scope_means_its_name(scope, extra):
+    settings = Settings.from_env(settings_env(API_REQUIRED_SCOPE=scope, **extra))
+
+    assert settings.required_scope == "user_impersonation"
+
+
+@pytest.mark.parametrize("scope", [f"api://{OTHER_API}/user_impersonation",
+                                   "https://graph.microsoft.com/User.Read", f"api://{CLIENT_ID}/"])
+def test_another_apis_scope_is_refused_saying_which_form_to_use(scope):
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env(settings_env(API_REQUIRED_SCOPE=scope))
+
+    assert_one_line_naming(raised.value, "API_REQUIRED_SCOPE", scope)
+    assert "name alone (e.g. user_impersonation)" in str(raised.value)
+
+
+def test_the_full_scope_form_lets_this_apis_tokens_in(entra):
+    """Taken literally, ``api://<client id>/user_impersonation`` would 403 every token: ``scp``
+    holds the bare name."""
+    settings = Settings.from_env(settings_env(API_REQUIRED_SCOPE=f"api://{CLIENT_ID}/user_impersonation"))
+    client = create_app(settings).test_client()
+
+    response = client.get("/api/whoami", headers={"Authorization": f"Bearer {entra.api_token()}"})
+
+    assert response.status_code == 200
+    assert response.json["scp"] == "user_impersonation"
+
+
+@pytest.mark.parametrize(("value", "level"), [(None, "INFO"), ("warning", "WARNING"), ("DEBUG", "DEBUG")])
+def test_log_level_is_one_of_the_known_names(value, level):
+    env = settings_env(**({"LOG_LEVEL": value} if value else {}))
+
+    assert Settings.from_env(env).log_level == level
+
+
+# --- config/gunicorn.conf.py read as plain Python (tests, tools) ---------------------------------
+
+
+@pytest.fixture
+def gunicorn_conf(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("GUNICORN_", "LOG_LEVEL", *SETTINGS_PREFIXES)):
+            monkeypatch.delenv(name)
+
+    def load(**environ: str) -> dict:
+        for name, value in environ.items():
+            monkeypatch.setenv(name, value)
+        return runpy.run_path(str(MAIN / "config" / "gunicorn.conf.py"))
+
+    return load
+
+
+def test_gunicorn_conf_gives_its_values_without_the_apis_settings(gunicorn_conf):
+    """Only gunicorn itself (which names the file ``__config__``) checks the API's settings."""
+    conf = gunicorn_conf()
+
+    assert conf["bind"] == "127.0.0.1:8000"
+    assert conf["loglevel"] == "info"
+    assert conf["max_requests"] == 5000 and conf["max_requests_jitter"] == 500
+
+
+def test_gunicorn_conf_takes_zero_where_it_means_never(gunicorn_conf):
+    conf = gunicorn_conf(GUNICORN_MAX_REQUESTS="0", GUNICORN_MAX_REQUESTS_JITTER="0",
+                         GUNICORN_GRACEFUL_TIMEOUT="0")
+
+    assert (conf["max_requests"], conf["max_requests_jitter"], conf["graceful_timeout"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(("variable", "value"), [("GUNICORN_WORKERS", "abc"), ("GUNICORN_THREADS", "0"),
+                                                 ("GUNICORN_TIMEOUT", "0"), ("GUNICORN_MAX_REQUESTS", "-1"),
+                                                 ("LOG_LEVEL", "VERBOSE")])
+def test_gunicorn_conf_stops_with_one_line_on_a_bad_value(gunicorn_conf, variable, value):
+    with pytest.raises(SystemExit) as raised:
+        gunicorn_conf(**{variable: value})
+
+    message = str(raised.value.code)
+    assert message.startswith(f"flask-obo: configuration error: {variable}: "), message
+    assert "\n" not in message and value not in message.split(": ", 2)[2]
 
 
 def test_a_bad_token_cache_key_is_reported_by_position():
