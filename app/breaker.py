@@ -65,8 +65,9 @@ class CircuitBreaker:
         """Open now: someone watching the dependency (the invalidation listener) saw it
         stop answering, so no request need find out by waiting a timeout."""
         with self._lock:
-            if self._state is State.CLOSED:
-                log.error("%s stopped answering: circuit open, requests go on without it", self.name)
+            if self._state is not State.CLOSED:
+                return  # already open: keep its probe schedule
+            log.error("%s stopped answering: circuit open, requests go on without it", self.name)
             self._state, self._opened_at = State.OPEN, time.monotonic()
 
     def failure(self) -> None:

@@ -101,9 +101,11 @@ class SingleFlight(Generic[T]):
             with self._lock:
                 del self._flights[key]
 
-    def running(self, key: Hashable) -> bool:
+    def running(self, first: Hashable) -> bool:
+        """Is a call running whose key is ``first`` or a tuple starting with it?"""
         with self._lock:
-            return key in self._flights
+            return any(key == first or (isinstance(key, tuple) and key[0] == first)
+                       for key in self._flights)
 
 
 class WaitingRoom:

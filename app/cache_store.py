@@ -185,7 +185,8 @@ class RedisTokenCacheStore:
                 if self._invalidation is None:
                     self._invalidation = invalidation_for(
                         client, f"{self._prefix}:cache:", self._invalidated, self._resync,
-                        self._lost_data, self.breaker.trip, pong_timeout=self._pong_timeout,
+                        self._lost_data, self.breaker.trip, self.breaker.success,
+                        pong_timeout=self._pong_timeout,
                     )
         self._invalidation.ensure_running()
         return self._invalidation  # type: ignore[no-any-return]

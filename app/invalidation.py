@@ -67,6 +67,7 @@ class InvalidationListener:
         on_resync: Callable[[], None],
         on_lost_data: Callable[[], None],
         on_unreachable: Callable[[], None],
+        on_alive: Callable[[], None],
         pong_timeout: float,
     ) -> None:
         self._connect = connect
@@ -75,6 +76,8 @@ class InvalidationListener:
         self._on_resync = on_resync
         self._on_lost_data = on_lost_data
         self._on_unreachable = on_unreachable
+        self._on_alive = on_alive
+        self._reported_unreachable = False
         self._pong_timeout = pong_timeout
         self.connected = False
         self.epoch = 0
@@ -98,6 +101,7 @@ class InvalidationListener:
                 connection = self._subscribe()
                 self.epoch += 1  # before connected: copies verified earlier are stale now
                 self.connected = True
+                self._reported_unreachable = False
                 log.info("token cache invalidation channel connected")
                 self._last_failure = ""
                 backoff = RECONNECT_BACKOFF[0]
@@ -106,10 +110,12 @@ class InvalidationListener:
                 self._pump(connection)
             except Exception as exc:  # the thread must outlive any failure
                 self._log_failure(exc)
-                # Unreachable: it cannot be connected to, or stopped answering PING. Not a
+                # Unreachable: it stopped answering PING, or cannot be connected to. Not a
                 # dropped connection (a reconnect tells), nor a refusal (an ACL): it answered.
-                if isinstance(exc, TimeoutError) or (
-                        not self.connected and isinstance(exc, (ConnectionError, OSError))):
+                # Said once per outage: retries must not keep pushing the breaker's probe back.
+                if not self._reported_unreachable and (isinstance(exc, TimeoutError) or (
+                        not self.connected and isinstance(exc, (ConnectionError, OSError)))):
+                    self._reported_unreachable = True
                     self._on_unreachable()
             finally:
                 self.connected = False
@@ -157,6 +163,7 @@ class InvalidationListener:
                     self._on_keys(list(data) if isinstance(data, list) else None)
                 elif isinstance(message, list) and message and message[0] == b"pong":
                     awaiting_pong_since = None
+                    self._on_alive()  # Redis answers: a breaker opened by slow calls may close
             now = time.monotonic()
             if awaiting_pong_since is not None and now - awaiting_pong_since > self._pong_timeout:
                 raise TimeoutError("no answer to PING")

@@ -75,13 +75,14 @@ def listener_connection(pool: ConnectionPool) -> AbstractConnection:
 
 def invalidation_for(client: RedisClient, prefix: str, on_keys: InvalidateKeys,
                      on_resync: Callable[[], None], on_lost_data: Callable[[], None],
-                     on_unreachable: Callable[[], None], pong_timeout: float) -> Any:
+                     on_unreachable: Callable[[], None], on_alive: Callable[[], None],
+                     pong_timeout: float) -> Any:
     """An object with ``connected``, ``epoch`` and ``ensure_running()`` for ``client``."""
+    callbacks = (on_keys, on_resync, on_lost_data, on_unreachable, on_alive)
     if isinstance(client, RedisCluster):
-        return ClusterInvalidation(client, prefix, on_keys, on_resync, on_lost_data, on_unreachable,
-                                   pong_timeout)
+        return ClusterInvalidation(client, prefix, callbacks, pong_timeout)
     return InvalidationListener(lambda: listener_connection(client.connection_pool), prefix,
-                                on_keys, on_resync, on_lost_data, on_unreachable, pong_timeout)
+                                *callbacks, pong_timeout)
 
 
 class ClusterInvalidation:
@@ -94,12 +95,11 @@ class ClusterInvalidation:
     request path.
     """
 
-    def __init__(self, cluster: RedisCluster, prefix: str, on_keys: InvalidateKeys,
-                 on_resync: Callable[[], None], on_lost_data: Callable[[], None],
-                 on_unreachable: Callable[[], None], pong_timeout: float) -> None:
+    def __init__(self, cluster: RedisCluster, prefix: str, callbacks: tuple[Any, ...],
+                 pong_timeout: float) -> None:
         self._cluster = cluster
-        self._on_lost_data = on_lost_data
-        self._args = (prefix, on_keys, on_resync, on_lost_data, on_unreachable, pong_timeout)
+        self._on_lost_data = callbacks[2]
+        self._args = (prefix, *callbacks, pong_timeout)
         self._listeners: dict[str, InvalidationListener] = {}
         self._generation = 0
         self._thread = ThreadPerProcess(self._supervise, "flask-obo-cluster-invalidation")

@@ -117,7 +117,7 @@ class OnBehalfOfTokenProvider:
         request joins that flight, in the waiting room, rather than wait out here)."""
         session = self.memory.session(partition)
         while not session.lock.acquire(timeout=SESSION_BUSY_SECONDS):
-            if self._flights.running((partition, None)):
+            if self._flights.running(partition):  # a leader (claims challenge or not) holds it
                 return None
             if deadline.expired:
                 raise TokenAcquisitionBusy()

@@ -26,6 +26,7 @@ import responses
 from app import create_app
 from app.cache_store import RedisTokenCacheStore
 from app.invalidation import PING_EVERY
+from app.protector import EntraAccessToken
 from app.settings import Settings
 from app.token_acquisition import OnBehalfOfTokenProvider
 from app.token_cache import TokenCacheCodec, partition_key
@@ -565,3 +566,48 @@ def test_two_users_copies_are_independent(worker, entra: RecordingEntra, control
     before = command_calls(control)
     assert app.me(BOB) == 200
     assert gets(before, command_calls(control)) == 0
+
+
+# --- the breaker is not left open while Redis answers ------------------------------------------------
+
+
+def test_a_breaker_opened_by_slow_calls_closes_once_redis_answers_the_listener(
+    worker, entra: RecordingEntra, control: redis.Redis, adele
+) -> None:
+    """Slow calls opened the breaker, but the listener never dropped (a stall shorter than
+    its PING timeout): with every user warm, nobody would probe. The listener's next PONG
+    closes it, so a delete made meanwhile is honoured within about a second."""
+    partition, _ = adele
+    app = worker()
+    assert app.me() == 200
+    app.settle()
+    for _ in range(app.store.breaker.failure_threshold):  # three timeouts, as a stall makes them
+        app.store.breaker.failure()
+    assert not app.store.healthy
+
+    wait_for(lambda: app.store.healthy, 3.0, "the breaker to close on the listener's PONG")
+    control.delete(app.store.key(partition))  # a sign-out
+    wait_for(lambda: app.me() == 200 and entra.obo_calls() == 2, 2.0, "the delete to be honoured")
+
+
+def test_a_claims_leader_does_not_hold_its_users_warm_requests_outside_the_waiting_room(
+    worker, entra: RecordingEntra
+) -> None:
+    """A claims-challenge leader holds the user's session while it talks to Entra ID; the
+    user's other requests join the waiting room (to be answered or refused at once) instead
+    of polling for the session until their deadline."""
+    app = worker(ENTRA_MAX_WAITING_THREADS="1", TOKEN_ACQUISITION_TIMEOUT_SECONDS="3")
+    assert app.me(ADELE) == 200
+    app.settle(ADELE)
+
+    entra.hold_token_requests = threading.Event()  # Entra ID stalls
+    with ThreadPoolExecutor(1) as pool:
+        adele = EntraAccessToken({"oid": ADELE, "tid": TENANT_ID}, entra.api_token(ADELE))
+        claims = pool.submit(app.tokens.acquire_token, adele, '{"access_token":{"acrs":{}}}')
+        assert entra.token_request_waiting.wait(5)
+        try:
+            status, took = app.timed_me(ADELE)
+        finally:
+            entra.hold_token_requests.set()
+        claims.exception(timeout=10)  # whatever Entra made of the claims: not what is tested
+    assert status == 503 and took < 1.0, f"{status} after {took:.2f} s"

@@ -163,3 +163,14 @@ def test_a_watcher_can_open_it_at_once_and_it_then_probes_as_usual(breaker: Circ
     assert breaker.allow()  # the probe
     breaker.success()
     assert breaker.state is State.CLOSED and breaker.allow()
+
+
+def test_repeated_trips_do_not_push_the_probe_back(breaker: CircuitBreaker, clock: Clock) -> None:
+    """A listener that keeps failing to reconnect reports it each time: the first report
+    opens the circuit, the later ones must not keep postponing its probe."""
+    breaker.trip()
+    for _ in range(4):
+        clock.advance(RESET / 2)
+        breaker.trip()
+
+    assert breaker.allow()  # a probe, RESET after the first trip
