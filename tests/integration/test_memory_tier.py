@@ -31,7 +31,7 @@ from app.settings import Settings
 from app.token_acquisition import OnBehalfOfTokenProvider
 from app.token_cache import TokenCacheCodec, partition_key
 from tests.support.fake_entra import ADELE, BOB, TENANT_ID, FakeEntra, settings_env
-from tests.support.servers import RedisProcess, command_calls, redis_process
+from tests.support.servers import RedisProcess, command_calls
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -182,20 +182,6 @@ def gets(before: dict[str, int], after: dict[str, int]) -> int:
 
 
 # --- fixtures -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def server() -> Iterator[RedisProcess]:
-    with redis_process() as process:
-        yield process
-
-
-@pytest.fixture
-def control(server: RedisProcess) -> Iterator[redis.Redis]:
-    """The test's own connection (an operator's, another service's)."""
-    client = server.client()
-    yield client
-    client.close()
 
 
 @pytest.fixture

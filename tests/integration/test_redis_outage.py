@@ -26,7 +26,7 @@ from app.settings import Settings
 from app.token_cache import partition_key
 from tests.integration.test_memory_tier import CAROL, RecordingEntra, Worker, wait_for
 from tests.support.fake_entra import ADELE, BOB, TENANT_ID, settings_env
-from tests.support.servers import RedisProcess, redis_process
+from tests.support.servers import RedisProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -113,19 +113,6 @@ def key_of(app: Worker, oid: str) -> str:
 
 
 # --- fixtures -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def server() -> Iterator[RedisProcess]:
-    with redis_process() as process:
-        yield process
-
-
-@pytest.fixture
-def control(server: RedisProcess) -> Iterator[redis.Redis]:
-    client = server.client()
-    yield client
-    client.close()
 
 
 @pytest.fixture
