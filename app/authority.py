@@ -35,8 +35,6 @@ METADATA_MAX_AGE = 24 * 3600
 KEYS_MAX_AGE = 24 * 3600
 UNKNOWN_KID_REFETCH_INTERVAL = 300
 RETRY_FAILED_REFRESH_AFTER = 60
-READINESS_TTL = 30
-READINESS_FAILURE_TTL = 5
 AUTHORITY_TIMEOUT = (3.05, 10)
 DISK_COPY_MAX_BYTES = 1024 * 1024
 
@@ -271,7 +269,6 @@ class OpenIdConfiguration(_Refreshed):
         self.url = url
         self._document: dict[str, Any] | None = None
         self._text = ""
-        self._reachable_until = self._unreachable_until = float("-inf")
 
     def document(self) -> dict[str, Any]:
         self._refresh_if_due()
@@ -289,23 +286,6 @@ class OpenIdConfiguration(_Refreshed):
         the disk copy, so a new worker reports what it will validate with."""
         self._load_from_disk_if_empty()
         return self._status(self._document is not None)
-
-    def check(self) -> None:
-        """Readiness: is the authority reachable? Raise ``AuthorityUnavailable`` if not.
-
-        A success is trusted for 30 s and a failure for 5 s, so frequent probes (from
-        anywhere: nginx passes /readyz through) neither hammer Entra ID nor pile up."""
-        now = self._clock()
-        if now < self._reachable_until:
-            return
-        if now < self._unreachable_until:
-            raise AuthorityUnavailable("still unreachable")
-        try:
-            _metadata(self._fetch(self.url))
-        except AuthorityUnavailable:
-            self._unreachable_until = self._clock() + READINESS_FAILURE_TTL
-            raise
-        self._reachable_until = self._clock() + READINESS_TTL
 
     def _cached_document(self) -> dict[str, Any] | None:
         """The document in hand or on disk, without network I/O (for ``SigningKeys.status``)."""

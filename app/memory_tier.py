@@ -96,6 +96,3 @@ class MemoryTier:
     def unsaved(self) -> list[tuple[str, UserSession]]:
         with self._lock:
             return [(p, s) for p, s in self._sessions.items() if s.unsaved]
-
-    def __len__(self) -> int:
-        return len(self._sessions)

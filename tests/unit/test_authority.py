@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import threading
 
-import pytest
 import requests
 import responses
 
 from app.authority import (
     AUTHORITY_TIMEOUT,
     KEYS_MAX_AGE,
-    AuthorityUnavailable,
     OpenIdConfiguration,
     SigningKeys,
 )
@@ -57,20 +54,6 @@ def test_a_slow_key_refresh_does_not_hold_up_other_requests():
     assert len(calls) == 2
 
 
-def test_readiness_remembers_a_failure_briefly():
-    clock = Clock()
-    with responses.RequestsMock() as rsps:
-        failing = rsps.add(responses.GET, METADATA_URL, status=503)
-        metadata = OpenIdConfiguration(METADATA_URL, requests.Session(), clock)
-        for _ in range(3):
-            with pytest.raises(AuthorityUnavailable):
-                metadata.check()
-        assert failing.call_count == 1
-        clock.now += 6
-        rsps.replace(responses.GET, METADATA_URL, body=json.dumps({"jwks_uri": JWKS_URL}))
-        metadata.check()  # asks again once the failure is 5 s old, and now succeeds
-
-
 class RecordingSession(requests.Session):
     """Remembers the timeout of every request (``responses`` does not)."""
 
@@ -89,7 +72,7 @@ def test_fetches_use_the_configured_timeout():
         entra.register(rsps)
         metadata = OpenIdConfiguration(METADATA_URL, session, timeout=(1.5, 4.0))
         assert SigningKeys(metadata, session, timeout=(2.0, 5.0)).get(entra.key.kid) is not None
-        OpenIdConfiguration(METADATA_URL, session).check()
+        OpenIdConfiguration(METADATA_URL, session).document()
     assert session.timeouts == [(1.5, 4.0), (2.0, 5.0), AUTHORITY_TIMEOUT]
 
 
