@@ -103,7 +103,7 @@ def test_readyz_says_redis_is_degraded_when_its_ping_fails(entra, settings, redi
     assert response.get_json()["checks"]["redis"] == "degraded"
 
 
-def test_readyz_without_redis_does_not_list_it(entra, settings):
+def test_readyz_without_redis_reports_it_not_configured(entra, settings):
     client = create_app(settings, store=MemoryTokenCacheStore(60)).test_client()
 
     assert client.get("/readyz").get_json()["checks"]["redis"] == "not_configured"
