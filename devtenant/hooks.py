@@ -2,7 +2,8 @@
 
 They live under ``/_devtenant/`` (and ``/healthz``) so they can never be confused with
 an Entra or Graph URL. Tests use the counters to prove caching (e.g. "the second API
-call did not hit the token endpoint") and the switch to exercise both scope forms.
+call did not hit the token endpoint", or which downstream API, Graph or the Tasks API,
+was called) and the switch to exercise both scope forms.
 """
 
 from __future__ import annotations

@@ -70,6 +70,8 @@ class Counters:
     token_errors: Counter[str] = field(default_factory=Counter)
     graph: Counter[str] = field(default_factory=Counter)
     graph_errors: Counter[str] = field(default_factory=Counter)
+    tasks_api: Counter[str] = field(default_factory=Counter)
+    tasks_api_errors: Counter[str] = field(default_factory=Counter)
 
     def count_token(self, kind: str, error: str | None = None) -> None:
         with self._lock:
@@ -78,11 +80,17 @@ class Counters:
                 self.token["errors"] += 1
                 self.token_errors[error] += 1
 
-    def count_graph(self, path: str, status: int) -> None:
+    def _count_call(self, calls: Counter[str], errors: Counter[str], path: str, status: int) -> None:
         with self._lock:
-            self.graph[path] += 1
+            calls[path] += 1
             if status >= 400:
-                self.graph_errors[str(status)] += 1
+                errors[str(status)] += 1
+
+    def count_graph(self, path: str, status: int) -> None:
+        self._count_call(self.graph, self.graph_errors, path, status)
+
+    def count_tasks_api(self, path: str, status: int) -> None:
+        self._count_call(self.tasks_api, self.tasks_api_errors, path, status)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -96,11 +104,17 @@ class Counters:
                     "errors": sum(self.graph_errors.values()),
                 },
                 "graph_errors": dict(self.graph_errors),
+                "tasks_api": {
+                    "/tasks-api/v1/me/tasks": 0,
+                    **self.tasks_api,
+                    "errors": sum(self.tasks_api_errors.values()),
+                },
+                "tasks_api_errors": dict(self.tasks_api_errors),
             }
 
     def reset(self) -> None:
         with self._lock:
-            for counter in (self.token, self.token_errors, self.graph, self.graph_errors):
+            for counter in (value for value in vars(self).values() if isinstance(value, Counter)):
                 counter.clear()
 
 

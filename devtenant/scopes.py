@@ -47,8 +47,13 @@ class ScopeRequest:
         return " ".join([*qualified, *sorted(self.oidc)])
 
     def response_scope(self, short: bool) -> str:
-        """The ``scope`` value Entra returns, in prefixed or Graph short form."""
+        """The ``scope`` value Entra returns, in prefixed or Graph short form.
+
+        Only Graph's permissions ever come back short: a bare name means Graph to
+        Entra and msal, so a custom API's scopes are always qualified (``api://.../x``).
+        """
         perms = self.permissions or ()
+        short = short and self.resource.identifier == GRAPH_RESOURCE
         named = list(perms) if short else [f"{self.resource.identifier}/{p}" for p in perms]
         if self.oidc - {"offline_access"}:
             named.extend(OIDC_ECHO)

@@ -35,7 +35,7 @@ def create_app(
     each request's own host is used. ``short_scopes`` starts with the Graph short
     scope form in token responses (switchable at runtime via /_devtenant/config).
     """
-    from devtenant import entra, graph, hooks
+    from devtenant import entra, graph, hooks, tasks_api
 
     paths = ensure_state(state_dir)
     app = Flask("devtenant")
@@ -46,6 +46,7 @@ def create_app(
     app.register_blueprint(hooks.bp)
     app.register_blueprint(entra.bp)
     app.register_blueprint(graph.bp)
+    app.register_blueprint(tasks_api.bp)
     return app
 
 
