@@ -1,5 +1,6 @@
 # flask-obo images, one per target:
-#   api        the production image: the API's wheel and its dependencies, non-root. No dev
+#   api        the production image: the reference API (app/, wsgi.py, config/) on the
+#              flask_obo wheel with its dependencies and the server extra, non-root. No dev
 #              tenant, no test tools. The default target (the last stage).
 #   devtenant  the dev tenant (a local Entra ID + Graph) for the compose stack; never in production.
 #   docker build --target api -t flask-obo .
@@ -16,13 +17,13 @@ WORKDIR /srv/flask-obo
 # while the code changes.
 COPY setup.cfg pyproject.toml README.md ./
 RUN python -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); \
-print(c['options']['install_requires'])" > /tmp/requirements.txt \
+print(c['options']['install_requires'], c['options.extras_require']['server'])" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 RUN useradd --system --uid 10001 --home-dir /srv/flask-obo --shell /usr/sbin/nologin flaskobo
 
 
-# The project's wheel, built from the build context: setup.cfg decides what it holds (the
-# API's packages; never devtenant/ or tests/).
+# The extension's wheel, built from the build context: setup.cfg decides what it holds
+# (flask_obo; never app/, devtenant/ or tests/).
 FROM base AS build
 COPY . /src
 RUN pip wheel --no-deps /src -w /wheels
@@ -45,6 +46,7 @@ CMD ["python", "-m", "devtenant", "serve", "--host", "0.0.0.0", "--port", "8443"
 FROM base AS api
 COPY --from=build /wheels /tmp/wheels
 RUN pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
+COPY app ./app
 COPY config ./config
 COPY wsgi.py ./
 USER 10001

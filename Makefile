@@ -25,12 +25,14 @@ run: $(STAMP)
 test: $(STAMP)
 	@command -v redis-server >/dev/null || echo "NOTE: redis-server is missing, so integration tests are skipped. Install it: sudo apt-get install redis-server"
 	@command -v nginx >/dev/null || echo "NOTE: nginx is missing, so deployment tests are skipped. Install it: sudo apt-get install nginx"
-	$(PY) -m ruff check app devtenant tests bench scripts wsgi.py config
+	$(PY) -m ruff check app flask_obo devtenant tests bench scripts wsgi.py config
+	$(PY) -m mypy
 	$(PY) -m pytest
 
-## ruff only (make test runs it too)
+## ruff and mypy only (make test runs them too)
 lint: $(STAMP)
-	$(PY) -m ruff check app devtenant tests bench scripts wsgi.py config
+	$(PY) -m ruff check app flask_obo devtenant tests bench scripts wsgi.py config
+	$(PY) -m mypy
 
 ## benchmarks (not part of the test suite; about 5 minutes; needs redis-server)
 bench: $(STAMP)

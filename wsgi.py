@@ -16,7 +16,7 @@ import sys
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import create_app
-from app.settings import SettingsError
+from flask_obo import SettingsError
 
 try:
     app = create_app()

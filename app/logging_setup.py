@@ -47,7 +47,7 @@ def configure_logging() -> None:
     """Give the root logger one redacting stderr handler (idempotent; keeps gunicorn's)."""
     root = logging.getLogger()
     if not root.handlers:
-        handler = logging.StreamHandler()
+        handler: logging.Handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
         root.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())

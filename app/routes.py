@@ -1,45 +1,32 @@
-"""The API's routes: ``/api/*``, every one requiring the API scope.
+"""The API's routes: ``/api/*``, every one requiring the API scope (``API_REQUIRED_SCOPE``).
 
-Reading a Graph route top-down is the request path: protector (``before_request``) →
-OBO provider (with the user's cache) → Graph client. Only routes that call Graph ever
-trigger an On-Behalf-Of exchange.
+Reading a Graph route top-down is the request path: the protector (``obo.protect``, before
+each request) → a token on behalf of the caller (``downstream`` asks ``acquire_token``,
+which reads the user's cache) → the Graph call. Only routes that call Graph ever trigger
+an On-Behalf-Of exchange. Errors propagate: ``FlaskOBO`` answers them as JSON.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify
 
-from .errors import ApiError, InsufficientClaims
-from .graph_client import GraphClaimsChallenge, GraphClient, GraphNotFound
-from .protector import authenticate_request, current_user_token
-from .token_acquisition import OnBehalfOfTokenProvider
+from flask_obo import current_token
+from flask_obo.errors import ApiError, DownstreamError, DownstreamNotFound
+
+from .extensions import obo
 
 api = Blueprint("api", __name__, url_prefix="/api")
+obo.protect(api)
 
 WHOAMI_CLAIMS = ("oid", "tid", "name", "preferred_username", "scp")
-
-
-@api.before_request
-def _require_scope() -> None:
-    if request.method != "OPTIONS":  # CORS preflights carry no token
-        authenticate_request()
-
-
-@api.after_request
-def _never_cache(response: Response) -> Response:
-    # Every answer here is one user's data (or an error about their token): no shared
-    # cache (CDN, proxy) may keep it, whichever origin asked.
-    response.headers["Cache-Control"] = "no-store"
-    response.vary.add("Origin")
-    return response
+USER_FIELDS = ("id", "displayName", "mail", "userPrincipalName", "jobTitle")
 
 
 @api.get("/whoami")
 def whoami() -> Response:
-    token = current_user_token()
-    return jsonify({claim: token.get(claim) for claim in WHOAMI_CLAIMS})
+    return jsonify({claim: current_token.get(claim) for claim in WHOAMI_CLAIMS})
 
 
 @api.get("/me")
@@ -51,22 +38,18 @@ def me() -> Response:
 def manager() -> Response:
     try:
         return jsonify(_graph_user("/me/manager"))
-    except GraphNotFound:
+    except DownstreamNotFound:
         raise ApiError("The signed-in user has no manager.", status=404,
                        error="manager_not_found") from None
 
 
 def _graph_user(path: str) -> dict[str, Any]:
-    """GET a Graph user object as the caller; one fresh token on a claims challenge."""
-    user = current_user_token()
-    tokens: OnBehalfOfTokenProvider = current_app.extensions["flask-obo.tokens"]
-    graph: GraphClient = current_app.extensions["flask-obo.graph"]
-    access_token = tokens.acquire_token(user)
+    """A Graph user object as the caller sees it: exactly the standard fields."""
+    response = obo.downstream("graph").get(path, params={"$select": ",".join(USER_FIELDS)})
     try:
-        return graph.get_user(path, access_token)
-    except GraphClaimsChallenge as challenge:
-        access_token = tokens.acquire_token(user, claims_challenge=challenge.claims)
-    try:
-        return graph.get_user(path, access_token)
-    except GraphClaimsChallenge as challenge:  # still challenged: the SPA must act
-        raise InsufficientClaims(challenge.claims) from None
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise DownstreamError()
+    return {name: body.get(name) for name in USER_FIELDS}

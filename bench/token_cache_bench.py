@@ -37,9 +37,10 @@ import responses
 from cryptography.fernet import Fernet
 
 from app import create_app
-from app.protector import EntraAccessToken
-from app.settings import Settings
-from app.token_cache import TokenCacheCodec, UserTokenCache
+from flask_obo.extension import services_of
+from flask_obo.protector import EntraAccessToken
+from flask_obo.settings import Settings
+from flask_obo.token_cache import TokenCacheCodec, UserTokenCache
 from tests.support.fake_entra import (
     ADELE,
     AUTHORITY_HOST,
@@ -78,7 +79,7 @@ def main() -> int:
                                                   AUTHORITY_CACHE_DIR=authority_dir))
         app = create_app(settings)
         client = app.test_client()
-        provider = app.extensions["flask-obo.tokens"]
+        provider = services_of(app).tokens
         r = redis.Redis.from_url(url)
 
         # --- bytes per user after 1 and 5 SPA tokens -------------------------------------
@@ -97,33 +98,33 @@ def main() -> int:
 
         # --- warm-path latency ------------------------------------------------------------
         user = user_of(token)
+        scopes = list(settings.graph_scopes)
         r.set("bench:bare", blob)
         memory_app = msal.ConfidentialClientApplication(
             CLIENT_ID, client_credential=CLIENT_SECRET, authority=f"{AUTHORITY_HOST}/{TENANT_ID}",
             token_cache=cache, instance_discovery=False)
         account = memory_app.get_accounts()[0]
-        scopes = list(settings.graph_scopes)
 
         sessions = provider.memory._sessions
 
         def warm_reread() -> None:
             for session in sessions.values():
                 session.verified_epoch = -1  # as after an invalidation: check Redis first
-            provider.acquire_token(user)
+            provider.acquire_token(user, scopes)
 
         def warm_blob_changed() -> None:
             for session in sessions.values():
                 session.blob = None  # as if another worker had written: decrypt + load
                 session.verified_epoch = -1
-            provider.acquire_token(user)
+            provider.acquire_token(user, scopes)
 
         def warm_new_worker() -> None:
             sessions.clear()  # a fresh worker: build the app, decrypt, deserialize
-            provider.acquire_token(user)
+            provider.acquire_token(user, scopes)
 
         series = {
             "bare GET": lambda: r.get("bench:bare"),
-            "warm, memory": lambda: provider.acquire_token(user),
+            "warm, memory": lambda: provider.acquire_token(user, scopes),
             "warm, re-read": warm_reread,
             "warm, new blob": warm_blob_changed,
             "warm, new worker": warm_new_worker,

@@ -14,12 +14,12 @@ import os
 import sys
 from pathlib import Path
 
-# The project's root, where `app` is, whatever the working directory (gunicorn applies
+# The project's root, where `app` and `flask_obo` are, whatever the working directory (gunicorn applies
 # --chdir only after reading this file).
 _root = str(Path(__file__).resolve().parents[1])
 if _root not in sys.path:
     sys.path.insert(0, _root)
-from app.settings import Env, Settings, SettingsError  # noqa: E402
+from flask_obo import Env, Settings, SettingsError  # noqa: E402
 
 _cores = multiprocessing.cpu_count()
 _env = Env(os.environ)

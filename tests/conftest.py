@@ -11,8 +11,8 @@ import responses
 from cryptography.fernet import Fernet
 
 from app import create_app
-from app.cache_store import RedisTokenCacheStore
-from app.settings import Settings
+from flask_obo.cache_store import RedisTokenCacheStore
+from flask_obo.settings import Settings
 from tests.support.fake_entra import FakeEntra, settings_env
 
 

@@ -1,6 +1,8 @@
-"""The packaging, built for real: ``pip install .`` installs the API alone (no dev tenant,
-with its published client secret; no tests; no test tools), ``.[devtenant]`` is what the
-dev tenant needs, and ``.[dev]`` (what ``make run`` and ``make test`` install) covers
+"""The packaging, built for real: ``pip install .`` installs the extension, ``flask_obo``,
+alone (not the reference API's ``app``, a name that would collide with users' own; no dev
+tenant, with its published client secret; no tests; no test tools). Its requirements cover
+what it imports, ``.[server]`` adds what the reference API needs, ``.[devtenant]`` is what
+the dev tenant needs, and ``.[dev]`` (what ``make run`` and ``make test`` install) covers
 everything the tests, the dev tenant and ``scripts/run_local.py`` import.
 
 The wheel is built by pip from a copy of the checkout (so no build/ or egg-info lands in
@@ -29,8 +31,8 @@ from devtenant import API_CLIENT_SECRET
 from tests.deploy.conftest import ROOT
 
 PROJECT = "flask-obo"
-# What may be in the wheel: the API's packages (the extension package once it exists).
-API_PACKAGES = {name for name in ("app", "flask_obo") if (ROOT / name / "__init__.py").is_file()}
+# What may be in the wheel: the extension alone (the reference API deploys from source).
+API_PACKAGES = {"flask_obo"}
 TEST_TOOLS = {"pytest", "pytest-timeout", "fakeredis", "responses", "ruff", "check-jsonschema", "pyyaml"}
 # Not part of a checkout's sources: the VCS, environments, caches, build output.
 NOT_SOURCES = shutil.ignore_patterns(
@@ -82,12 +84,13 @@ def _wheel_metadata(wheel: Path) -> email.message.Message:
         return email.message_from_bytes(archive.read(name))
 
 
-def test_the_wheel_holds_the_api_alone(wheel: Path) -> None:
+def test_the_wheel_holds_the_extension_alone(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
         assert tops == API_PACKAGES, tops  # no devtenant, tests, bench, scripts, config
-        assert "app/__init__.py" in names
+        assert "flask_obo/__init__.py" in names
+        assert "flask_obo/py.typed" in names  # PEP 561: the type hints ship
         # the dev tenant's published client secret is nowhere in it
         for name in names:
             assert API_CLIENT_SECRET.encode() not in archive.read(name), name
@@ -99,19 +102,19 @@ def test_the_wheel_requires_no_test_tools_and_offers_the_extras(wheel: Path) -> 
     unconditional = {canonicalize_name(r.name) for r in requires if r.marker is None}
     assert unconditional == _names(_lines(_setup_cfg()["options"]["install_requires"]))
     assert not unconditional & TEST_TOOLS
-    assert set(meta.get_all("Provides-Extra") or []) >= {"dev", "devtenant"}
+    assert set(meta.get_all("Provides-Extra") or []) >= {"dev", "devtenant", "server"}
 
     def extra(name: str) -> set[str]:
         return {canonicalize_name(r.name) for r in requires
                 if r.marker is not None and r.marker.evaluate({"extra": name})}
 
     assert extra("dev") >= TEST_TOOLS
-    assert PROJECT in extra("dev")  # .[dev] pulls in .[devtenant] (a self-reference)
-    assert any(canonicalize_name(r.name) == PROJECT and r.extras == {"devtenant"} for r in requires)
+    assert PROJECT in extra("dev")  # .[dev] pulls in .[devtenant,server] (a self-reference)
+    assert any(canonicalize_name(r.name) == PROJECT and r.extras == {"devtenant", "server"} for r in requires)
     assert not extra("devtenant") & TEST_TOOLS
 
 
-def test_the_installed_wheel_has_the_api_but_no_dev_tenant(wheel: Path, tmp_path: Path) -> None:
+def test_the_installed_wheel_has_the_extension_but_no_app_nor_dev_tenant(wheel: Path, tmp_path: Path) -> None:
     """Install with ``--no-deps`` into a fresh virtualenv and look, from outside the checkout."""
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)
@@ -135,16 +138,19 @@ def test_the_installed_wheel_has_the_api_but_no_dev_tenant(wheel: Path, tmp_path
 
 
 def _third_party_imports(*folders: str) -> set[str]:
+    return _third_party_imports_of(*(path for folder in folders for path in (ROOT / folder).rglob("*.py")))
+
+
+def _third_party_imports_of(*paths: Path) -> set[str]:
     local = {p.stem for p in ROOT.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
     local |= {"scripts", "bench"}
     modules: set[str] = set()
-    for folder in folders:
-        for path in (ROOT / folder).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Import):
-                    modules.update(alias.name.split(".")[0] for alias in node.names)
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    modules.add(node.module.split(".")[0])
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
     return {m for m in modules if m not in sys.stdlib_module_names and m not in local}
 
 
@@ -190,6 +196,21 @@ def test_the_dev_extra_covers_what_the_tests_and_make_run_import() -> None:
     modules = _third_party_imports("tests", "devtenant", "scripts")
     assert {"pytest", "fakeredis", "yaml", "joserfc"} <= modules  # the scan sees them
     assert not _unprovided(modules, requirements)
+
+
+def test_the_install_requires_alone_cover_what_the_extension_imports() -> None:
+    modules = _third_party_imports("flask_obo")
+    assert {"flask", "msal", "redis", "authlib"} <= modules
+    assert not _unprovided(modules, _lines(_setup_cfg()["options"]["install_requires"]))
+
+
+def test_the_server_extra_covers_what_the_reference_api_imports() -> None:
+    """The Dockerfile's api target installs exactly these for app/, wsgi.py and config/."""
+    setup = _setup_cfg()
+    modules = _third_party_imports("app", "config") | _third_party_imports_of(ROOT / "wsgi.py")
+    assert {"flask_cors", "gunicorn"} <= modules
+    assert not _unprovided(modules, [*_lines(setup["options"]["install_requires"]),
+                                     *_lines(setup["options.extras_require"]["server"])])
 
 
 def test_the_devtenant_extra_alone_covers_what_the_dev_tenant_imports() -> None:

@@ -24,12 +24,11 @@ import redis
 import responses
 
 from app import create_app
-from app.cache_store import RedisTokenCacheStore
-from app.invalidation import PING_EVERY
-from app.protector import EntraAccessToken
-from app.settings import Settings
-from app.token_acquisition import OnBehalfOfTokenProvider
-from app.token_cache import TokenCacheCodec, partition_key
+from flask_obo.extension import services_of
+from flask_obo.invalidation import PING_EVERY
+from flask_obo.protector import EntraAccessToken
+from flask_obo.settings import Settings
+from flask_obo.token_cache import TokenCacheCodec, partition_key
 from tests.support.fake_entra import ADELE, BOB, TENANT_ID, FakeEntra, settings_env
 from tests.support.servers import RedisProcess, command_calls
 
@@ -38,6 +37,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 COHERENCE_BOUND = 1.0  # seconds within which every worker honours a change to an entry
 WARM_REQUESTS = 200
 MAX_COMMANDS_PER_WARM_REQUEST = 0.02
+GRAPH_SCOPES = ["https://graph.microsoft.com/.default"]
 CAROL, DAN = "c3c3c3c3-0000-4000-8000-000000000003", "d4d4d4d4-0000-4000-8000-000000000004"
 USERS = [ADELE, BOB, CAROL, DAN]
 BARRIER = "0" * 64  # a partition no user has (see Worker.drain)
@@ -73,8 +73,8 @@ class Worker:
     def __init__(self, settings: Settings, entra: FakeEntra) -> None:
         self.app = create_app(settings)
         self.client = self.app.test_client()
-        self.store: RedisTokenCacheStore = self.app.extensions["flask-obo.store"]
-        self.tokens: OnBehalfOfTokenProvider = self.app.extensions["flask-obo.tokens"]
+        self.store = services_of(self.app).store
+        self.tokens = services_of(self.app).tokens
         self.entra = entra
         self._spa_tokens: dict[str, str] = {}
         assert settings.redis_url
@@ -589,7 +589,8 @@ def test_a_claims_leader_does_not_hold_its_users_warm_requests_outside_the_waiti
     entra.hold_token_requests = threading.Event()  # Entra ID stalls
     with ThreadPoolExecutor(1) as pool:
         adele = EntraAccessToken({"oid": ADELE, "tid": TENANT_ID}, entra.api_token(ADELE))
-        claims = pool.submit(app.tokens.acquire_token, adele, '{"access_token":{"acrs":{}}}')
+        claims = pool.submit(app.tokens.acquire_token, adele, GRAPH_SCOPES,
+                             '{"access_token":{"acrs":{}}}')
         assert entra.token_request_waiting.wait(5)
         try:
             status, took = app.timed_me(ADELE)

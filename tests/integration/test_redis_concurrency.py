@@ -14,9 +14,9 @@ import redis
 import responses
 
 from app import create_app
-from app.bulkhead import Deadline
-from app.cache_store import RedisTokenCacheStore
-from app.settings import Settings
+from flask_obo.bulkhead import Deadline
+from flask_obo.cache_store import RedisTokenCacheStore
+from flask_obo.settings import Settings
 from tests.support.fake_entra import ADELE, BOB, FakeEntra, settings_env
 
 pytestmark = pytest.mark.integration

@@ -21,9 +21,9 @@ import pytest
 import redis
 import responses
 
-from app.breaker import State
-from app.settings import Settings
-from app.token_cache import partition_key
+from flask_obo.breaker import State
+from flask_obo.settings import Settings
+from flask_obo.token_cache import partition_key
 from tests.integration.test_memory_tier import CAROL, RecordingEntra, Worker, wait_for
 from tests.support.fake_entra import ADELE, BOB, TENANT_ID, settings_env
 from tests.support.servers import RedisProcess

@@ -26,9 +26,9 @@ from cryptography.fernet import Fernet
 from flask.testing import FlaskClient
 
 from app import create_app
-from app.cache_store import RedisTokenCacheStore
-from app.settings import Settings
-from app.token_cache import TokenCacheCodec, UserTokenCache, partition_key
+from flask_obo.cache_store import RedisTokenCacheStore
+from flask_obo.settings import Settings
+from flask_obo.token_cache import TokenCacheCodec, UserTokenCache, partition_key
 from tests.support.fake_entra import ADELE, BOB, CLIENT_ID, TENANT_ID, FakeEntra, settings_env
 
 pytestmark = pytest.mark.integration

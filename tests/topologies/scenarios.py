@@ -30,7 +30,7 @@ from typing import Protocol
 
 import requests
 
-from app.token_cache import partition_key
+from flask_obo.token_cache import partition_key
 from tests.support.faults import Call, LoadGenerator, Sample, request_sample, summary
 from tests.support.stack import DevTenantProcess, GunicornProcess, api_env, devtenant, gunicorn
 

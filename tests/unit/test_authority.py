@@ -7,7 +7,7 @@ import threading
 import requests
 import responses
 
-from app.authority import (
+from flask_obo.authority import (
     AUTHORITY_TIMEOUT,
     KEYS_MAX_AGE,
     OpenIdConfiguration,

@@ -15,14 +15,14 @@ import requests
 import responses
 from joserfc.jwk import RSAKey
 
-from app.authority import (
+from flask_obo.authority import (
     AuthorityDiskCache,
     AuthorityUnavailable,
     OpenIdConfiguration,
     SigningKeys,
 )
-from app.protector import EntraTokenValidator
-from app.settings import Settings
+from flask_obo.protector import EntraTokenValidator
+from flask_obo.settings import Settings
 from tests.support.fake_entra import JWKS_URL, METADATA_URL, TENANT_ID, FakeEntra, settings_env
 
 HOUR = 3600.0
@@ -160,7 +160,7 @@ def test_a_stale_copy_is_used_while_the_authority_is_down_with_one_warning(
     go_down(rsps)
     wall.now += 26.1 * HOUR
     recycled = Worker(directory, wall)
-    caplog.set_level(logging.WARNING, logger="app.authority")
+    caplog.set_level(logging.WARNING, logger="flask_obo.authority")
     calls_before = authority_calls(rsps)
 
     for _ in range(5):
@@ -271,7 +271,7 @@ def test_the_default_directory_is_per_user_under_the_temp_dir(tmp_path, monkeypa
 
 def _assert_disk_ignored(directory: Path, wall: Clock, fake: FakeEntra, caplog, reason: str) -> None:
     """A new worker does not use the disk copy: it asks the authority, and says why."""
-    caplog.set_level(logging.WARNING, logger="app.authority")
+    caplog.set_level(logging.WARNING, logger="flask_obo.authority")
     fetches = (fake.metadata_fetches, fake.jwks_fetches)
     assert Worker(directory, wall).keys.get("key-1") is not None
     assert fake.metadata_fetches == fetches[0] + 1
@@ -334,7 +334,7 @@ def test_a_damaged_file_is_ignored(authority, directory, wall, caplog, damage):
 def test_an_unusable_directory_never_crashes(authority, tmp_path, wall, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    caplog.set_level(logging.WARNING, logger="app.authority")
+    caplog.set_level(logging.WARNING, logger="flask_obo.authority")
 
     worker = Worker(blocker, wall)
     assert worker.keys.get("key-1") is not None

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from app import breaker as breaker_module
-from app.breaker import CircuitBreaker, State
+from flask_obo import breaker as breaker_module
+from flask_obo.breaker import CircuitBreaker, State
 
 THRESHOLD = 3
 RESET = 2.0

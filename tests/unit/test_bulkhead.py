@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from app.bulkhead import Deadline, SingleFlight, TokenAcquisitionBusy, TooManyWaiting, WaitingRoom, held
+from flask_obo.bulkhead import Deadline, SingleFlight, TokenAcquisitionBusy, TooManyWaiting, WaitingRoom, held
 
 WAIT = 5.0  # bound on any wait for another thread here; none should come close
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.graph_client import GraphNotFound
+from flask_obo.errors import DownstreamNotFound
 from tests.support.fake_entra import ADELE, BOB, FakeEntra
 
 
@@ -17,7 +17,7 @@ def test_graph_404_on_me_is_a_json_404(client, entra: FakeEntra):
 
     assert response.status_code == 404
     assert response.json == {"error": "not_found",
-                             "error_description": "Microsoft Graph has no such resource."}
+                             "error_description": "The downstream API has no such resource."}
     assert response.headers["Cache-Control"] == "no-store"  # still one user's answer
 
 
@@ -32,7 +32,7 @@ def test_any_route_that_meets_a_graph_404_answers_404(app):
     """Not only the API's routes: whatever calls Graph gets the same answer."""
 
     def lookup():
-        raise GraphNotFound()
+        raise DownstreamNotFound()
 
     app.add_url_rule("/elsewhere", view_func=lookup)
 

@@ -22,10 +22,10 @@ import pytest
 from gunicorn.config import Config
 
 from app import create_app
-from app.cache_store import TokenCacheStore
 from app.gunicorn_logging import SanitisingLogger, text, token
 from app.logging_setup import RedactSecrets, redact
-from app.settings import Settings
+from flask_obo.cache_store import TokenCacheStore
+from flask_obo.settings import Settings
 from tests.support.fake_entra import ADELE, TENANT_ID, FakeEntra
 
 GUNICORN_CONF = Path(__file__).resolve().parents[2] / "config" / "gunicorn.conf.py"

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from app.bulkhead import Deadline
-from app.msal_http import EntraUnavailable, MsalHttpClient, within
+from flask_obo.bulkhead import Deadline
+from flask_obo.msal_http import EntraUnavailable, MsalHttpClient, within
 
 BODY = b'{"access_token": "at", "token_type": "Bearer", "expires_in": 3600}'
 

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from app import create_app
-from app.settings import Settings
+from flask_obo.settings import Settings
 from tests.support.fake_entra import ADELE, BOB, GRAPH, TOKEN_URL, Behaviour, FakeEntra, settings_env
 
 OBO = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -178,15 +178,15 @@ def test_graph_5xx_is_502(client, entra: FakeEntra):
     entra.graph_behaviours[ADELE] = ["500"]
     response = client.get("/api/me", headers=bearer(entra.api_token(ADELE)))
     assert response.status_code == 502
-    assert response.json == {"error": "graph_error",
-                             "error_description": "Microsoft Graph failed to answer the request."}
+    assert response.json == {"error": "downstream_error",
+                             "error_description": "The downstream API failed to answer the request."}
 
 
 def test_graph_timeout_is_504(settings, store):
     response = me_with_override(settings, store, responses.GET, f"{GRAPH}/me",
                                 body=requests.ReadTimeout("slow"))
     assert response.status_code == 504
-    assert response.json["error"] == "graph_timeout"
+    assert response.json["error"] == "downstream_timeout"
 
 
 def test_graph_claims_challenge_gets_one_fresh_token_and_one_retry(client, entra: FakeEntra):

@@ -18,9 +18,10 @@ from joserfc import jws
 from joserfc.jwk import OctKey, RSAKey
 
 from app import create_app
-from app.authority import OpenIdConfiguration, SigningKeys
-from app.protector import authenticate_request, current_user_token
-from app.settings import Settings
+from app.extensions import obo
+from flask_obo import current_token
+from flask_obo.authority import OpenIdConfiguration, SigningKeys
+from flask_obo.settings import Settings
 from tests.support.fake_entra import (
     ADELE,
     AUTHORITY_HOST,
@@ -130,15 +131,16 @@ def test_the_validated_token_keeps_the_raw_string_for_on_behalf_of(app, entra):
     token = entra.api_token()
 
     with app.test_request_context(WHOAMI, headers=bearer(token)):
-        authenticated = authenticate_request()
-        assert current_user_token().raw == token
-        assert authenticated.raw == token
-        assert current_user_token().oid == ADELE
+        obo.authenticate()
+        assert current_token.raw == token
+        assert current_token.oid == ADELE
+        assert current_token.tid == TENANT_ID
+        assert "user_impersonation" in current_token.scopes
 
 
-def test_current_user_token_refuses_an_unauthenticated_request(app):
-    with app.test_request_context(WHOAMI), pytest.raises(RuntimeError):
-        current_user_token()
+def test_current_token_refuses_an_unauthenticated_request(app):
+    with app.test_request_context(WHOAMI), pytest.raises(RuntimeError, match="protected route"):
+        current_token.oid  # noqa: B018
 
 
 # --- no token -----------------------------------------------------------------------------------

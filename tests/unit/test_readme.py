@@ -18,8 +18,8 @@ from dotenv import dotenv_values
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 EXAMPLE_ENV = ROOT / "config" / "example.env"
-# The API's code: app/, and the extension package once it exists.
-API_PACKAGES = [ROOT / name for name in ("app", "flask_obo") if (ROOT / name).is_dir()]
+# The API's code: the reference API and the extension.
+API_PACKAGES = [ROOT / "app", ROOT / "flask_obo"]
 
 # --- the error table -----------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from app import create_app
-from app.settings import Settings, SettingsError
+from flask_obo.extension import services_of
+from flask_obo.settings import Settings, SettingsError
 from tests.support.fake_entra import CLIENT_ID, CLIENT_SECRET, TENANT_ID, settings_env
 
 MAIN = Path(__file__).resolve().parents[2]
@@ -467,7 +468,7 @@ def test_the_environment_overrides_dotenv(dotenv_dir, monkeypatch):
 def test_create_app_without_arguments_uses_dotenv(dotenv_dir):
     app = create_app()
 
-    assert app.extensions["flask-obo.settings"].required_scope == "Files.Read"
+    assert services_of(app).settings.required_scope == "Files.Read"
 
 
 def test_without_dotenv_or_environment_the_error_names_a_variable(tmp_path, monkeypatch):

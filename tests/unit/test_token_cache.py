@@ -10,9 +10,9 @@ import pytest
 from cryptography.fernet import Fernet, MultiFernet
 
 from app import create_app
-from app.cache_store import RedisTokenCacheStore
-from app.settings import Settings
-from app.token_cache import TokenCacheCodec, UserTokenCache, partition_key, stored_scopes
+from flask_obo.cache_store import RedisTokenCacheStore
+from flask_obo.settings import Settings
+from flask_obo.token_cache import TokenCacheCodec, UserTokenCache, partition_key, stored_scopes
 from tests.support.fake_entra import ADELE, BOB, TENANT_ID, FakeEntra, settings_env
 
 

@@ -1,6 +1,7 @@
-"""The process's one ``requests.Session``: pooled connections for Entra ID and Graph.
+"""The process's one ``requests.Session``: pooled connections for Entra ID and the
+downstream APIs.
 
-Graph calls get urllib3's Retry (429/503/504, honouring a capped Retry-After); token
+Downstream calls get urllib3's Retry (429/503/504, honouring a capped Retry-After); token
 requests get none, because msal and ``token_acquisition`` decide what a failed token
 request means. The session never sets ``verify``: requests lets ``REQUESTS_CA_BUNDLE``
 override it anyway, so that variable is the one place to trust a private CA.
@@ -8,12 +9,14 @@ override it anyway, so that variable is the one place to trust a private CA.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
 POOL_SIZE = 32
-GRAPH_RETRIES = Retry(
+DOWNSTREAM_RETRIES = Retry(
     total=3,
     connect=2,
     read=False,  # a read timeout surfaces as such (→ 504), not as a retry storm
@@ -28,12 +31,14 @@ GRAPH_RETRIES = Retry(
 )
 
 
-def build_session(graph_base_url: str) -> requests.Session:
+def build_session(downstream_base_urls: Iterable[str]) -> requests.Session:
     session = requests.Session()
     session.headers["User-Agent"] = "flask-obo"
     plain = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
     session.mount("https://", plain)
     session.mount("http://", plain)
-    graph = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=GRAPH_RETRIES)
-    session.mount(graph_base_url.rstrip("/") + "/", graph)
+    for base_url in downstream_base_urls:
+        downstream = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE,
+                                 max_retries=DOWNSTREAM_RETRIES)
+        session.mount(base_url.rstrip("/") + "/", downstream)
     return session

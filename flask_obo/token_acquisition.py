@@ -1,8 +1,8 @@
-"""Acquiring Graph tokens on behalf of the signed-in user (msal's OBO grant).
+"""Acquiring downstream API tokens on behalf of the signed-in user (msal's OBO grant).
 
 msal binds a token cache to a ``ConfidentialClientApplication`` at construction, and
 ``acquire_token_on_behalf_of`` never reads the cache. So each user gets, per process, a
-``UserSession`` (see ``app.memory_tier``): an application around their own cache object.
+``UserSession`` (see ``flask_obo.memory_tier``): an application around their own cache object.
 
 A request goes:
 
@@ -23,9 +23,8 @@ A request goes:
 from __future__ import annotations
 
 import logging
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from typing import Any
 
@@ -33,9 +32,18 @@ import msal
 import requests
 
 from .authority import AuthorityUnavailable, OpenIdConfiguration
-from .bulkhead import Deadline, SingleFlight, TokenAcquisitionBusy, WaitingRoom, held
-from .cache_store import CacheUnavailable, Guard, StoredEntry, TokenCacheStore
-from .errors import ApiError, InsufficientClaims, ServiceUnavailable, bearer_challenge
+from .bulkhead import Deadline, SingleFlight, WaitingRoom, held
+from .cache_store import Guard, StoredEntry, TokenCacheStore
+from .errors import (
+    AssertionRejected,
+    CacheUnavailable,
+    ConsentRequired,
+    IdentityProviderUnavailable,
+    InsufficientClaims,
+    InteractionRequired,
+    TokenAcquisitionBusy,
+    TokenAcquisitionFailed,
+)
 from .memory_tier import MemoryTier, UserSession
 from .msal_http import EntraUnavailable, MsalHttpClient, NetworkNeeded, offline, within
 from .protector import EntraAccessToken
@@ -47,35 +55,12 @@ log = logging.getLogger(__name__)
 SESSION_BUSY_SECONDS = 0.05  # longer than any offline lookup; a leader holds it far longer
 
 
-class ConsentRequired(ApiError):
-    status = 403
-    error = "consent_required"
-    description = "An administrator must grant this API consent to call Microsoft Graph."
-
-
-class IdentityProviderUnavailable(ServiceUnavailable):
-    description = "The identity provider is unavailable; retry later."
-
-
-class TokenAcquisitionFailed(ApiError):
-    status = 502
-    error = "token_acquisition_failed"
-    description = "The identity provider refused to issue a token for Microsoft Graph."
-
-
-class AssertionRejected(ApiError):
-    """Entra refused the incoming token itself: that request's problem, not its user's."""
-
-    status = 401
-    error = "invalid_token"
-    description = "The identity provider no longer accepts this access token; get a new one."
-
-    def __init__(self) -> None:
-        super().__init__(headers={"WWW-Authenticate": bearer_challenge(error="invalid_token")})
-
-
 class OnBehalfOfTokenProvider:
-    """Graph access tokens for the caller of the current request."""
+    """Access tokens for downstream APIs on behalf of the caller of a request.
+
+    Every downstream API of a user is served from that user's one session and cache
+    entry: msal files each token under its resource, so Graph and another API's token
+    sit side by side in the one sealed blob."""
 
     def __init__(
         self,
@@ -86,7 +71,6 @@ class OnBehalfOfTokenProvider:
         metadata: OpenIdConfiguration,
     ) -> None:
         self._settings = settings
-        self._scopes = list(settings.graph_scopes)
         self._store, self._codec = store, codec
         timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
         self.memory = MemoryTier(settings.memory_cache_users,
@@ -94,24 +78,27 @@ class OnBehalfOfTokenProvider:
         self._flights: SingleFlight[str] = SingleFlight(private_errors=(AssertionRejected,))
         self._waiting_room = WaitingRoom(settings.entra_max_waiting_threads)
         store.watch(self)
-        _skip_msal_extension_probe()
 
-    def acquire_token(self, user: EntraAccessToken, claims_challenge: str | None = None) -> str:
-        """A Graph token for ``user``; with ``claims_challenge``, always a fresh one."""
+    def acquire_token(self, user: EntraAccessToken, scopes: Sequence[str],
+                      claims_challenge: str | None = None) -> str:
+        """A token for ``scopes`` (one resource) on behalf of ``user``; with
+        ``claims_challenge``, always a fresh one."""
         deadline = Deadline(self._settings.token_acquisition_timeout)
         partition = partition_key(user.oid, user.tid)
+        scopes = list(scopes)
         if claims_challenge is None:
-            token = self._from_cache(partition, user, deadline)
+            token = self._from_cache(partition, user, scopes, deadline)
             if token is not None:
                 return token
         with self._waiting_room.seat():
             return self._flights.run(
-                (partition, claims_challenge),
-                lambda: self._from_entra(partition, user, claims_challenge, deadline),
+                (partition, " ".join(scopes), claims_challenge),
+                lambda: self._from_entra(partition, user, scopes, claims_challenge, deadline),
                 deadline,
             )
 
-    def _from_cache(self, partition: str, user: EntraAccessToken, deadline: Deadline) -> str | None:
+    def _from_cache(self, partition: str, user: EntraAccessToken, scopes: list[str],
+                    deadline: Deadline) -> str | None:
         """The token from memory or Redis, never waiting on Entra ID: None on a miss, and
         also while a leader of this user holds the session to talk to Entra ID (then the
         request joins that flight, in the waiting room, rather than wait out here)."""
@@ -130,18 +117,18 @@ class OnBehalfOfTokenProvider:
                     self._store.healthy or session.blob is None):
                 with suppress(CacheUnavailable):
                     self._reload(session, partition, user)
-            result = self._silent(session, user, offline_only=True)
+            result = self._silent(session, user, scopes, offline_only=True)
         finally:
             session.lock.release()
         return result["access_token"] if result else None
 
-    def _from_entra(self, partition: str, user: EntraAccessToken, claims_challenge: str | None,
-                    deadline: Deadline) -> str:
+    def _from_entra(self, partition: str, user: EntraAccessToken, scopes: list[str],
+                    claims_challenge: str | None, deadline: Deadline) -> str:
         session = self.memory.session(partition)
         with held(session.lock, deadline.remaining()):
             if claims_challenge is None and session.is_current(self._store.coherence()):
                 # The leader that held the session may have just filled it.
-                result = self._silent(session, user, offline_only=True)
+                result = self._silent(session, user, scopes, offline_only=True)
                 if result:
                     return str(result["access_token"])
             with self._user_lock(partition, deadline) as guard, within(deadline), \
@@ -149,11 +136,11 @@ class OnBehalfOfTokenProvider:
                 if guard is not None:
                     with suppress(CacheUnavailable):  # another worker may have filled it
                         self._reload(session, partition, user)
-                result = None if claims_challenge else self._silent(session, user)
+                result = None if claims_challenge else self._silent(session, user, scopes)
                 if not result:
                     log.info("on-behalf-of exchange for partition %s", partition)
                     result = self._app(session).acquire_token_on_behalf_of(
-                        user.raw, self._scopes, claims_challenge=claims_challenge
+                        user.raw, scopes, claims_challenge=claims_challenge
                     )
                 self._save_if_changed(session, partition, guard)
         return _access_token_or_raise(result, partition)
@@ -170,7 +157,7 @@ class OnBehalfOfTokenProvider:
                 guard = None
             yield guard
 
-    def _silent(self, session: UserSession, user: EntraAccessToken,
+    def _silent(self, session: UserSession, user: EntraAccessToken, scopes: list[str],
                 offline_only: bool = False) -> dict[str, Any] | None:
         app = self._app(session)
         account = session.cache.account_of(user.oid, user.tid)
@@ -178,7 +165,8 @@ class OnBehalfOfTokenProvider:
             return None
         try:
             with offline() if offline_only else nullcontext():
-                return app.acquire_token_silent(self._scopes, account)
+                result: dict[str, Any] | None = app.acquire_token_silent(scopes, account)
+                return result
         except NetworkNeeded:  # expired or aging: renew with Entra ID
             return None
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -297,20 +285,9 @@ def _entra_unavailable_is_503() -> Iterator[None]:
         raise IdentityProviderUnavailable(retry_after=exc.retry_after) from None
 
 
-def _skip_msal_extension_probe() -> None:
-    """msal tries ``import msal_extensions`` on every application it builds; when that
-    package is absent each failed import searches sys.path (about 40% of building an
-    application per request). A ``None`` entry makes the import fail at once, as it
-    would anyway."""
-    try:
-        import msal_extensions  # noqa: F401
-    except ImportError:
-        sys.modules.setdefault("msal_extensions", None)  # type: ignore[arg-type]
-
-
 def _access_token_or_raise(result: dict[str, Any], partition: str) -> str:
-    if "access_token" in result:
-        return result["access_token"]
+    if isinstance(result.get("access_token"), str):
+        return str(result["access_token"])
     error = str(result.get("error", ""))
     codes = [c for c in result.get("error_codes") or [] if isinstance(c, int)]
     log.warning(
@@ -324,12 +301,7 @@ def _access_token_or_raise(result: dict[str, Any], partition: str) -> str:
     if 65001 in codes or "consent_required" in (error, result.get("suberror")):
         raise ConsentRequired()
     if error == "interaction_required":
-        raise ApiError(
-            "The user must sign in again interactively.",
-            status=401,
-            error="interaction_required",
-            headers={"WWW-Authenticate": bearer_challenge(error="invalid_token")},
-        )
+        raise InteractionRequired()
     if error == "invalid_grant":
         raise AssertionRejected()
     if error == "temporarily_unavailable":

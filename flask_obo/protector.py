@@ -13,24 +13,30 @@ import uuid
 from typing import Any, NoReturn
 
 from authlib.integrations.flask_oauth2 import ResourceProtector
+from authlib.integrations.flask_oauth2 import current_token as authlib_current_token
 from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import MissingAuthorizationError, UnsupportedTokenTypeError
 from authlib.oauth2.rfc6750 import BearerTokenValidator, InsufficientScopeError, InvalidTokenError
-from flask import Flask, current_app, g
 from joserfc import jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import RSAKey
-from joserfc.jws import CompactSignature, JWSRegistry
+from joserfc.jwk import GuestProtocol, RSAKey
+from joserfc.jws import JWSRegistry
+from werkzeug.local import LocalProxy
 
 from .authority import AuthorityUnavailable, SigningKeys
-from .errors import REALM, ApiError, ServiceUnavailable, bearer_challenge
+from .errors import (
+    REALM,
+    IdentityProviderUnavailable,
+    InsufficientScope,
+    InvalidAccessToken,
+    MissingToken,
+)
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 LEEWAY_SECONDS = 60
 MAX_TOKEN_LENGTH = 16 * 1024
-INVALID_TOKEN_DESCRIPTION = "The access token is invalid or has expired."
 # RS256 and nothing else; header parameters Entra may add (e.g. x5t, nonce) are tolerated.
 _RS256_ONLY = JWSRegistry(algorithms=["RS256"], strict_check_header=False)
 
@@ -49,11 +55,11 @@ class EntraAccessToken(dict[str, Any]):
 
     @property
     def oid(self) -> str:
-        return self["oid"]
+        return str(self["oid"])
 
     @property
     def tid(self) -> str:
-        return self["tid"]
+        return str(self["tid"])
 
     @property
     def is_app_only(self) -> bool:
@@ -81,7 +87,7 @@ class EntraTokenValidator(BearerTokenValidator):
 
     def authenticate_token(self, token_string: str) -> EntraAccessToken:
         if len(token_string) > MAX_TOKEN_LENGTH or token_string.count(".") != 2:
-            raise InvalidTokenError(INVALID_TOKEN_DESCRIPTION, realm=self.realm)
+            raise InvalidTokenError(realm=self.realm)
         try:
             token = jwt.decode(token_string, self._resolve_key, registry=_RS256_ONLY)
             self._claims.validate(token.claims)
@@ -94,12 +100,12 @@ class EntraTokenValidator(BearerTokenValidator):
                 raise ValueError("neither scp nor roles")
         except AuthorityUnavailable:
             log.warning("cannot validate tokens: the authority's signing keys are unavailable")
-            raise ServiceUnavailable("The identity provider is unavailable; retry later.") from None
+            raise IdentityProviderUnavailable() from None
         except (_UnknownSigningKey, JoseError, ValueError, TypeError, KeyError, AttributeError,
                 RecursionError) as exc:
             # One fixed answer for every defect, so a caller learns nothing from the error.
             log.info("rejected a bearer token: %s", type(exc).__name__)
-            raise InvalidTokenError(INVALID_TOKEN_DESCRIPTION, realm=self.realm) from None
+            raise InvalidTokenError(realm=self.realm) from None
         return EntraAccessToken(claims, token_string)
 
     def validate_token(self, token: EntraAccessToken, scopes: list[str], request: Any) -> None:
@@ -108,7 +114,7 @@ class EntraTokenValidator(BearerTokenValidator):
         if token.is_app_only or not set(scopes) <= token.scopes:
             raise InsufficientScopeError()
 
-    def _resolve_key(self, obj: CompactSignature) -> RSAKey:
+    def _resolve_key(self, obj: GuestProtocol) -> RSAKey:
         kid = obj.headers().get("kid")
         key = self._keys.get(kid) if isinstance(kid, str) else None
         if key is None:
@@ -117,76 +123,42 @@ class EntraTokenValidator(BearerTokenValidator):
 
 
 class EntraResourceProtector(ResourceProtector):
-    """Authlib's Flask protector with RFC 6750 answers and fixed, JSON error bodies."""
+    """Authlib's Flask protector, answering with ``flask_obo.errors`` (RFC 6750 headers,
+    fixed JSON bodies). Authlib keeps the validated token for ``current_token``."""
 
-    def __init__(self, validator: EntraTokenValidator, required_scope: str) -> None:
+    def __init__(self, validator: EntraTokenValidator) -> None:
         super().__init__()
-        self.required_scope = required_scope
         self.register_token_validator(validator)
 
-    def authenticate(self) -> EntraAccessToken:
-        """Validate the request's bearer token or raise the matching ``ApiError``."""
+    def authenticate(self, scope: str) -> EntraAccessToken:
+        """Validate the request's bearer token for ``scope`` or raise the matching ``ApiError``."""
         try:
-            return self.acquire_token([self.required_scope])
+            token = self.acquire_token([scope])
         except OAuth2Error as error:
-            self.raise_error_response(error)
+            self.raise_error_response(error, scope)
+        assert isinstance(token, EntraAccessToken)
+        return token
 
-    def raise_error_response(self, error: OAuth2Error) -> NoReturn:
+    def raise_error_response(self, error: OAuth2Error, scope: str = "") -> NoReturn:
         if isinstance(error, (MissingAuthorizationError, UnsupportedTokenTypeError)):
-            raise ApiError(
-                "The request carries no bearer token.",
-                status=401,
-                error="missing_token",
-                headers={"WWW-Authenticate": bearer_challenge()},
-            )
+            raise MissingToken()
         if isinstance(error, InsufficientScopeError):
-            raise ApiError(
-                f"The access token lacks the required scope {self.required_scope}.",
-                status=403,
-                error="insufficient_scope",
-                headers={
-                    "WWW-Authenticate": bearer_challenge(
-                        error="insufficient_scope", scope=self.required_scope
-                    )
-                },
-            )
-        raise ApiError(
-            INVALID_TOKEN_DESCRIPTION,
-            status=401,
-            error="invalid_token",
-            headers={
-                "WWW-Authenticate": bearer_challenge(
-                    error="invalid_token", error_description=INVALID_TOKEN_DESCRIPTION
-                )
-            },
-        )
+            raise InsufficientScope(scope)
+        raise InvalidAccessToken()
 
 
-def init_app(app: Flask, settings: Settings, keys: SigningKeys) -> None:
-    app.extensions["flask-obo.protector"] = EntraResourceProtector(
-        EntraTokenValidator(settings, keys), settings.required_scope
-    )
+def validated_token() -> EntraAccessToken:
+    """The token ``EntraResourceProtector.authenticate`` validated in this request.
 
-
-def authenticate_request() -> EntraAccessToken:
-    """Validate the current request (a blueprint ``before_request`` hook)."""
-    protector: EntraResourceProtector = current_app.extensions["flask-obo.protector"]
-    return protector.authenticate()
-
-
-def current_user_token() -> EntraAccessToken:
-    """The validated token of the current request (set by ``authenticate_request``)."""
-    token = g.get("authlib_server_oauth2_token")
+    Read through Authlib's public ``current_token`` proxy rather than its ``g`` key.
+    """
+    token = authlib_current_token._get_current_object()
     if not isinstance(token, EntraAccessToken):
-        raise RuntimeError("current_user_token() outside an authenticated request")
+        raise RuntimeError(
+            "current_token is set only in a request that a protected route authenticated"
+        )
     return token
 
 
-__all__ = [
-    "EntraAccessToken",
-    "EntraResourceProtector",
-    "EntraTokenValidator",
-    "authenticate_request",
-    "current_user_token",
-    "init_app",
-]
+#: The validated access token of the current request (a proxy, as Authlib's ``current_token``).
+current_token: EntraAccessToken = LocalProxy(validated_token)  # type: ignore[assignment]

@@ -62,7 +62,8 @@ def _sentinel_master(settings: Settings, timeouts: dict[str, Any]) -> redis.Redi
     if settings.redis_sentinel_password:
         sentinel_kwargs["password"] = settings.redis_sentinel_password
     sentinel = Sentinel(list(settings.redis_sentinels), sentinel_kwargs=sentinel_kwargs, **timeouts)
-    return sentinel.master_for(service, **master)
+    master_client: redis.Redis = sentinel.master_for(service, **master)
+    return master_client
 
 
 def listener_connection(pool: ConnectionPool) -> AbstractConnection:

@@ -18,23 +18,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from typing import Generic, TypeVar
 
-from .errors import ServiceUnavailable
+from .errors import TokenAcquisitionBusy, TooManyWaiting
 
 T = TypeVar("T")
-
-
-class TokenAcquisitionBusy(ServiceUnavailable):
-    description = "Token acquisition for this user is taking too long; retry shortly."
-
-    def __init__(self) -> None:
-        super().__init__(retry_after=1)
-
-
-class TooManyWaiting(ServiceUnavailable):
-    description = "Too many requests are waiting on the identity provider; retry shortly."
-
-    def __init__(self) -> None:
-        super().__init__(retry_after=1)
 
 
 class Deadline:

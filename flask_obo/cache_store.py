@@ -25,7 +25,7 @@ from redis.exceptions import LockError, RedisClusterException, RedisError, Respo
 
 from .breaker import CircuitBreaker, State
 from .bulkhead import Deadline, TokenAcquisitionBusy, held
-from .errors import ServiceUnavailable
+from .errors import CacheUnavailable
 from .redis_topology import RedisClient, invalidation_for, redis_client
 from .settings import DEFAULT_REDIS_TIMEOUT, Settings
 
@@ -61,12 +61,6 @@ return 0
 }
 
 
-class CacheUnavailable(ServiceUnavailable):
-    """Redis is down, slow or its circuit is open: go on without it."""
-
-    description = "The token cache is unavailable; retry later."
-
-
 @dataclass(frozen=True)
 class StoredEntry:
     blob: bytes
@@ -78,7 +72,7 @@ class Guard(Protocol):
 
 
 class Coherence(Protocol):
-    """How far memory copies of entries can be trusted (see ``app.invalidation``)."""
+    """How far memory copies of entries can be trusted (see ``flask_obo.invalidation``)."""
 
     connected: bool  # changes are being reported now
     epoch: int  # changes before the current epoch were not reported
@@ -259,7 +253,9 @@ class RedisTokenCacheStore:
             except REDIS_FAILURES as exc:
                 log.warning("redis unlock failed: %s", type(exc).__name__)
 
-    def save(self, partition: str, blob: bytes, guard: redis.lock.Lock) -> bool:
+    def save(self, partition: str, blob: bytes, guard: Guard) -> bool:
+        if not isinstance(guard, redis.lock.Lock):
+            raise TypeError("guard must come from this store's lock()")
         with self._call("write"):
             written = self._script("save_if_locked")(
                 keys=[self.key(partition), self.lock_key(partition)],
@@ -361,9 +357,10 @@ class MemoryTokenCacheStore:
         with held(lock, deadline.remaining()):
             yield lock
 
-    def save(self, partition: str, blob: bytes, guard: threading.Lock) -> bool:
+    def save(self, partition: str, blob: bytes, guard: Guard) -> bool:
         with self._guard:
-            if guard is not self._locks.get(partition) or not guard.locked():
+            lock = self._locks.get(partition)
+            if lock is None or guard is not lock or not lock.locked():
                 return False
             self._put(partition, blob)
         return True
@@ -387,4 +384,5 @@ class MemoryTokenCacheStore:
                     del self._locks[key]
 
     def status(self) -> str:
-        return "ok"
+        """``not_configured``: this process's own store, no Redis to report on."""
+        return "not_configured"

@@ -47,11 +47,16 @@ class CircuitBreaker:
         if self._state is State.CLOSED:
             return True
         with self._lock:
-            now = time.monotonic()
-            if self._state is not State.CLOSED and now - self._opened_at >= self.reset_timeout:
-                self._state, self._opened_at = State.HALF_OPEN, now  # this caller is the probe
-                return True
-            return self._state is State.CLOSED
+            return self._admit(time.monotonic())
+
+    def _admit(self, now: float) -> bool:
+        """Under the lock: closed meanwhile by another thread, or this caller is the probe."""
+        if self._state is State.CLOSED:
+            return True
+        if now - self._opened_at >= self.reset_timeout:
+            self._state, self._opened_at = State.HALF_OPEN, now
+            return True
+        return False
 
     def success(self) -> None:
         if self._state is State.CLOSED and self._failures == 0:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -31,6 +32,8 @@ _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$|^\*$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # What Entra ID takes as an App ID URI: scheme://authority[/path] (api://, https://) or urn:...
 _APP_ID_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+(/[^\s?#]*)?|urn:[^\s?#]+")
+DOWNSTREAM_PREFIX = "DOWNSTREAM_APIS__"
+DOWNSTREAM_FIELDS = ("BASE_URL", "SCOPES")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # gunicorn's and logging's common names
 
 
@@ -50,6 +53,15 @@ class ClientCertificate:
 
 
 @dataclass(frozen=True)
+class DownstreamApiSettings:
+    """A downstream API: ``DOWNSTREAM_APIS__<NAME>__BASE_URL`` and ``..._SCOPES``
+    (``graph`` comes from ``GRAPH_BASE_URL`` and ``GRAPH_SCOPES``)."""
+
+    base_url: str
+    scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Settings:
     tenant_id: str
     client_id: str
@@ -60,6 +72,8 @@ class Settings:
     required_scope: str = "user_impersonation"
     graph_base_url: str = "https://graph.microsoft.com/v1.0"
     graph_scopes: tuple[str, ...] = ("https://graph.microsoft.com/.default",)
+    # More downstream APIs by lower-case name; "graph" is always the one above.
+    extra_downstream_apis: Mapping[str, DownstreamApiSettings] = field(default_factory=dict)
     redis_url: str | None = field(default=None, repr=False)
     redis_cluster: bool = False  # REDIS_URL names any node of a Redis Cluster
     redis_sentinels: tuple[tuple[str, int], ...] = ()  # REDIS_URL's host names the master service
@@ -94,6 +108,12 @@ class Settings:
     @property
     def openid_configuration_url(self) -> str:
         return f"{self.issuer}/.well-known/openid-configuration"
+
+    @property
+    def downstream_apis(self) -> dict[str, DownstreamApiSettings]:
+        """Every downstream API by name: ``graph`` and those of ``DOWNSTREAM_APIS__*``."""
+        graph = DownstreamApiSettings(self.graph_base_url, self.graph_scopes)
+        return {"graph": graph, **self.extra_downstream_apis}
 
     @property
     def client_credential(self) -> str | dict[str, str]:
@@ -146,6 +166,7 @@ class Settings:
                                           api=(app_id_uri, f"api://{client_id}", client_id)),
             graph_base_url=env.https_url("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0"),
             graph_scopes=env.scopes("GRAPH_SCOPES", "https://graph.microsoft.com/.default"),
+            extra_downstream_apis=env.downstream_apis(),
             redis_url=redis_url,
             redis_cluster=redis_cluster,
             redis_sentinels=sentinels,
@@ -169,6 +190,36 @@ class Settings:
             authority_cache_dir=env.optional("AUTHORITY_CACHE_DIR"),
             log_level=env.log_level("LOG_LEVEL").upper(),
         )
+
+
+    @classmethod
+    def from_app_config(cls, config: Mapping[str, Any],
+                        environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from a Flask app's ``config`` overlaid on ``environ`` (default:
+        ``os.environ``), under the same names.
+
+        ``app.config.from_prefixed_env()`` fills the config from ``FLASK_<NAME>``, parsing
+        values as JSON and nesting on ``__``; both are undone here, so
+        ``FLASK_DOWNSTREAM_APIS__TASKS__SCOPES`` means ``DOWNSTREAM_APIS__TASKS__SCOPES``.
+        """
+        merged = dict(os.environ if environ is None else environ)
+        for name, value in config.items():
+            if name == DOWNSTREAM_PREFIX.rstrip("_") and isinstance(value, Mapping):
+                for api, fields in value.items():
+                    for field_name, field_value in (fields.items() if isinstance(fields, Mapping) else ()):
+                        merged[f"{DOWNSTREAM_PREFIX}{api}__{field_name}"] = _as_text(field_value)
+            elif isinstance(value, (str, bool, int, float, list, tuple)):
+                merged[name] = _as_text(value)
+        return cls.from_env(merged)
+
+
+def _as_text(value: Any) -> str:
+    """A config value as the environment would spell it (lists comma-separated)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_as_text(item) for item in value)
+    return str(value)
 
 
 def _default_environ() -> dict[str, str]:
@@ -281,6 +332,33 @@ class Env:
             "App ID URI followed by /<name>; this is not a scope of this API"
         )
 
+    def downstream_apis(self) -> dict[str, DownstreamApiSettings]:
+        """``DOWNSTREAM_APIS__<NAME>__BASE_URL`` and ``DOWNSTREAM_APIS__<NAME>__SCOPES`` (both
+        required) for each ``<NAME>``: letters, digits and ``_``, used lower-case."""
+        names: set[str] = set()
+        for variable in self._environ:
+            if not variable.startswith(DOWNSTREAM_PREFIX):
+                continue
+            name, _, field_name = variable[len(DOWNSTREAM_PREFIX):].partition("__")
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", name) or name.endswith("_"):
+                raise SettingsError(f"{variable}: the API's name must be letters, digits and _")
+            if field_name not in DOWNSTREAM_FIELDS:
+                raise SettingsError(f"{variable}: unknown; use {DOWNSTREAM_PREFIX}<NAME>__BASE_URL "
+                                    f"or {DOWNSTREAM_PREFIX}<NAME>__SCOPES")
+            if name.lower() == "graph":
+                raise SettingsError(f"{variable}: graph is set by GRAPH_BASE_URL and GRAPH_SCOPES")
+            names.add(name)
+        apis = {}
+        for name in sorted(names):
+            prefix = f"{DOWNSTREAM_PREFIX}{name}__"
+            if name.lower() in apis:
+                raise SettingsError(f"{prefix}BASE_URL: {name} is configured twice (names ignore case)")
+            apis[name.lower()] = DownstreamApiSettings(
+                base_url=self.https_url(prefix + "BASE_URL", self.required(prefix + "BASE_URL")),
+                scopes=self.scopes(prefix + "SCOPES", self.required(prefix + "SCOPES")),
+            )
+        return apis
+
     def log_level(self, name: str) -> str:
         """One of ``LOG_LEVELS``, lower-case: gunicorn would quietly take another as info and
         ``logging`` would raise in every worker."""
@@ -367,7 +445,8 @@ def _load_certificate(path: str, password: str | None) -> ClientCertificate:
         certificate = x509.load_pem_x509_certificate(pem)
     except ValueError:
         raise SettingsError(f"{name}: no PEM certificate in the file") from None
-    if certificate.public_key().public_numbers() != key.public_key().public_numbers():
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if certificate.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
         raise SettingsError(f"{name}: the certificate does not match the private key")
     if certificate.not_valid_after_utc < datetime.now(UTC):
         raise SettingsError(f"{name}: the certificate has expired")

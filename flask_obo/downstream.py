@@ -1,0 +1,146 @@
+"""Downstream APIs: an HTTP client per configured API, calling it as the signed-in user.
+
+``DownstreamApi`` holds the API's base URL and the scopes its tokens need, and sends
+over the process's pooled session (``flask_obo.http``: urllib3 retries idempotent
+requests on 429/503/504, honouring a capped Retry-After). Each request gets a token on
+behalf of the caller from the token provider, so every downstream API of a user is
+served from that user's one cache entry. What the API answers becomes something a
+caller can act on:
+
+* 2xx and 3xx: the ``requests.Response``, for the route to read;
+* a 401 carrying a claims challenge (Continuous Access Evaluation, Conditional Access):
+  one retry with a token fetched for those claims; if still challenged, the SPA must act
+  (``InsufficientClaims``, 401, with the claims in ``WWW-Authenticate``);
+* 404: ``DownstreamNotFound`` (a JSON 404 on every route);
+* still throttled (429/503) after the retries: ``DownstreamThrottled`` (503 with
+  Retry-After); a timeout: ``DownstreamTimeout`` (504); anything else:
+  ``DownstreamError`` (502).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from .errors import (
+    DownstreamError,
+    DownstreamNotFound,
+    DownstreamThrottled,
+    DownstreamTimeout,
+    InsufficientClaims,
+)
+from .settings import DownstreamApiSettings
+
+log = logging.getLogger(__name__)
+
+#: (connect, read) seconds for one attempt; the connect time is just above a TCP retransmit.
+DOWNSTREAM_TIMEOUT = (3.05, 10.0)
+_AUTH_PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*"([^"]*)"')
+
+#: ``(scopes, claims_challenge) -> access token`` for the caller of the current request.
+TokenSource = Callable[[Sequence[str], "str | None"], str]
+
+
+class DownstreamApi:
+    """A downstream API called on behalf of the current request's user."""
+
+    def __init__(self, name: str, settings: DownstreamApiSettings, session: requests.Session,
+                 tokens: TokenSource) -> None:
+        self.name = name
+        self.base_url = settings.base_url.rstrip("/")
+        self.scopes = settings.scopes
+        self._session = session
+        self._tokens = tokens
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("POST", path, **kwargs)
+
+    def put(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("PUT", path, **kwargs)
+
+    def patch(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("PATCH", path, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("DELETE", path, **kwargs)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """Send ``method path`` (relative to the base URL) as the user; ``kwargs`` go to
+        ``requests`` (``params``, ``json``, ``headers``, ``timeout``...)."""
+        if not path.startswith("/") or "://" in path:
+            raise ValueError("path must be relative to the downstream API's base URL, e.g. /me")
+        response = self._send(method, path, self._tokens(self.scopes, None), kwargs)
+        claims = _claims_challenge(response)
+        if claims is not None:
+            response = self._send(method, path, self._tokens(self.scopes, claims), kwargs)
+            claims = _claims_challenge(response)
+            if claims is not None:  # still challenged: only the user, signing in again, can help
+                raise InsufficientClaims(claims)
+        return self._checked(method, path, response)
+
+    def _send(self, method: str, path: str, token: str, kwargs: dict[str, Any]) -> requests.Response:
+        headers = {"Accept": "application/json", **(kwargs.get("headers") or {}),
+                   "Authorization": f"Bearer {token}"}
+        try:
+            return self._session.request(
+                method, self.base_url + path,
+                **{"timeout": DOWNSTREAM_TIMEOUT, **kwargs, "headers": headers},
+            )
+        except requests.Timeout:
+            log.warning("%s %s %s timed out", self.name, method, _path(path))
+            raise DownstreamTimeout() from None
+        except requests.RequestException as exc:
+            log.warning("%s %s %s unreachable: %s", self.name, method, _path(path), type(exc).__name__)
+            raise DownstreamError() from None
+
+    def _checked(self, method: str, path: str, response: requests.Response) -> requests.Response:
+        status = response.status_code
+        if status < 400:
+            return response
+        log.warning("%s %s %s answered HTTP %d (request-id %s)", self.name, method, _path(path),
+                    status, response.headers.get("request-id"))
+        if status == 404:
+            raise DownstreamNotFound()  # the path is logged above, never echoed to the caller
+        if status in (429, 503):
+            raise DownstreamThrottled(retry_after=_seconds(response.headers.get("Retry-After")))
+        if status == 504:
+            raise DownstreamTimeout()
+        raise DownstreamError()
+
+
+def _claims_challenge(response: requests.Response) -> str | None:
+    if response.status_code != 401:
+        return None
+    return claims_from_challenge(response.headers.get("WWW-Authenticate", ""))
+
+
+def claims_from_challenge(header: str) -> str | None:
+    """The decoded ``claims`` of an ``insufficient_claims`` Bearer challenge, if any."""
+    params = dict(_AUTH_PARAM.findall(header))
+    if params.get("error") != "insufficient_claims" or "claims" not in params:
+        return None
+    encoded = params["claims"].replace("-", "+").replace("_", "/")  # either alphabet
+    try:
+        claims = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return claims if InsufficientClaims.is_claims_json(claims) else None
+
+
+def _path(path: str) -> str:
+    """The path without its query, for logs: a query may carry a user's data."""
+    return urlsplit(path).path
+
+
+def _seconds(value: str | None) -> int:
+    return int(value) if value and value.isdigit() else 5

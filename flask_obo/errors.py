@@ -1,0 +1,266 @@
+"""flask-obo's one error vocabulary: every error a protected route can answer with.
+
+Each is an ``ApiError`` carrying its status, its ``error`` code and its headers, and
+``FlaskOBO.init_app`` renders them all as JSON ``{"error", "error_description"}``. So a
+route never maps errors itself: it lets them propagate, or catches one to say more
+(``except DownstreamNotFound: raise ApiError(..., status=404, error="manager_not_found")``).
+
+Descriptions are fixed strings chosen here, never text from a token, Entra ID or a
+downstream API, so nothing sensitive can be echoed back to a caller.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import traceback
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+REALM = "flask-obo"
+
+
+class ApiError(Exception):
+    """An error the API answers with; subclasses fix status, code and description."""
+
+    status = 500
+    error = "server_error"
+    description = "The server could not complete the request."
+
+    def __init__(
+        self,
+        description: str | None = None,
+        headers: dict[str, str] | None = None,
+        status: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        super().__init__(description or self.description)
+        if description:
+            self.description = description
+        if status:
+            self.status = status
+        if error:
+            self.error = error
+        self.headers = headers or {}
+
+    def response(self) -> Response:
+        response = jsonify(error=self.error, error_description=self.description)
+        response.status_code = self.status
+        response.headers.update(self.headers)
+        return response
+
+
+class ServiceUnavailable(ApiError):
+    """A dependency (Entra ID, Redis) is down; the client may retry after a while."""
+
+    status = 503
+    error = "temporarily_unavailable"
+    description = "A service this API depends on is unavailable; retry later."
+
+    def __init__(self, description: str | None = None, retry_after: int = 5) -> None:
+        super().__init__(description, headers={"Retry-After": str(max(1, int(retry_after)))})
+
+
+class InsufficientClaims(ApiError):
+    """A claims challenge (MFA, Conditional Access) the SPA must satisfy by signing in
+    again with these claims; msal.js reads them from ``WWW-Authenticate``."""
+
+    status = 401
+    error = "insufficient_claims"
+    description = "Sign in again with the claims in the WWW-Authenticate header."
+
+    def __init__(self, claims: str) -> None:
+        encoded = base64.b64encode(claims.encode()).decode()
+        super().__init__(headers={
+            "WWW-Authenticate": bearer_challenge(error="insufficient_claims", claims=encoded)
+        })
+        self.claims = encoded
+
+    def response(self) -> Response:
+        response = super().response()
+        response.set_data(json.dumps({
+            "error": self.error, "error_description": self.description, "claims": self.claims
+        }))
+        return response
+
+    @staticmethod
+    def is_claims_json(value: str) -> bool:
+        """A challenge's claims must be a small JSON object before we relay them."""
+        if len(value) > 8192:
+            return False
+        try:
+            return isinstance(json.loads(value), dict)
+        except ValueError:
+            return False
+
+
+# --- the caller's token (the protector) -------------------------------------------------------
+class MissingToken(ApiError):
+    status = 401
+    error = "missing_token"
+    description = "The request carries no bearer token."
+
+    def __init__(self) -> None:
+        super().__init__(headers={"WWW-Authenticate": bearer_challenge()})
+
+
+class InvalidAccessToken(ApiError):
+    """One fixed answer for every defect of a token, so a caller learns nothing from it."""
+
+    status = 401
+    error = "invalid_token"
+    description = "The access token is invalid or has expired."
+
+    def __init__(self) -> None:
+        super().__init__(headers={"WWW-Authenticate": bearer_challenge(
+            error="invalid_token", error_description=self.description)})
+
+
+class InsufficientScope(ApiError):
+    status = 403
+    error = "insufficient_scope"
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(
+            f"The access token lacks the required scope {scope}.",
+            headers={"WWW-Authenticate": bearer_challenge(error="insufficient_scope", scope=scope)},
+        )
+
+
+# --- acquiring tokens from Entra ID ------------------------------------------------------------
+class IdentityProviderUnavailable(ServiceUnavailable):
+    description = "The identity provider is unavailable; retry later."
+
+
+class TokenAcquisitionBusy(ServiceUnavailable):
+    description = "Token acquisition for this user is taking too long; retry shortly."
+
+    def __init__(self) -> None:
+        super().__init__(retry_after=1)
+
+
+class TooManyWaiting(ServiceUnavailable):
+    description = "Too many requests are waiting on the identity provider; retry shortly."
+
+    def __init__(self) -> None:
+        super().__init__(retry_after=1)
+
+
+class ConsentRequired(ApiError):
+    status = 403
+    error = "consent_required"
+    description = "An administrator must grant this API consent to call the downstream API."
+
+
+class InteractionRequired(ApiError):
+    status = 401
+    error = "interaction_required"
+    description = "The user must sign in again interactively."
+
+    def __init__(self) -> None:
+        super().__init__(headers={"WWW-Authenticate": bearer_challenge(error="invalid_token")})
+
+
+class AssertionRejected(ApiError):
+    """Entra refused the incoming token itself: that request's problem, not its user's."""
+
+    status = 401
+    error = "invalid_token"
+    description = "The identity provider no longer accepts this access token; get a new one."
+
+    def __init__(self) -> None:
+        super().__init__(headers={"WWW-Authenticate": bearer_challenge(error="invalid_token")})
+
+
+class TokenAcquisitionFailed(ApiError):
+    status = 502
+    error = "token_acquisition_failed"
+    description = "The identity provider refused to issue a token for the downstream API."
+
+
+# --- the token cache ---------------------------------------------------------------------------
+class CacheUnavailable(ServiceUnavailable):
+    """Redis is down, slow or its circuit is open. Token acquisition goes on without it,
+    so a caller sees this only where there is no other way."""
+
+    description = "The token cache is unavailable; retry later."
+
+
+# --- downstream APIs ---------------------------------------------------------------------------
+class DownstreamNotFound(ApiError):
+    """The downstream API answered 404: a JSON 404 on every route (never a 500), unless the
+    route catches it to say more, as the reference API's ``/api/me/manager`` does."""
+
+    status = 404
+    error = "not_found"
+    description = "The downstream API has no such resource."
+
+
+class DownstreamError(ApiError):
+    status = 502
+    error = "downstream_error"
+    description = "The downstream API failed to answer the request."
+
+
+class DownstreamTimeout(ApiError):
+    status = 504
+    error = "downstream_timeout"
+    description = "The downstream API did not answer in time."
+
+
+class DownstreamThrottled(ServiceUnavailable):
+    description = "The downstream API is throttling requests; retry later."
+
+
+def bearer_challenge(**params: str) -> str:
+    """A ``WWW-Authenticate: Bearer`` value per RFC 6750 (values are ours, never echoed)."""
+    parts = [f'realm="{REALM}"', *(f'{name}="{value}"' for name, value in params.items())]
+    return "Bearer " + ", ".join(parts)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Render ApiError and every HTTP error as JSON; turn surprises into a logged 500."""
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> Response:
+        return exc.response()
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        response = ApiError(
+            description=_HTTP_DESCRIPTIONS.get(code, "The request could not be completed."),
+            status=code,
+            error=_HTTP_ERRORS.get(code, "invalid_request"),
+        ).response()
+        allowed = getattr(exc, "valid_methods", None)
+        if allowed:
+            response.headers["Allow"] = ", ".join(allowed)
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        # Log the type and the frames, never str(exc): it may quote a token or a blob.
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        log.error("unhandled %s\n%s", type(exc).__name__, frames)
+        return ApiError().response()
+
+
+_HTTP_ERRORS = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    431: "request_too_large",
+}
+_HTTP_DESCRIPTIONS = {
+    400: "The request is malformed.",
+    404: "No such resource.",
+    405: "This method is not allowed on this resource.",
+    413: "The request is too large.",
+    431: "The request headers are too large.",
+}

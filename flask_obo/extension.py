@@ -1,0 +1,196 @@
+"""``FlaskOBO``: the extension object, the one thing an application holds.
+
+``init_app`` builds each application's services once (the pooled HTTP session, the
+authority's metadata and keys, the protector, the token cache store, the token
+provider and the downstream APIs) and keeps them in one typed ``OboServices`` under
+``app.extensions["flask-obo"]``, as Flask extensions do, so one ``FlaskOBO`` can serve
+several applications (an app factory called by each test, say). Nothing touches the
+network there: keys and metadata load on first use.
+
+The request path reads top-down: ``require_scope``/``protect`` (the protector) →
+``acquire_token`` (the token provider and the user's cache) → ``downstream(name)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from cryptography.fernet import Fernet
+from flask import Blueprint, Flask, Response, after_this_request, current_app, request
+
+from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys
+from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
+from .downstream import DownstreamApi
+from .errors import register_error_handlers
+from .http import build_session
+from .protector import EntraResourceProtector, EntraTokenValidator, current_token
+from .settings import Settings
+from .token_acquisition import OnBehalfOfTokenProvider
+from .token_cache import TokenCacheCodec
+
+log = logging.getLogger(__name__)
+
+EXTENSION_KEY = "flask-obo"
+View = TypeVar("View", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class OboServices:
+    """One application's flask-obo services, built by ``FlaskOBO.init_app``."""
+
+    settings: Settings
+    keys: SigningKeys
+    protector: EntraResourceProtector
+    store: TokenCacheStore
+    tokens: OnBehalfOfTokenProvider
+    downstream_apis: Mapping[str, DownstreamApi]
+
+
+class FlaskOBO:
+    """Protect a Flask API with Entra ID and call downstream APIs on behalf of its users.
+
+    ``FlaskOBO(app)``, or ``obo = FlaskOBO()`` then ``obo.init_app(app)`` in a factory.
+    """
+
+    def __init__(self, app: Flask | None = None, **options: Any) -> None:
+        if app is not None:
+            self.init_app(app, **options)
+
+    def init_app(self, app: Flask, settings: Settings | Mapping[str, str] | None = None,
+                 store: TokenCacheStore | None = None) -> None:
+        """Build ``app``'s services and register the JSON error handlers.
+
+        ``settings``: a ``Settings``, a mapping of setting names to values (used alone),
+        or None for ``app.config`` overlaid on the environment (``Settings.from_app_config``).
+        ``store``: the token cache store; by default Redis when ``REDIS_URL`` is set,
+        else this process's memory. Raises ``SettingsError`` naming a bad setting.
+        """
+        if settings is None:
+            settings = Settings.from_app_config(app.config)
+        elif not isinstance(settings, Settings):
+            settings = Settings.from_env(settings)
+        session = build_session([api.base_url for api in settings.downstream_apis.values()])
+        # The last good metadata and keys on disk: a recycled worker validates during an outage.
+        disk = AuthorityDiskCache(settings.authority_cache_dir)
+        entra_timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
+        metadata = OpenIdConfiguration(settings.openid_configuration_url, session, disk=disk,
+                                       timeout=entra_timeout)
+        keys = SigningKeys(metadata, session, disk=disk, timeout=entra_timeout)
+        store = store or _default_store(settings)
+        # Without REDIS_URL the in-process cache is sealed too, with a key that dies with the process.
+        codec = TokenCacheCodec(settings.token_cache_keys or (Fernet.generate_key().decode(),))
+        tokens = OnBehalfOfTokenProvider(settings, store, codec, session, metadata)
+        app.extensions[EXTENSION_KEY] = OboServices(
+            settings=settings,
+            keys=keys,
+            protector=EntraResourceProtector(EntraTokenValidator(settings, keys)),
+            store=store,
+            tokens=tokens,
+            downstream_apis={
+                name: DownstreamApi(name, api, session, self.acquire_token)
+                for name, api in settings.downstream_apis.items()
+            },
+        )
+        register_error_handlers(app)
+
+    # --- protecting the API ----------------------------------------------------------------------
+    def require_scope(self, scope: str | None = None) -> Callable[[View], View]:
+        """A view decorator: the request needs a valid access token with ``scope``
+        (default: ``API_REQUIRED_SCOPE``), else 401/403 with an RFC 6750 challenge.
+        The answer is marked ``Cache-Control: no-store``: it is one user's data."""
+
+        def decorate(view: View) -> View:
+            @functools.wraps(view)
+            def protected(*args: Any, **kwargs: Any) -> Any:
+                after_this_request(_private)  # errors too: they are about this user's token
+                self.authenticate(scope)
+                return view(*args, **kwargs)
+
+            return protected  # type: ignore[return-value]
+
+        return decorate
+
+    def protect(self, blueprint: Blueprint, scope: str | None = None) -> None:
+        """Require ``scope`` (default: ``API_REQUIRED_SCOPE``) on every route of
+        ``blueprint``. CORS preflights (OPTIONS) pass: browsers send them without a token."""
+
+        @blueprint.before_request
+        def _authenticate() -> None:
+            if request.method != "OPTIONS":
+                self.authenticate(scope)
+
+        blueprint.after_request(_private)
+
+    def authenticate(self, scope: str | None = None) -> None:
+        """Validate the current request's token for ``scope`` (default: ``API_REQUIRED_SCOPE``);
+        then ``current_token`` holds it. Raises the ``ApiError`` to answer with."""
+        services = self._services()
+        services.protector.authenticate(scope or services.settings.required_scope)
+
+    # --- acquiring tokens and calling downstream APIs --------------------------------------------
+    def acquire_token(self, scopes: Sequence[str], claims_challenge: str | None = None) -> str:
+        """An access token for ``scopes`` (one resource) on behalf of ``current_token``'s user,
+        from the memory tier, the shared cache or Entra ID (On-Behalf-Of) in that order.
+        With ``claims_challenge`` (a downstream API's decoded claims), always a fresh one."""
+        if isinstance(scopes, str):
+            raise TypeError("scopes must be a list of scopes, not one string")
+        return self._services().tokens.acquire_token(current_token, scopes, claims_challenge)
+
+    def downstream(self, name: str) -> DownstreamApi:
+        """The configured downstream API ``name``: ``graph`` (``GRAPH_BASE_URL``,
+        ``GRAPH_SCOPES``) or one of ``DOWNSTREAM_APIS__<NAME>__BASE_URL`` / ``__SCOPES``."""
+        apis = self._services().downstream_apis
+        try:
+            return apis[name.lower()]
+        except KeyError:
+            raise LookupError(
+                f"no downstream API named {name!r}; configured: {', '.join(sorted(apis))}"
+            ) from None
+
+    # --- state -----------------------------------------------------------------------------------
+    @property
+    def settings(self) -> Settings:
+        """The current application's settings."""
+        return self._services().settings
+
+    def readiness(self) -> dict[str, str]:
+        """What a readiness probe reports, with no call to Entra ID and at most one Redis
+        PING: ``redis`` is ``ok``, ``degraded`` (down or its circuit open: users are served
+        from memory and Entra ID meanwhile) or ``not_configured``; ``authority`` is ``ok``,
+        ``stale`` (keys kept past their refresh time while Entra ID is down) or
+        ``unavailable`` (none loaded yet)."""
+        services = self._services()
+        return {"redis": services.store.status(), "authority": services.keys.status()}
+
+    @staticmethod
+    def _services() -> OboServices:
+        return services_of(current_app)
+
+
+def services_of(app: Flask) -> OboServices:
+    """``app``'s services (for tests and tools; routes go through ``FlaskOBO``)."""
+    services = app.extensions.get(EXTENSION_KEY)
+    if not isinstance(services, OboServices):
+        raise RuntimeError("FlaskOBO.init_app(app) has not been called for this application")
+    return services
+
+
+def _private(response: Response) -> Response:
+    """No shared cache (CDN, proxy) may keep a protected answer, whichever origin asked."""
+    response.headers["Cache-Control"] = "no-store"
+    response.vary.add("Origin")
+    return response
+
+
+def _default_store(settings: Settings) -> TokenCacheStore:
+    if settings.redis_url:
+        return RedisTokenCacheStore.from_settings(settings)
+    log.warning(
+        "REDIS_URL is not set: tokens are cached in this process only (for local use; "
+        "other workers and instances will not share them)"
+    )
+    return MemoryTokenCacheStore(settings.token_cache_ttl_seconds)
