@@ -17,7 +17,7 @@ WORKDIR /srv/flask-obo
 # while the code changes.
 COPY setup.cfg pyproject.toml README.md ./
 RUN python -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); \
-print(c['options']['install_requires'], c['options.extras_require']['server'])" > /tmp/requirements.txt \
+print(c['options']['install_requires'])" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 RUN useradd --system --uid 10001 --home-dir /srv/flask-obo --shell /usr/sbin/nologin flaskobo
 
@@ -44,6 +44,10 @@ CMD ["python", "-m", "devtenant", "serve", "--host", "0.0.0.0", "--port", "8443"
 
 
 FROM base AS api
+# What the reference API adds to the extension: gunicorn and flask-cors.
+RUN python -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); \
+print(c['options.extras_require']['server'])" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 COPY --from=build /wheels /tmp/wheels
 RUN pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 COPY app ./app

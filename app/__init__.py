@@ -29,12 +29,12 @@ def create_app(settings: Settings | Mapping[str, str] | None = None,
     ``settings`` may be a ``Settings``, a mapping of environment variables, or None for
     the process environment (plus ``.env``). ``store`` overrides the token-cache store.
     """
-    configure_logging()
+    if not isinstance(settings, Settings):
+        settings = Settings.from_env(settings)  # None: the environment and .env
+    configure_logging(settings.log_level)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    if not isinstance(settings, Settings):
-        settings = Settings.from_env(settings)  # None: the environment and .env
     obo.init_app(app, settings, store=store)
     app.before_request(_refuse_large_bodies)
     app.register_blueprint(health)

@@ -14,7 +14,6 @@ propagate, whereas a handler's see every record it writes, at every level.
 from __future__ import annotations
 
 import logging
-import os
 import re
 
 _SECRETS = re.compile(
@@ -43,14 +42,15 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def configure_logging() -> None:
-    """Give the root logger one redacting stderr handler (idempotent; keeps gunicorn's)."""
+def configure_logging(level: str = "INFO") -> None:
+    """Give the root logger one redacting stderr handler at ``level`` (``LOG_LEVEL``,
+    validated by ``Settings``); idempotent, and keeps gunicorn's handlers and level."""
     root = logging.getLogger()
     if not root.handlers:
         handler: logging.Handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-        root.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
+        root.setLevel(level.upper())
     for handler in root.handlers:
         if not any(isinstance(f, RedactSecrets) for f in handler.filters):
             handler.addFilter(RedactSecrets())

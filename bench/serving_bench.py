@@ -9,7 +9,7 @@ this machine):
 
   * flask-obo  ``wsgi:app``, with Redis and the memory tier;
   * bare       ``bench.bare_app:app``: the same Graph call (``/me`` with ``$select``, the
-               same ``GraphClient`` and pooled HTTPS session) with one fixed Graph token;
+               same ``DownstreamApi`` and pooled HTTPS session) with one fixed Graph token;
                no token validation, no token acquisition, no cache, no Redis.
 
 Both run with ``GUNICORN_MAX_REQUESTS=0``: the shipped recycling (a worker every

@@ -250,7 +250,8 @@ class OpenIdConfiguration(_Refreshed):
     """The tenant's ``/.well-known/openid-configuration`` document, cached for 24 h.
 
     msal's construction also needs this document; serving it from here means building
-    an msal application per request costs no network call.
+    a user's msal application (once per user per worker, see ``memory_tier``) costs no
+    network call.
     """
 
     what = "openid-configuration"

@@ -89,7 +89,7 @@ class Settings:
     redis_timeout: float = DEFAULT_REDIS_TIMEOUT
     memory_cache_users: int = DEFAULT_MEMORY_CACHE_USERS
     authority_cache_dir: str | None = None  # None: a private directory under the system temp dir
-    log_level: str = "INFO"  # LOG_LEVEL, checked here (app/logging_setup.py applies it)
+    log_level: str = "INFO"  # LOG_LEVEL, checked here; the application's logging applies it
 
     def __post_init__(self) -> None:
         if not self.app_id_uri:

@@ -418,8 +418,8 @@ def _declared(section: str, key: str) -> set[str]:
 
 @pytest.mark.parametrize(
     ("target", "section", "key"),
-    [("api", "options", "install_requires"), ("devtenant", "options", "install_requires"),
-     ("devtenant", "options.extras_require", "devtenant")],
+    [("api", "options", "install_requires"), ("api", "options.extras_require", "server"),
+     ("devtenant", "options", "install_requires"), ("devtenant", "options.extras_require", "devtenant")],
 )
 def test_dockerfile_installs_the_dependencies_of_setup_cfg(
     stages: dict[str, Stage], tmp_path: Path, target: str, section: str, key: str
@@ -430,18 +430,22 @@ def test_dockerfile_installs_the_dependencies_of_setup_cfg(
     declared = _declared(section, key)
     assert declared and _extract_requirements(runs[0], tmp_path) == declared
     if key == "install_requires":
-        assert {"gunicorn", "flask", "msal", "redis"} <= declared
+        assert {"flask", "msal", "redis"} <= declared
+    if key == "server":
+        assert {"gunicorn", "flask-cors"} <= declared
 
 
 def test_api_image_holds_neither_the_dev_tenant_nor_the_test_tools(stages: dict[str, Stage]) -> None:
-    """The production target copies no devtenant/ or tests/, installs no extra, and gets the
-    API's code only as the project's wheel (whose contents test_packaging.py builds and checks)."""
+    """The production target copies no devtenant/ or tests/, installs no extra but
+    ``server``, and gets the extension only as the project's wheel (whose contents
+    test_packaging.py builds and checks) and the reference API from app/."""
     chain = _chain(stages, "api")
     text = " ".join(args for _, args in chain)
     assert "devtenant" not in text and "tests" not in text
-    assert not re.search(r"\[(dev|devtenant)\]|extras_require|\s-e\s|--editable", text), text
+    assert not re.search(r"\[(dev|devtenant)\]|\['(dev|devtenant)'\]|\s-e\s|--editable", text), text
     own = [sources for origin, sources in _copies(chain) if origin is None]
-    assert all(not source.startswith(("app", "devtenant", "tests", ".")) for s in own for source in s), own
+    assert ["app"] in own  # the reference API, from source
+    assert all(not source.startswith(("flask_obo", "devtenant", "tests", ".")) for s in own for source in s), own
     wheels = [(origin, sources) for origin, sources in _copies(chain) if origin is not None]
     assert len(wheels) == 1, wheels
     origin, (source,) = wheels[0]
