@@ -44,7 +44,7 @@ CMD ["python", "-m", "devtenant", "serve", "--host", "0.0.0.0", "--port", "8443"
 
 
 FROM base AS api
-# What the reference API adds to the extension: gunicorn and flask-cors.
+# What the reference API adds to the extension: gunicorn, flask-cors, python-json-logger.
 RUN python -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); \
 print(c['options.extras_require']['server'])" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt

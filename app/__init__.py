@@ -31,7 +31,7 @@ def create_app(settings: Settings | Mapping[str, str] | None = None,
     """
     if not isinstance(settings, Settings):
         settings = Settings.from_env(settings)  # None: the environment and .env
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -1,20 +1,37 @@
-"""Logging with a last line of defence: anything shaped like a token is redacted.
+"""Logging: text or JSON lines, a request id on every line, and a last line of defence
+that redacts anything shaped like a secret.
+
+``LOG_FORMAT=text`` (the default) writes ``time level logger [request id] message``;
+``LOG_FORMAT=json`` writes one JSON object per line (python-json-logger) with ``time``,
+``level``, ``logger``, ``message``, ``request_id`` and, where known, ``route`` (in the
+app's lines) and ``status`` (in gunicorn's access lines). Under gunicorn the same
+handlers come from ``logconfig_dict`` (config/gunicorn.conf.py, via ``logging_config``),
+so the app, gunicorn's error log and its access log write the same format.
 
 The code never logs tokens, secrets or cache blobs on purpose (users appear by
-partition hash); this filter catches what a library or a future change might let slip.
-One library does, at DEBUG: msal logs each token response (``msal.token_cache``,
+partition hash); ``RedactSecrets`` catches what a library or a future change might let
+slip. One library does, at DEBUG: msal logs each token response (``msal.token_cache``,
 ``event={... "client_info": "eyJ1aWQiOi..."}``) with the tokens masked but not
 ``client_info``, the base64 of the user's object id and (home) tenant id.
 
-The filter sits on the root logger's handlers, not on loggers: a logger's filters see
-only records logged through that very logger, not those its children (``msal.*``)
-propagate, whereas a handler's see every record it writes, at every level.
+Filters sit on the handlers, not on loggers: a logger's filters see only records logged
+through that very logger, not those its children (``msal.*``) propagate, whereas a
+handler's see every record it writes, at every level. Redaction runs before formatting,
+so it covers both formats.
 """
 
 from __future__ import annotations
 
 import logging
+import logging.config
 import re
+from typing import Any
+
+from flask_obo import RequestIdFilter
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s %(route)s"
+JSON_RENAMED = {"asctime": "time", "levelname": "level", "name": "logger"}
 
 _SECRETS = re.compile(
     # client_info's value, as JSON or repr ("client_info": "...") or a parameter (client_info=...)
@@ -23,6 +40,9 @@ _SECRETS = re.compile(
     r"|eyJ[A-Za-z0-9_+/-]{8,}=*"  # base64 of a JSON object: client_info anywhere, a JWT's payload
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/-]{16,}=*"  # bearer credentials
     r"|gAAAAA[A-Za-z0-9_-]{20,}=*"  # Fernet tokens
+    r"|(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{43}="  # Fernet keys (32 url-safe base64 bytes)
+    r"|(?<![A-Za-z0-9_.-])[01]\.A[A-Za-z0-9_.-]{20,}"  # Entra ID refresh tokens
+    r"|[A-Za-z0-9_.-]{3}\dQ~[A-Za-z0-9_~.-]{31,}"  # Entra ID client secrets
 )
 
 
@@ -42,15 +62,33 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Give the root logger one redacting stderr handler at ``level`` (``LOG_LEVEL``,
-    validated by ``Settings``); idempotent, and keeps gunicorn's handlers and level."""
+def logging_config(level: str = "INFO", log_format: str = "text") -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` document: the root logger writes ``log_format`` to
+    stderr through the redacting, request-id-adding filters. gunicorn's
+    ``logconfig_dict`` extends it with its own loggers."""
+    formatter: dict[str, Any] = (
+        {"()": "pythonjsonlogger.json.JsonFormatter", "fmt": JSON_FIELDS, "rename_fields": JSON_RENAMED}
+        if log_format == "json" else {"format": TEXT_FORMAT}
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"redact": {"()": RedactSecrets}, "request_id": {"()": RequestIdFilter}},
+        "formatters": {"flask_obo": formatter},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "flask_obo",
+                                "filters": ["request_id", "redact"], "stream": "ext://sys.stderr"}},
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+    }
+
+
+def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
+    """Configure the root logger unless someone (gunicorn's ``logconfig_dict``, a test
+    harness) already has; either way every root handler gets the two filters."""
     root = logging.getLogger()
     if not root.handlers:
-        handler: logging.Handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(level.upper())
+        logging.config.dictConfig(logging_config(level, log_format))
     for handler in root.handlers:
+        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
+            handler.addFilter(RequestIdFilter())
         if not any(isinstance(f, RedactSecrets) for f in handler.filters):
             handler.addFilter(RedactSecrets())

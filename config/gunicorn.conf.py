@@ -19,7 +19,9 @@ from pathlib import Path
 _root = str(Path(__file__).resolve().parents[1])
 if _root not in sys.path:
     sys.path.insert(0, _root)
+from app.gunicorn_logging import logging_config  # noqa: E402
 from flask_obo import Env, Settings, SettingsError  # noqa: E402
+from flask_obo.settings import LOG_FORMATS  # noqa: E402
 
 _cores = multiprocessing.cpu_count()
 _env = Env(os.environ)
@@ -46,6 +48,7 @@ try:
     max_requests_jitter = _env.whole_number("GUNICORN_MAX_REQUESTS_JITTER", max_requests // 10,
                                             unit="requests")
     loglevel = _env.log_level("LOG_LEVEL")
+    log_format = _env.choice("LOG_FORMAT", LOG_FORMATS)
     if __name__ == "__config__":  # gunicorn's name for this file: it is about to start the API
         Settings.from_env()
 except SettingsError as error:
@@ -60,6 +63,10 @@ worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR", _shm if os.path.isdir
 logger_class = "app.gunicorn_logging.SanitisingLogger"
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-")
 errorlog = os.environ.get("GUNICORN_ERROR_LOG", "-")
+# request_id: the id the API answered with (X-Request-ID of the response): the client's
+# or nginx's when well formed, else one the API made.
 access_log_format = (
-    '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%(a)s" request_id=%({x-request-id}i)s pid=%(p)s'
+    '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%(a)s" request_id=%({x-request-id}o)s pid=%(p)s'
 )
+if log_format == "json":  # one JSON object per line from the app and gunicorn alike
+    logconfig_dict = logging_config(loglevel, log_format, accesslog, errorlog)

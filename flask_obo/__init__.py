@@ -20,6 +20,7 @@ from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCache
 from .downstream import DownstreamApi
 from .extension import FlaskOBO
 from .protector import EntraAccessToken, current_token
+from .request_ids import RequestIdFilter, current_request_id
 from .settings import DownstreamApiSettings, Env, Settings, SettingsError
 
 __all__ = [
@@ -30,8 +31,10 @@ __all__ = [
     "FlaskOBO",
     "MemoryTokenCacheStore",
     "RedisTokenCacheStore",
+    "RequestIdFilter",
     "Settings",
     "SettingsError",
     "TokenCacheStore",
+    "current_request_id",
     "current_token",
 ]

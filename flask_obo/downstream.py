@@ -36,6 +36,7 @@ from .errors import (
     DownstreamTimeout,
     InsufficientClaims,
 )
+from .request_ids import CLIENT_REQUEST_ID_HEADER, current_request_id
 from .settings import DownstreamApiSettings
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ class DownstreamApi:
     def _send(self, method: str, path: str, token: str, kwargs: dict[str, Any]) -> requests.Response:
         headers = {"Accept": "application/json", **(kwargs.get("headers") or {}),
                    "Authorization": f"Bearer {token}"}
+        request_id = current_request_id()
+        if request_id:  # the id Graph logs for this call, so one id follows the request
+            headers[CLIENT_REQUEST_ID_HEADER] = request_id
         try:
             return self._session.request(
                 method, self.base_url + path,

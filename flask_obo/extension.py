@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cryptography.fernet import Fernet
-from flask import Blueprint, Flask, Response, after_this_request, current_app, request
+from flask import Blueprint, Flask, Response, after_this_request, current_app, g, request
 
 from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
@@ -28,6 +28,7 @@ from .downstream import DownstreamApi
 from .errors import register_error_handlers
 from .http import build_session
 from .protector import EntraResourceProtector, EntraTokenValidator, current_token
+from .request_ids import REQUEST_ID_HEADER, begin_request, end_request
 from .settings import Settings
 from .token_acquisition import OnBehalfOfTokenProvider
 from .token_cache import TokenCacheCodec
@@ -96,6 +97,9 @@ class FlaskOBO:
             },
         )
         register_error_handlers(app)
+        app.before_request(_begin_request)
+        app.after_request(_return_request_id)
+        app.teardown_request(_end_request)
 
     # --- protecting the API ----------------------------------------------------------------------
     def require_scope(self, scope: str | None = None) -> Callable[[View], View]:
@@ -177,6 +181,24 @@ def services_of(app: Flask) -> OboServices:
     if not isinstance(services, OboServices):
         raise RuntimeError("FlaskOBO.init_app(app) has not been called for this application")
     return services
+
+
+def _begin_request() -> None:
+    g.flask_obo_request_id, g.flask_obo_request_id_token = begin_request(
+        request.headers.get(REQUEST_ID_HEADER))
+
+
+def _return_request_id(response: Response) -> Response:
+    request_id = g.get("flask_obo_request_id")
+    if request_id:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
+
+
+def _end_request(_: BaseException | None) -> None:
+    token = g.pop("flask_obo_request_id_token", None)
+    if token is not None:
+        end_request(token)
 
 
 def _private(response: Response) -> Response:

@@ -22,6 +22,7 @@ import urllib3
 
 from .authority import OpenIdConfiguration
 from .bulkhead import Deadline
+from .request_ids import CLIENT_REQUEST_ID_HEADER, current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,12 @@ class MsalHttpClient:
             raise EntraUnavailable(retry_after=1)
         return min(connect, left), min(read, left)
 
-    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+    def _send(self, method: str, url: str, headers: Any = None, **kwargs: Any) -> requests.Response:
         timeout = self._bounded_timeout()
+        request_id = current_request_id()
+        if request_id:  # msal's correlation id is this request's id
+            headers = {**(headers or {}), CLIENT_REQUEST_ID_HEADER: request_id}
+        kwargs["headers"] = headers
         try:
             response = self._session.request(method, url, timeout=timeout, stream=True, **kwargs)
             _read_body_by(response, _deadline.get())

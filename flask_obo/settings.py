@@ -32,6 +32,7 @@ _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$|^\*$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # What Entra ID takes as an App ID URI: scheme://authority[/path] (api://, https://) or urn:...
 _APP_ID_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+(/[^\s?#]*)?|urn:[^\s?#]+")
+LOG_FORMATS = ("text", "json")  # the first is the default
 DOWNSTREAM_PREFIX = "DOWNSTREAM_APIS__"
 DOWNSTREAM_FIELDS = ("BASE_URL", "SCOPES")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # gunicorn's and logging's common names
@@ -90,6 +91,7 @@ class Settings:
     memory_cache_users: int = DEFAULT_MEMORY_CACHE_USERS
     authority_cache_dir: str | None = None  # None: a private directory under the system temp dir
     log_level: str = "INFO"  # LOG_LEVEL, checked here; the application's logging applies it
+    log_format: str = "text"  # LOG_FORMAT: text or json (one JSON object per line)
 
     def __post_init__(self) -> None:
         if not self.app_id_uri:
@@ -189,6 +191,7 @@ class Settings:
             ),
             authority_cache_dir=env.optional("AUTHORITY_CACHE_DIR"),
             log_level=env.log_level("LOG_LEVEL").upper(),
+            log_format=env.choice("LOG_FORMAT", LOG_FORMATS),
         )
 
 
@@ -365,6 +368,13 @@ class Env:
         value = (self.optional(name) or "info").lower()
         if value not in LOG_LEVELS:
             raise SettingsError(f"{name}: must be one of {', '.join(LOG_LEVELS)}")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> str:
+        """One of ``choices`` (any case, returned lower-case); unset: the first."""
+        value = (self.optional(name) or choices[0]).lower()
+        if value not in choices:
+            raise SettingsError(f"{name}: must be one of {', '.join(choices)}")
         return value
 
     def matching(self, name: str, default: str, pattern: re.Pattern[str]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterator
 
@@ -14,6 +15,24 @@ from app import create_app
 from flask_obo.cache_store import RedisTokenCacheStore
 from flask_obo.settings import Settings
 from tests.support.fake_entra import FakeEntra, settings_env
+from tests.support.log_secrets import SecretDetector
+
+
+@pytest.fixture(scope="session")
+def secret_detector() -> Iterator[SecretDetector]:
+    detector = SecretDetector()
+    logging.getLogger().addHandler(detector)
+    yield detector
+    logging.getLogger().removeHandler(detector)
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_logs(secret_detector: SecretDetector) -> Iterator[None]:
+    """Every test, whatever it is about: nothing it logs holds a token, secret or key."""
+    before = len(secret_detector.leaks)
+    yield
+    leaks = secret_detector.leaks[before:]
+    assert not leaks, f"a secret reached the logs: {leaks}"
 
 
 @pytest.fixture(autouse=True)

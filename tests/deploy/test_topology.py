@@ -243,7 +243,8 @@ def test_access_logs_hold_no_token_or_query_string(stack: Stack) -> None:
 QUOTED = r'"(?:[^"\\]|\\.)*"'
 GUNICORN_LINE = re.compile(
     rf"\S+ {QUOTED} \d{{3}} \S+ \d+ms {QUOTED} request_id=[A-Za-z0-9._:-]{{1,64}} pid=<\d+>")
-NGINX_LINE = re.compile(rf"\S+ {QUOTED} \d{{3}} \d+ [\d.]+ {QUOTED} request_id=[0-9a-f]{{32}} upstream=\S.*")
+NGINX_LINE = re.compile(
+    rf"\S+ {QUOTED} \d{{3}} \d+ [\d.]+ {QUOTED} request_id=[A-Za-z0-9._-]{{1,64}} upstream=\S.*")
 FIELDS = re.compile(rf"{QUOTED}|\S+")
 
 
@@ -343,20 +344,39 @@ def test_forged_request_id_and_user_agent_create_no_log_field(stack: Stack) -> N
 
     api_lines = lambda: stack.apis[0].access_lines() + stack.apis[1].access_lines()  # noqa: E731
     logged = lines_with(api_lines, f"/forge-{mark}", 2)
-    direct, proxied = sorted(logged, key=lambda line: "_status_" not in line)  # the client's id first
     (nginx_line,) = lines_with(stack.nginx.access_lines, f"/forge-{mark}", 1)
     for line in api_lines():
         assert GUNICORN_LINE.fullmatch(line), line
     for line in stack.nginx.access_lines():
         assert NGINX_LINE.fullmatch(line), line
-    assert set(bare_fields(direct)) == set(bare_fields(proxied)) == {"request_id", "pid"}
+    assert all(set(bare_fields(line)) == {"request_id", "pid"} for line in logged)
     assert set(bare_fields(nginx_line)) == {"request_id", "upstream"}
-    assert bare_fields(direct)["request_id"].startswith(f"{mark}_status_200_user_admin_")
-    # through nginx, gunicorn logs nginx's request id, never the client's
-    assert bare_fields(proxied)["request_id"] == bare_fields(nginx_line)["request_id"]
+    # The malformed id is replaced: through nginx by nginx's own (which gunicorn logs too,
+    # never the client's), straight to gunicorn by one the API makes.
+    nginx_id = bare_fields(nginx_line)["request_id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", nginx_id)
+    (direct,) = [line for line in logged if bare_fields(line)["request_id"] != nginx_id]
+    assert re.fullmatch(r"[0-9a-f]{32}", bare_fields(direct)["request_id"])
     # and the app's own log lines never carry them
     for api in stack.apis:
         assert mark not in api.process.log.read_text()
+
+
+def test_a_request_id_follows_the_request_through_nginx(stack: Stack) -> None:
+    """A well-formed client id is kept end to end; without one, nginx's is the API's too."""
+    mark = f"trace-{uuid.uuid4().hex[:12]}"
+    kept = get(f"{stack.nginx.http_url}/api/me", stack.token("adele"), headers={"X-Request-ID": mark})
+    assert kept.status_code == 200, kept.text
+    assert kept.headers["X-Request-ID"] == mark
+    (nginx_line,) = lines_with(stack.nginx.access_lines, f"request_id={mark} ", 1)
+    api_lines = lambda: stack.apis[0].access_lines() + stack.apis[1].access_lines()  # noqa: E731
+    (api_line,) = lines_with(api_lines, f"request_id={mark} ", 1)
+    assert '"GET /api/me ' in nginx_line and '"GET /api/me ' in api_line
+
+    made = get(f"{stack.nginx.http_url}/api/whoami", user_agent=(agent := marker()))
+    assert made.status_code == 401  # errors carry the id too
+    (nginx_line,) = lines_with(stack.nginx.access_lines, agent, 1)
+    assert bare_fields(nginx_line)["request_id"] == made.headers["X-Request-ID"]
 
 
 # --- failover ------------------------------------------------------------------------------

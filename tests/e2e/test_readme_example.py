@@ -20,6 +20,7 @@ import requests
 from cryptography.fernet import Fernet
 
 from devtenant import TASKS_API_RESOURCE
+from tests.support.log_secrets import find_secret
 from tests.support.servers import free_port, redis_server, wait_until
 from tests.support.stack import DevTenantProcess, api_env, devtenant
 
@@ -87,6 +88,7 @@ def example_api(tenant: DevTenantProcess, workdir: Path, **settings: str) -> Ite
     finally:
         process.terminate()
         process.wait(timeout=15)
+    assert find_secret(log.read_text(errors="replace")) is None
 
 
 def _answers(example: Example) -> bool:

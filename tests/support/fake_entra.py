@@ -70,6 +70,8 @@ class FakeEntra:
     token_requests: list[dict[str, str]] = field(default_factory=list)
     graph_requests: list[str] = field(default_factory=list)
     graph_urls: list[str] = field(default_factory=list)
+    # client-request-id of each token and Graph request, in order ("token" / "graph", id)
+    client_request_ids: list[tuple[str, str | None]] = field(default_factory=list)
     jwks_fetches: int = 0
     metadata_fetches: int = 0
     behaviours: dict[str, Behaviour] = field(default_factory=dict)
@@ -138,6 +140,7 @@ class FakeEntra:
     def _token(self, request: Any) -> tuple[int, dict[str, str], str]:
         form = {k: v[0] for k, v in parse_qs(request.body).items()}
         self.token_requests.append(form)
+        self.client_request_ids.append(("token", request.headers.get("client-request-id")))
         oid = self._oid_for(form)
         behaviour = self.behaviours.get(oid, Behaviour())
         if behaviour.kind != "ok":
@@ -226,6 +229,7 @@ class FakeEntra:
         path = request.path_url.split("?")[0].removeprefix("/v1.0")
         self.graph_requests.append(path)
         self.graph_urls.append(request.url)
+        self.client_request_ids.append(("graph", request.headers.get("client-request-id")))
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
         oid = self.graph_tokens.get(token) or (token[9:45] if token.startswith("graph-at-") else None)
         if oid is None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import requests
 
+from tests.support.log_secrets import find_secret
 from tests.support.servers import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,4 +149,6 @@ def gunicorn(env: dict[str, str], workers: int = 2, threads: int = 4) -> Iterato
     finally:
         process.terminate()
         process.wait(timeout=30)
+        leaked = find_secret(log.read_text(errors="replace"))
         shutil.rmtree(cwd, ignore_errors=True)
+    assert leaked is None, f"a secret reached gunicorn's log: {leaked}"

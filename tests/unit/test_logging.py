@@ -143,8 +143,9 @@ def test_text_atoms_are_escaped_like_nginx() -> None:
 
 
 def test_the_logger_cleans_every_client_atom(tmp_path: Path) -> None:
-    """gunicorn's own access() with the shipped format: the request id (printed bare),
-    the path and the user agent (quoted), and the address ProxyFix took from the client."""
+    """gunicorn's access() with the shipped format: the request id (the response's, printed
+    bare: the API answers only well-formed ones, but the log does not rely on that), the
+    path and the user agent (quoted), and the address ProxyFix took from the client."""
     cfg = Config()
     cfg.set("accesslog", str(tmp_path / "access.log"))
     cfg.set("errorlog", str(tmp_path / "error.log"))
@@ -153,8 +154,9 @@ def test_the_logger_cleans_every_client_atom(tmp_path: Path) -> None:
     environ = {"REMOTE_ADDR": "6.6.6.6 admin=1", "REQUEST_METHOD": "GET", "RAW_URI": "/x",
                "PATH_INFO": '/x\n1.2.3.4 "GET / HTTP/1.1" 200', "QUERY_STRING": "",
                "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_USER_AGENT": 'ua\\" status=200 "'}
-    request = SimpleNamespace(headers=[("X-REQUEST-ID", "abc status=200 user=admin")])
-    response = SimpleNamespace(status="200 OK", sent=2, headers=[])
+    request = SimpleNamespace(headers=[])
+    response = SimpleNamespace(status="200 OK", sent=2,
+                               headers=[("X-Request-ID", "abc status=200 user=admin")])
     logger.access(response, request, environ, timedelta(milliseconds=3))
     for handler in logger.access_log.handlers:
         handler.close()
