@@ -3,7 +3,9 @@
 It serves, over HTTPS, exactly the parts of Entra ID and Graph that flask-obo uses
 (discovery, JWKS, the token endpoint with On-Behalf-Of / refresh_token /
 client_credentials, Graph ``/me`` and ``/me/manager``) so that the API can run its
-real, unpatched msal code against it.
+real, unpatched msal code against it, and the browser sign-in a SPA does with
+msal-browser (``/authorize`` with authorization code + PKCE, ``/logout``; see
+:mod:`devtenant.signin`).
 
 Importing this package has no side effects: the constants below are literals (a test
 checks that they agree with ``directory.json``, the single data source the server

@@ -1,8 +1,9 @@
 """Python API for tests and scripts: mint SPA tokens, rotate keys, get the API's env.
 
-The SPA's tokens would come from an interactive sign-in that this fake does not do;
-minting them directly with the tenant's signing key yields exactly what the SPA
-would hold (aud = API, azp = SPA, scp), which is all the API ever sees.
+A browser SPA gets its tokens from the sign-in pages (:mod:`devtenant.signin`);
+tests and scripts skip the browser: minting them directly with the tenant's signing
+key yields exactly what the SPA would hold (aud = API, azp = SPA, scp), which is all
+the API ever sees.
 Works without a running server: everything is read from the state folder.
 """
 

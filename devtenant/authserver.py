@@ -3,11 +3,13 @@
 Authlib does the protocol plumbing (grant dispatch, client authentication registry,
 token generator / ``save_token`` hooks); this module supplies the Entra specifics:
 JWT access tokens in Entra's response shape, refresh tokens kept in memory, and
-AADSTS-coded error bodies for every failure.
+AADSTS-coded error bodies for every failure. The SPA's authorization code grant
+(:mod:`devtenant.signin` drives its authorization endpoint) is registered here too.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
@@ -82,19 +84,35 @@ def generate_token(
         body["refresh_token"] = runtime.new_refresh_token()
     if granted.wants_id_token:
         body["id_token"] = runtime.minter.id_token(
-            issuer=issuer(), client_id=client.client_id, user=user.user, amr=user.amr
+            issuer=issuer(),
+            client_id=client.client_id,
+            user=user.user,
+            amr=user.amr,
+            nonce=g.get("devtenant_nonce"),  # set by the authorization code grant
         )
     body["client_info"] = client_info(user.user, runtime.directory.tenant_id)
     return body
 
 
 def save_token(token: dict[str, Any], request: Any) -> None:
-    """Persist refresh tokens (in memory) bound to client, user and consented scope."""
+    """Persist refresh tokens (in memory) bound to client, user and consented scope.
+
+    A SPA's refresh token says when it expires (``refresh_token_expires_in``, as Entra
+    does for that client-type; msal-browser stores it).
+    """
     if "refresh_token" in token:
         granted: scopes.ScopeRequest = request.devtenant_scope
-        current().save_refresh_token(
-            token["refresh_token"], request.client.client_id, request.user, granted.canonical()
+        spa = bool(getattr(request, "devtenant_spa", False))
+        record = current().save_refresh_token(
+            token["refresh_token"],
+            request.client.client_id,
+            request.user,
+            granted.canonical(),
+            spa=spa,
+            expires_at=getattr(request, "devtenant_refresh_expires_at", None),
         )
+        if spa:
+            token["refresh_token_expires_in"] = max(0, int(record.expires_at - time.time()))
 
 
 class EntraAuthorizationServer(AuthorizationServer):
@@ -117,6 +135,8 @@ def create_authorization_server(app: Flask, runtime: Runtime) -> EntraAuthorizat
     server.register_client_auth_method(
         "private_key_jwt", clientauth.CertificateAssertion(directory, TOKEN_PATH)
     )
+    server.register_client_auth_method("none", clientauth.public_client(directory))
+    server.register_grant(grants.SpaAuthorizationCodeGrant, [grants.SpaCodeChallenge(required=True)])
     server.register_grant(grants.OnBehalfOfGrant)
     server.register_grant(grants.RefreshGrant)
     server.register_grant(grants.AppOnlyGrant)

@@ -1,4 +1,4 @@
-"""Confidential-client authentication at the token endpoint, as Authlib auth methods.
+"""Client authentication at the token endpoint, as Authlib auth methods.
 
 Entra distinguishes *why* client auth failed (unknown app AADSTS700016, wrong secret
 AADSTS7000215, bad certificate assertion AADSTS700027/700024); Authlib's built-in
@@ -63,6 +63,21 @@ def _check_secret(directory: Directory, client: App | None, client_id: str, secr
             f"'{client_id}'.",
         )
     return client
+
+
+def public_client(directory: Directory) -> AuthMethod:
+    """``none``: a public client (the SPA) names itself with ``client_id`` only."""
+
+    def authenticate(query_client: Callable[[str], App | None], request: Any) -> App | None:
+        client_id = request.payload.client_id
+        if not client_id or request.form.get("client_secret") or request.form.get("client_assertion"):
+            return None
+        client = query_client(client_id)
+        if client is None:
+            raise _unknown_client(directory, client_id)
+        return client  # Authlib then refuses it unless it is public
+
+    return authenticate
 
 
 def secret_basic(directory: Directory) -> AuthMethod:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
 
@@ -41,6 +42,38 @@ class User:
         return "consent_missing" in self.flags
 
 
+#: Hosts of loopback redirect URIs (RFC 8252 section 7.3): any port matches.
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def origin_of(uri: str) -> str:
+    """scheme://host[:port] of a URL, as a browser's ``Origin`` header names it."""
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _is_loopback(uri: str) -> bool:
+    parts = urlsplit(uri)
+    return parts.scheme == "http" and (parts.hostname or "") in LOOPBACK_HOSTS
+
+
+def redirect_uri_matches(registered: str, requested: str) -> bool:
+    """Exact match, except that an ``http`` loopback URI matches on any port (as Entra
+    does for ``http://localhost`` and ``http://127.0.0.1``, per RFC 8252)."""
+    if requested == registered:
+        return True
+    if not (_is_loopback(registered) and _is_loopback(requested)):
+        return False
+    want, got = urlsplit(registered), urlsplit(requested)
+    try:
+        got.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return False
+    return (got.hostname, got.path or "/", got.query, got.fragment) == (
+        want.hostname, want.path or "/", want.query, want.fragment,
+    )  # fmt: skip
+
+
 @dataclass
 class App:
     """An app registration + service principal; doubles as Authlib's client model."""
@@ -56,6 +89,8 @@ class App:
     token_audience: str | None = None
     scopes: tuple[str, ...] = ()
     app_roles: tuple[str, ...] = ()
+    #: Redirect URIs of the 'Single-Page Application' platform (manifest ``spa.redirectUris``).
+    spa_redirect_uris: tuple[str, ...] = ()
     certificates: list[x509.Certificate] = field(default_factory=list)
 
     @property
@@ -84,10 +119,32 @@ class App:
         return method in {"client_secret_basic", "client_secret_post", "private_key_jwt"}
 
     def check_grant_type(self, grant_type: str) -> bool:
-        return not self.public_client
+        if self.public_client:  # a SPA: codes (PKCE) and the refresh tokens they bring
+            return bool(self.spa_redirect_uris) and grant_type in {"authorization_code", "refresh_token"}
+        return True
 
     def get_allowed_scope(self, scope: str) -> str:
         return scope
+
+    def check_redirect_uri(self, redirect_uri: str) -> bool:
+        return any(redirect_uri_matches(r, redirect_uri) for r in self.spa_redirect_uris)
+
+    def get_default_redirect_uri(self) -> str | None:
+        return self.spa_redirect_uris[0] if self.spa_redirect_uris else None
+
+    def check_response_type(self, response_type: str) -> bool:
+        return response_type == "code"
+
+    # --- SPA platform -----------------------------------------------------------------
+    def check_origin(self, origin: str | None) -> bool:
+        """Is ``origin`` the origin of one of the SPA redirect URIs (loopback: any port)?"""
+        if not origin:
+            return False
+        origin = origin.rstrip("/").lower()
+        return any(
+            origin == origin_of(r) or redirect_uri_matches(r, f"{origin}{urlsplit(r).path or '/'}")
+            for r in self.spa_redirect_uris
+        )
 
 
 class Directory:
@@ -128,6 +185,7 @@ class Directory:
             token_audience=item.get("token_audience"),
             scopes=tuple(item.get("scopes", ())),
             app_roles=tuple(item.get("app_roles", ())),
+            spa_redirect_uris=tuple(item.get("spa", {}).get("redirectUris", ())),
         )
         if app.certificate_file and state_root is not None:
             pem = (state_root / app.certificate_file).read_bytes()

@@ -1,5 +1,12 @@
 """Blueprint for the Entra ID v2 endpoints msal touches: discovery, JWKS, token.
 
+(The browser sign-in, ``/authorize`` and ``/logout``, is :mod:`devtenant.signin`.)
+Discovery, JWKS and token answer cross-origin requests as Entra does for SPAs
+(msal-browser fetches them from the SPA's origin): ``Access-Control-Allow-Origin``
+echoes the request's ``Origin``, and preflights get the methods and headers asked for.
+CORS is these few headers, hand-written: flask-cors is the API's dependency (the
+``server`` extra), not the dev tenant's, and the devtenant image does not install it.
+
 URLs are built from the request's own scheme://host:port (or ``--public-url``), so one
 server works as https://localhost:8443 on the host and https://devtenant:8443 inside
 docker-compose. Only the tenant GUID and its domain name are accepted; anything else
@@ -21,6 +28,7 @@ bp = Blueprint("entra", __name__)
 
 #: Counter name per grant_type (OBO shares the JWT-bearer grant_type).
 GRANT_KINDS = {
+    "authorization_code": "authorization_code",
     "urn:ietf:params:oauth:grant-type:jwt-bearer": "on_behalf_of",
     "refresh_token": "refresh_token",
     "client_credentials": "client_credentials",
@@ -31,6 +39,10 @@ CLAIMS_SUPPORTED = [
     "msgraph_host", "aud", "exp", "iat", "auth_time", "acr", "nonce", "preferred_username",
     "name", "tid", "ver", "at_hash", "c_hash", "email",
 ]  # fmt: skip
+
+
+#: Endpoints msal-browser calls with fetch() from the SPA's origin.
+CORS_ENDPOINTS = frozenset({"entra.openid_configuration", "entra.jwks", "entra.token"})
 
 
 def _error(error: errors.EntraError) -> Response:
@@ -46,6 +58,22 @@ def _check_tenant(endpoint: str | None, values: dict[str, Any] | None) -> None:
     tenant = (values or {}).get("tenant")
     if tenant is not None and not current().directory.is_tenant(tenant):
         abort(_error(errors.tenant_not_found(tenant)))
+
+
+@bp.after_request
+def _cors(response: Response) -> Response:
+    origin = request.headers.get("Origin")
+    if request.endpoint not in CORS_ENDPOINTS or not origin:
+        return response
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.vary.add("Origin")
+    if request.method == "OPTIONS":  # preflight (Flask answers OPTIONS itself)
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        asked = request.headers.get("Access-Control-Request-Headers")
+        if asked:
+            response.headers["Access-Control-Allow-Headers"] = asked
+        response.headers["Access-Control-Max-Age"] = "86400"
+    return response
 
 
 @bp.get("/<tenant>/v2.0/.well-known/openid-configuration")
@@ -85,20 +113,6 @@ def openid_configuration(tenant: str) -> Response:
 @bp.get("/<tenant>/discovery/v2.0/keys")
 def jwks(tenant: str) -> Response:
     return jsonify(current().keys.jwks(issuer()))
-
-
-@bp.route("/<tenant>/oauth2/v2.0/authorize", methods=["GET", "POST"])
-def authorize(tenant: str) -> Response:
-    """msal needs the URL in discovery; interactive sign-in is out of scope here."""
-    response = jsonify(
-        {
-            "error": "not_implemented",
-            "error_description": "devtenant has no interactive sign-in. Mint the SPA's "
-            "token with `python -m devtenant token <user>` or DevTenant.api_token().",
-        }
-    )
-    response.status_code = 501
-    return response
 
 
 @bp.post("/<tenant>/oauth2/v2.0/token")

@@ -134,3 +134,97 @@ def mfa_required(resource: str, policy_id: str) -> EntraError:
 
 def invalid_client(code: int, message: str) -> EntraError:
     return EntraError("invalid_client", code, message, status_code=401)
+
+
+# --- authorization code + PKCE (the SPA's sign-in) ------------------------------------
+
+
+def redirect_uri_mismatch(redirect_uri: str, client_id: str) -> EntraError:
+    return EntraError(
+        "invalid_request",
+        50011,
+        f"The redirect URI '{redirect_uri}' specified in the request does not match the "
+        f"redirect URIs configured for the application '{client_id}'. Make sure the redirect "
+        "URI sent in the request matches one added to your application in the Azure portal. "
+        "Navigate to https://aka.ms/redirectUriMismatchError to learn more about how to fix this.",
+    )
+
+
+def unknown_application(client_id: str, tenant_name: str) -> EntraError:
+    return EntraError(
+        "unauthorized_client",
+        700016,
+        f"Application with identifier '{client_id}' was not found in the directory "
+        f"'{tenant_name}'. This can happen if the application has not been installed by the "
+        "administrator of the tenant or consented to by any user in the tenant. You may have "
+        "sent your authentication request to the wrong tenant.",
+    )
+
+
+def pkce_required() -> EntraError:
+    return EntraError(
+        "invalid_request",
+        9002325,
+        "Proof Key for Code Exchange is required for cross-origin authorization code redemption.",
+    )
+
+
+def invalid_parameter(name: str, detail: str) -> EntraError:
+    return EntraError("invalid_request", 90100, f"The '{name}' parameter is empty or not valid. {detail}")
+
+
+def cross_origin_required() -> EntraError:
+    return EntraError(
+        "invalid_request",
+        9002327,
+        "Tokens issued for the 'Single-Page Application' client-type may only be redeemed "
+        "via cross-origin requests.",
+    )
+
+
+def code_redeemed() -> EntraError:
+    return EntraError(
+        "invalid_grant",
+        54005,
+        "OAuth2 Authorization code was already redeemed, please retry with a new valid code "
+        "or use an existing refresh token.",
+    )
+
+
+def code_expired() -> EntraError:
+    return EntraError(
+        "invalid_grant",
+        70008,
+        "The provided authorization code or refresh token has expired due to inactivity. "
+        "Send a new interactive authorization request for this user and resource.",
+    )
+
+
+def malformed_grant() -> EntraError:
+    return EntraError("invalid_grant", 9002313, "Invalid request. Request is malformed or invalid.")
+
+
+def code_verifier_mismatch() -> EntraError:
+    return EntraError(
+        "invalid_grant",
+        501481,
+        "The Code_Verifier does not match the code_challenge supplied in the authorization request.",
+    )
+
+
+def login_required() -> EntraError:
+    return EntraError(
+        "login_required",
+        50058,
+        "A silent sign-in request was sent but no user is signed in. The cookies used to "
+        "represent the user's session were not sent in the request to Azure AD.",
+    )
+
+
+def mfa_interaction_required(resource: str) -> EntraError:
+    return EntraError(
+        "interaction_required",
+        50076,
+        "Due to a configuration change made by your administrator, or because you moved to a "
+        f"new location, you must use multi-factor authentication to access '{resource}'.",
+    )

@@ -1,4 +1,5 @@
-"""Per-app runtime state: directory, keys, minted refresh tokens, counters, switches.
+"""Per-app runtime state: directory, keys, minted refresh tokens, authorization codes,
+sign-in sessions, counters, switches.
 
 One :class:`Runtime` hangs off ``app.extensions["devtenant"]`` so several apps (e.g.
 one per test) can coexist in a process without sharing state. Everything mutable is
@@ -22,8 +23,16 @@ from devtenant.state import StatePaths
 from devtenant.tokens import TokenMinter
 
 REFRESH_TOKEN_LIFETIME = 90 * 24 * 3600
+#: Entra: refresh tokens of the 'Single-Page Application' client-type live 24 h, and
+#: rotated ones keep the first one's expiry (the SPA must sign in again daily).
+SPA_REFRESH_TOKEN_LIFETIME = 24 * 3600
 REFRESH_TOKEN_PREFIX = "1.AdevT"
-TOKEN_COUNTER_KEYS = ("on_behalf_of", "refresh_token", "client_credentials", "other", "errors")
+#: Authorization codes: single-use, 10 minutes (Entra's are shorter-lived still).
+AUTHORIZATION_CODE_LIFETIME = 600
+AUTHORIZATION_CODE_PREFIX = "1.AdevC"
+TOKEN_COUNTER_KEYS = (
+    "authorization_code", "on_behalf_of", "refresh_token", "client_credentials", "other", "errors",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -40,12 +49,17 @@ class Principal:
 
 @dataclass
 class RefreshRecord:
-    """A refresh token bound to client + user + granted (canonical) scope."""
+    """A refresh token bound to client + user + granted (canonical) scope.
+
+    ``spa``: issued to a SPA redirect URI, so only redeemable cross-origin, and its
+    rotated successors inherit ``expires_at``.
+    """
 
     client_id: str
     principal: Principal
     scope: str
     expires_at: float
+    spa: bool = False
 
     # --- authlib TokenMixin ---------------------------------------------------------
     def check_client(self, client: App) -> bool:
@@ -59,6 +73,40 @@ class RefreshRecord:
 
     def is_revoked(self) -> bool:
         return False
+
+
+@dataclass
+class AuthorizationCodeRecord:
+    """An authorization code bound to client, redirect URI, PKCE challenge and nonce."""
+
+    client_id: str
+    redirect_uri: str
+    scope: str
+    principal: Principal
+    code_challenge: str | None
+    code_challenge_method: str | None
+    nonce: str | None
+    spa: bool
+    expires_at: float
+    redeemed: bool = False
+
+    # --- authlib AuthorizationCodeMixin (+ the attributes CodeChallenge reads) -------
+    def get_redirect_uri(self) -> str:
+        return self.redirect_uri
+
+    def get_scope(self) -> str:
+        return self.scope
+
+    def is_expired(self) -> bool:
+        return time.time() > self.expires_at
+
+
+@dataclass(frozen=True)
+class SignInSession:
+    """The dev tenant's browser session (cookie): who signed in, and how."""
+
+    principal: Principal
+    auth_time: int
 
 
 @dataclass
@@ -131,16 +179,31 @@ class Runtime:
         self.counters = Counters()
         self._lock = threading.Lock()
         self._refresh: dict[str, RefreshRecord] = {}
+        self._codes: dict[str, AuthorizationCodeRecord] = {}
+        self._sessions: dict[str, SignInSession] = {}
 
     @staticmethod
     def new_refresh_token() -> str:
         """Opaque value; it only means something once :meth:`save_refresh_token` ran."""
         return REFRESH_TOKEN_PREFIX + secrets.token_urlsafe(48)
 
-    def save_refresh_token(self, token: str, client_id: str, principal: Principal, scope: str) -> None:
-        record = RefreshRecord(client_id, principal, scope, time.time() + REFRESH_TOKEN_LIFETIME)
+    def save_refresh_token(
+        self,
+        token: str,
+        client_id: str,
+        principal: Principal,
+        scope: str,
+        *,
+        spa: bool = False,
+        expires_at: float | None = None,
+    ) -> RefreshRecord:
+        if expires_at is None:
+            lifetime = SPA_REFRESH_TOKEN_LIFETIME if spa else REFRESH_TOKEN_LIFETIME
+            expires_at = time.time() + lifetime
+        record = RefreshRecord(client_id, principal, scope, expires_at, spa)
         with self._lock:
             self._refresh[token] = record
+        return record
 
     def find_refresh_token(self, token: str) -> RefreshRecord | None:
         with self._lock:
@@ -153,6 +216,45 @@ class Runtime:
             for token, candidate in list(self._refresh.items()):
                 if candidate is record:
                     del self._refresh[token]
+
+    # --- authorization codes -----------------------------------------------------------
+    def save_code(self, record: AuthorizationCodeRecord) -> str:
+        code = AUTHORIZATION_CODE_PREFIX + secrets.token_urlsafe(48)
+        now = time.time()
+        with self._lock:
+            for stale in [c for c, r in self._codes.items() if r.expires_at < now]:
+                del self._codes[stale]
+            self._codes[code] = record
+        return code
+
+    def find_code(self, code: str) -> AuthorizationCodeRecord | None:
+        """The record even when redeemed or expired: the grant tells those apart."""
+        with self._lock:
+            return self._codes.get(code)
+
+    def redeem_code(self, record: AuthorizationCodeRecord) -> bool:
+        """Single use (check-and-set, so two racing redemptions cannot both win); a
+        redeemed code is kept until it expires only to say so."""
+        with self._lock:
+            if record.redeemed:
+                return False
+            record.redeemed = True
+            return True
+
+    # --- sign-in sessions ------------------------------------------------------------
+    def start_session(self, principal: Principal) -> str:
+        session_id = secrets.token_urlsafe(32)
+        with self._lock:
+            self._sessions[session_id] = SignInSession(principal, int(time.time()))
+        return session_id
+
+    def find_session(self, session_id: str | None) -> SignInSession | None:
+        with self._lock:
+            return self._sessions.get(session_id or "")
+
+    def end_session(self, session_id: str | None) -> None:
+        with self._lock:
+            self._sessions.pop(session_id or "", None)
 
 
 def current() -> Runtime:

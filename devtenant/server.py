@@ -35,7 +35,7 @@ def create_app(
     each request's own host is used. ``short_scopes`` starts with the Graph short
     scope form in token responses (switchable at runtime via /_devtenant/config).
     """
-    from devtenant import entra, graph, hooks, tasks_api
+    from devtenant import entra, graph, hooks, signin, tasks_api
 
     paths = ensure_state(state_dir)
     app = Flask("devtenant")
@@ -45,6 +45,7 @@ def create_app(
     app.extensions["devtenant.authserver"] = create_authorization_server(app, runtime)
     app.register_blueprint(hooks.bp)
     app.register_blueprint(entra.bp)
+    app.register_blueprint(signin.bp)
     app.register_blueprint(graph.bp)
     app.register_blueprint(tasks_api.bp)
     return app

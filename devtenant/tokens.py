@@ -135,14 +135,20 @@ class TokenMinter:
             claims["roles"] = list(roles)
         return self._sign_claims(issuer, audience, lifetime or random_lifetime(), False, claims)
 
-    def id_token(self, *, issuer: str, client_id: str, user: User, amr: Sequence[str]) -> str:
-        """ID token for the client itself (msal reads it to build the account)."""
-        return self._sign_claims(issuer, client_id, 3600, False, {
+    def id_token(
+        self, *, issuer: str, client_id: str, user: User, amr: Sequence[str], nonce: str | None = None
+    ) -> str:
+        """ID token for the client itself (msal reads it to build the account; msal-browser
+        also checks that ``nonce`` is the one its authorization request sent)."""
+        claims = {
             "name": user.display_name,
             "oid": user.oid,
             "preferred_username": user.upn,
             "sub": pairwise_sub(user.oid, client_id),
-        }, amr)
+        }
+        if nonce:
+            claims["nonce"] = nonce
+        return self._sign_claims(issuer, client_id, 3600, False, claims, amr)
 
     def verify(self, token: str, audiences: Sequence[str], leeway: int = 0) -> dict[str, Any]:
         """Check signature (any published key), issuer tenant, expiry and audience.

@@ -87,10 +87,6 @@ def test_jwks_publishes_signing_kid_public_only(dt_client: FlaskClient, dt_tenan
         assert not {"d", "p", "q", "dp", "dq", "qi"} & key.keys()
 
 
-def test_authorize_endpoint_exists_but_is_not_implemented(dt_client: FlaskClient) -> None:
-    assert dt_client.get(f"/{TENANT_ID}/oauth2/v2.0/authorize", base_url=BASE).status_code == 501
-
-
 def test_obo_with_secret_returns_entra_fields_and_graph_token(dt_token: TokenEndpoint) -> None:
     response = dt_token.obo_for("adele", headers={"client-request-id": "abc-123"})
     assert response.status_code == 200, response.get_json()

@@ -12,7 +12,8 @@ def test_counters_count_grants_errors_and_graph_paths(dt_token: TokenEndpoint) -
     client = dt_token.client
     zero = client.get("/_devtenant/counters").get_json()
     assert zero["token"] == {
-        "on_behalf_of": 0, "refresh_token": 0, "client_credentials": 0, "other": 0, "errors": 0,
+        "authorization_code": 0, "on_behalf_of": 0, "refresh_token": 0, "client_credentials": 0,
+        "other": 0, "errors": 0,
     }  # fmt: skip
     ok = dt_token.obo_for("adele").get_json()
     dt_token.obo_for("lynne")  # consent error
@@ -24,7 +25,8 @@ def test_counters_count_grants_errors_and_graph_paths(dt_token: TokenEndpoint) -
     client.get("/v1.0/me/manager", base_url=BASE)  # 401
     counters = client.get("/_devtenant/counters").get_json()
     assert counters["token"] == {
-        "on_behalf_of": 2, "refresh_token": 1, "client_credentials": 0, "other": 1, "errors": 2,
+        "authorization_code": 0, "on_behalf_of": 2, "refresh_token": 1, "client_credentials": 0,
+        "other": 1, "errors": 2,
     }  # fmt: skip
     assert counters["token_errors"] == {"invalid_grant": 1, "unsupported_grant_type": 1}
     assert counters["graph"] == {"/v1.0/me": 2, "/v1.0/me/manager": 1, "errors": 1}
