@@ -53,7 +53,7 @@ def _wait_healthy(server: Server, proc: subprocess.Popen, timeout: float = 30.0)
         try:
             if server.get("/healthz", timeout=1).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or slow to answer
             time.sleep(0.05)  # poll interval, not a fixed wait
     pytest.fail(f"devtenant not healthy after {timeout}s:\n{server.log.read_text()}")
 
