@@ -2,8 +2,8 @@
 
 It is the example for users: ``/api/whoami`` reads the validated token, ``/api/me`` and
 ``/api/me/manager`` call Microsoft Graph on behalf of the caller, ``/healthz`` and
-``/readyz`` are the probes. Everything else here is deployment: logging, CORS for the SPA,
-a small body limit.
+``/readyz`` are the probes, ``/openapi.json`` describes them all. Everything else here is
+deployment: logging, CORS for the SPA, a small body limit.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from flask_obo import Settings, TokenCacheStore
 from .extensions import obo
 from .health import health
 from .logging_setup import configure_logging
+from .openapi import openapi
 from .routes import api
 
 
@@ -32,13 +33,14 @@ def create_app(settings: Settings | Mapping[str, str] | None = None,
     if not isinstance(settings, Settings):
         settings = Settings.from_env(settings)  # None: the environment and .env
     configure_logging(settings.log_level, settings.log_format)
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # no static files: every route is API (/openapi.json)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
     obo.init_app(app, settings, store=store)
     app.before_request(_refuse_large_bodies)
     app.register_blueprint(health)
     app.register_blueprint(api)
+    app.register_blueprint(openapi)
     if settings.cors_allowed_origins:
         CORS(
             app,

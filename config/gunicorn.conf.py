@@ -53,6 +53,12 @@ try:
         Settings.from_env()
 except SettingsError as error:
     sys.exit(f"flask-obo: configuration error: {error}")
+if __name__ == "__config__":
+    # gunicorn's own answers (a header or request line over its limits, a malformed request)
+    # in the API's JSON error vocabulary, not an HTML page: see app/gunicorn_errors.py.
+    from app import gunicorn_errors
+
+    gunicorn_errors.install()
 # Heartbeat files on tmpfs, so a slow container disk cannot make workers look dead.
 _shm = "/dev/shm"  # noqa: S108 - gunicorn's documented choice for worker_tmp_dir
 worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR", _shm if os.path.isdir(_shm) else None)

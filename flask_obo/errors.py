@@ -222,6 +222,33 @@ def bearer_challenge(**params: str) -> str:
     return "Bearer " + ", ".join(parts)
 
 
+def error_codes() -> dict[int, frozenset[str]]:
+    """Every ``error`` code this module answers with, by HTTP status: each ``ApiError``
+    class's and the generic HTTP errors' (400, 404, 405, 413, 414, 431). An application adds the
+    codes it raises itself (``ApiError(..., error="manager_not_found")``); an API document
+    (the reference API's ``/openapi.json``) is built from both."""
+    codes: dict[int, set[str]] = {}
+    for value in globals().values():
+        if isinstance(value, type) and issubclass(value, ApiError):
+            codes.setdefault(value.status, set()).add(value.error)
+    for status, error in _HTTP_ERRORS.items():
+        codes.setdefault(status, set()).add(error)
+    return {status: frozenset(names) for status, names in sorted(codes.items())}
+
+
+def http_error(status: int) -> ApiError:
+    """The answer to a generic HTTP error (no route, a method the route does not take, a
+    body or headers too large...), whoever detects it: Flask, or the HTTP server before the
+    request reaches Flask (app/gunicorn_errors.py)."""
+    if status == 500:
+        return ApiError()
+    return ApiError(
+        description=_HTTP_DESCRIPTIONS.get(status, "The request could not be completed."),
+        status=status,
+        error=_HTTP_ERRORS.get(status, "invalid_request"),
+    )
+
+
 def register_error_handlers(app: Flask) -> None:
     """Render ApiError and every HTTP error as JSON; turn surprises into a logged 500."""
 
@@ -231,12 +258,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
-        code = exc.code or 500
-        response = ApiError(
-            description=_HTTP_DESCRIPTIONS.get(code, "The request could not be completed."),
-            status=code,
-            error=_HTTP_ERRORS.get(code, "invalid_request"),
-        ).response()
+        response = http_error(exc.code or 500).response()
         allowed = getattr(exc, "valid_methods", None)
         if allowed:
             response.headers["Allow"] = ", ".join(allowed)
@@ -255,6 +277,7 @@ _HTTP_ERRORS = {
     404: "not_found",
     405: "method_not_allowed",
     413: "request_too_large",
+    414: "request_too_large",
     431: "request_too_large",
 }
 _HTTP_DESCRIPTIONS = {
@@ -262,5 +285,6 @@ _HTTP_DESCRIPTIONS = {
     404: "No such resource.",
     405: "This method is not allowed on this resource.",
     413: "The request is too large.",
+    414: "The request URI is too long.",
     431: "The request headers are too large.",
 }
