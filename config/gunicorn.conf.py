@@ -36,6 +36,10 @@ bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
 # concurrency; one worker per core (at least two) uses the cores for TLS and JSON.
 worker_class = "gthread"
 keepalive = 5  # nginx keeps upstream connections open; reuse them
+# Room for "Authorization: Bearer <token>" with a token up to the protector's 16 KiB limit
+# (MAX_TOKEN_LENGTH), as nginx allows (large_client_header_buffers); gunicorn's default,
+# 8190, would answer such a token 431 before the API could judge it.
+limit_request_field_size = 16 * 1024 + 64
 try:
     workers = _env.positive_int("GUNICORN_WORKERS", max(2, _cores), unit="workers")
     threads = _env.positive_int("GUNICORN_THREADS", 4 * _cores, unit="threads")
