@@ -37,6 +37,7 @@ class UserSession:
         self.http_cache: dict[str, Any] = {}
         self.cache = UserTokenCache()
         self.app: msal.ConfidentialClientApplication | None = None
+        self.credential_version = 0  # the API credential's version ``app`` was built with
         self.blob: bytes | None = None  # what ``cache`` was last loaded from or saved as
         self.stored: bytes | None = None  # what the store held when last read or written
         self.losses_seen = 0  # the store's data losses known when ``stored`` was read

@@ -34,6 +34,7 @@ import requests
 from .authority import AuthorityUnavailable, OpenIdConfiguration
 from .bulkhead import Deadline, SingleFlight, WaitingRoom, held
 from .cache_store import Guard, StoredEntry, TokenCacheStore
+from .credentials import CREDENTIAL_ERROR_CODES, ClientCredential
 from .errors import (
     AssertionRejected,
     CacheUnavailable,
@@ -69,8 +70,10 @@ class OnBehalfOfTokenProvider:
         codec: TokenCacheCodec,
         session: requests.Session,
         metadata: OpenIdConfiguration,
+        credential: ClientCredential,
     ) -> None:
         self._settings = settings
+        self._credential = credential
         self._store, self._codec = store, codec
         timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
         self.memory = MemoryTier(settings.memory_cache_users,
@@ -138,12 +141,24 @@ class OnBehalfOfTokenProvider:
                         self._reload(session, partition, user)
                 result = None if claims_challenge else self._silent(session, user, scopes)
                 if not result:
-                    log.info("on-behalf-of exchange for partition %s", partition)
-                    result = self._app(session).acquire_token_on_behalf_of(
-                        user.raw, scopes, claims_challenge=claims_challenge
-                    )
+                    result = self._on_behalf_of(session, partition, user, scopes, claims_challenge)
                 self._save_if_changed(session, partition, guard)
         return _access_token_or_raise(result, partition)
+
+    def _on_behalf_of(self, session: UserSession, partition: str, user: EntraAccessToken,
+                      scopes: list[str], claims_challenge: str | None) -> dict[str, Any]:
+        """The OBO exchange; if Entra refuses the API's own credential (a rotated
+        certificate, an expired assertion), read the credential again and retry once."""
+        log.info("on-behalf-of exchange for partition %s", partition)
+        result: dict[str, Any] = self._app(session).acquire_token_on_behalf_of(
+            user.raw, scopes, claims_challenge=claims_challenge)
+        codes = set(result.get("error_codes") or ())
+        if codes & CREDENTIAL_ERROR_CODES and self._credential.reload():
+            log.warning("Entra ID refused the API's credential (%s); retrying with the reloaded one",
+                        sorted(codes & CREDENTIAL_ERROR_CODES))
+            result = self._app(session).acquire_token_on_behalf_of(
+                user.raw, scopes, claims_challenge=claims_challenge)
+        return result
 
     @contextmanager
     def _user_lock(self, partition: str, deadline: Deadline) -> Iterator[Guard | None]:
@@ -179,19 +194,23 @@ class OnBehalfOfTokenProvider:
             return None
 
     def _app(self, session: UserSession) -> msal.ConfidentialClientApplication:
-        if session.app is None:
+        """The user's msal application, built again when the API's credential changed."""
+        credential = self._credential.for_msal()  # first: it may find a rotated file
+        if session.app is None or session.credential_version != self._credential.version:
             try:
                 session.app = msal.ConfidentialClientApplication(
                     self._settings.client_id,
-                    client_credential=self._settings.client_credential,
+                    client_credential=credential,
                     authority=self._settings.authority,
                     token_cache=session.cache,
                     http_client=session.http,
                     http_cache=session.http_cache,
                     instance_discovery=False,
+                    client_capabilities=list(self._settings.client_capabilities) or None,
                 )
             except AuthorityUnavailable:
                 raise IdentityProviderUnavailable() from None
+            session.credential_version = self._credential.version
         return session.app
 
     def _reload(self, session: UserSession, partition: str, user: EntraAccessToken) -> None:
