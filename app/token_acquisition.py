@@ -7,7 +7,8 @@ msal binds a token cache to a ``ConfidentialClientApplication`` at construction,
 A request goes:
 
 1. **Memory, then Redis, offline.** If the user's session is current, msal's silent
-   lookup runs on it with no I/O at all; otherwise the blob is re-read from the store
+   lookup runs on it with no I/O at all (or not even that: the session remembers msal's
+   last answer while msal would repeat it); otherwise the blob is re-read from the store
    first. Nothing here waits on Entra ID, nor on a leader that does: while a leader of
    this user holds the session, the request joins its flight (step 2). While Redis is
    unreachable the session is used as it is.
@@ -36,7 +37,7 @@ from .authority import AuthorityUnavailable, OpenIdConfiguration
 from .bulkhead import Deadline, SingleFlight, TokenAcquisitionBusy, WaitingRoom, held
 from .cache_store import CacheUnavailable, Guard, StoredEntry, TokenCacheStore
 from .errors import ApiError, InsufficientClaims, ServiceUnavailable, bearer_challenge
-from .memory_tier import MemoryTier, UserSession
+from .memory_tier import HotToken, MemoryTier, UserSession
 from .msal_http import EntraUnavailable, MsalHttpClient, NetworkNeeded, offline, within
 from .protector import EntraAccessToken
 from .settings import Settings
@@ -45,6 +46,8 @@ from .token_cache import TokenCacheCodec, partition_key
 log = logging.getLogger(__name__)
 
 SESSION_BUSY_SECONDS = 0.05  # longer than any offline lookup; a leader holds it far longer
+# msal's silent lookup treats an access token this close to its expiry as expired.
+MSAL_EXPIRY_MARGIN_SECONDS = 5 * 60
 
 
 class ConsentRequired(ApiError):
@@ -87,6 +90,7 @@ class OnBehalfOfTokenProvider:
     ) -> None:
         self._settings = settings
         self._scopes = list(settings.graph_scopes)
+        self._hot_scopes = tuple(self._scopes)
         self._store, self._codec = store, codec
         timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
         self.memory = MemoryTier(settings.memory_cache_users,
@@ -130,15 +134,44 @@ class OnBehalfOfTokenProvider:
                     self._store.healthy or session.blob is None):
                 with suppress(CacheUnavailable):
                     self._reload(session, partition, user)
-            result = self._silent(session, user, offline_only=True)
+            return self._offline_token(session, user)
         finally:
             session.lock.release()
-        return result["access_token"] if result else None
+
+    def _offline_token(self, session: UserSession, user: EntraAccessToken) -> str | None:
+        """msal's offline silent lookup, remembered on the session (``HotToken``).
+
+        msal answers from the cache alone with an access token that is more than five
+        minutes from expiry and not past its ``refresh_on``; its answer depends on nothing
+        but the cache and the clock. So while the session's cache is still the one the
+        answer came from (the same ``blob`` object: every load, acquisition or reset of
+        the cache replaces or clears it) and the clock has not reached the earlier of
+        those two limits, the answer is the same and msal is not asked. Past them, msal
+        decides as before (an aging token goes to Entra ID, which may refresh it)."""
+        hot = session.hot
+        if (hot is not None and hot.blob is session.blob and hot.scopes == self._hot_scopes
+                and time.time() < hot.good_until):
+            return hot.access_token
+        session.hot = None
+        asked_at = time.time()  # before msal's own "now": the limits below err early
+        result = self._silent(session, user, offline_only=True)
+        if not result:
+            return None
+        token = str(result["access_token"])
+        expires_in = result.get("expires_in")
+        if session.blob is not None and isinstance(expires_in, int):
+            good_until = asked_at + expires_in - MSAL_EXPIRY_MARGIN_SECONDS
+            refresh_on = result.get("refresh_on")
+            if isinstance(refresh_on, int | float):
+                good_until = min(good_until, refresh_on)
+            session.hot = HotToken(session.blob, self._hot_scopes, token, good_until)
+        return token
 
     def _from_entra(self, partition: str, user: EntraAccessToken, claims_challenge: str | None,
                     deadline: Deadline) -> str:
         session = self.memory.session(partition)
         with held(session.lock, deadline.remaining()):
+            session.hot = None  # whatever happens here, the next lookup asks msal
             if claims_challenge is None and session.is_current(self._store.coherence()):
                 # The leader that held the session may have just filled it.
                 result = self._silent(session, user, offline_only=True)
