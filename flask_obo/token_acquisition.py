@@ -7,7 +7,8 @@ msal binds a token cache to a ``ConfidentialClientApplication`` at construction,
 A request goes:
 
 1. **Memory, then Redis, offline.** If the user's session is current, msal's silent
-   lookup runs on it with no I/O at all; otherwise the blob is re-read from the store
+   lookup runs on it with no I/O at all (or not even that: the session remembers msal's
+   last answer while msal would repeat it); otherwise the blob is re-read from the store
    first. Nothing here waits on Entra ID, nor on a leader that does: while a leader of
    this user holds the session, the request joins its flight (step 2). While Redis is
    unreachable the session is used as it is.
@@ -45,7 +46,7 @@ from .errors import (
     TokenAcquisitionBusy,
     TokenAcquisitionFailed,
 )
-from .memory_tier import MemoryTier, UserSession
+from .memory_tier import HotToken, MemoryTier, UserSession
 from .msal_http import EntraUnavailable, MsalHttpClient, NetworkNeeded, offline, within
 from .protector import EntraAccessToken
 from .settings import Settings
@@ -54,6 +55,8 @@ from .token_cache import TokenCacheCodec, partition_key
 log = logging.getLogger(__name__)
 
 SESSION_BUSY_SECONDS = 0.05  # longer than any offline lookup; a leader holds it far longer
+# msal's silent lookup treats an access token this close to its expiry as expired.
+MSAL_EXPIRY_MARGIN_SECONDS = 5 * 60
 
 
 class OnBehalfOfTokenProvider:
@@ -120,15 +123,45 @@ class OnBehalfOfTokenProvider:
                     self._store.healthy or session.blob is None):
                 with suppress(CacheUnavailable):
                     self._reload(session, partition, user)
-            result = self._silent(session, user, scopes, offline_only=True)
+            return self._offline_token(session, user, scopes)
         finally:
             session.lock.release()
-        return result["access_token"] if result else None
+
+    def _offline_token(self, session: UserSession, user: EntraAccessToken,
+                       scopes: list[str]) -> str | None:
+        """msal's offline silent lookup, remembered on the session (``HotToken``).
+
+        msal answers from the cache alone with an access token that is more than five
+        minutes from expiry and not past its ``refresh_on``; its answer depends on nothing
+        but the cache and the clock. So while the session's cache is still the one the
+        answer came from (the same ``blob`` object: every load, acquisition or reset of
+        the cache replaces or clears it) and the clock has not reached the earlier of
+        those two limits, the answer is the same and msal is not asked. Past them, msal
+        decides as before (an aging token goes to Entra ID, which may refresh it)."""
+        key = tuple(scopes)
+        hot = session.hot.get(key)
+        if hot is not None and hot.blob is session.blob and time.time() < hot.good_until:
+            return hot.access_token
+        session.hot.pop(key, None)
+        asked_at = time.time()  # before msal's own "now": the limits below err early
+        result = self._silent(session, user, scopes, offline_only=True)
+        if not result:
+            return None
+        token = str(result["access_token"])
+        expires_in = result.get("expires_in")
+        if session.blob is not None and isinstance(expires_in, int):
+            good_until = asked_at + expires_in - MSAL_EXPIRY_MARGIN_SECONDS
+            refresh_on = result.get("refresh_on")
+            if isinstance(refresh_on, int | float):
+                good_until = min(good_until, refresh_on)
+            session.hot[key] = HotToken(session.blob, key, token, good_until)
+        return token
 
     def _from_entra(self, partition: str, user: EntraAccessToken, scopes: list[str],
                     claims_challenge: str | None, deadline: Deadline) -> str:
         session = self.memory.session(partition)
         with held(session.lock, deadline.remaining()):
+            session.hot.clear()  # whatever happens here, the next lookup asks msal
             if claims_challenge is None and session.is_current(self._store.coherence()):
                 # The leader that held the session may have just filled it.
                 result = self._silent(session, user, scopes, offline_only=True)
