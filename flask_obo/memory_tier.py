@@ -46,6 +46,16 @@ class UserSession:
         self.changed_in_store = False  # an invalidation since the last read: honour it
         self.unsaved = False  # ``blob`` was acquired while the store was down: write it back
 
+    def forget(self) -> None:
+        """Hold nothing of the user any more (sign-out): no token, nothing to write back,
+        and re-read from the store before the next use."""
+        self.cache.load(None)
+        self.http_cache.clear()
+        self.blob = self.stored = None
+        self.expires_at = None
+        self.verified_epoch = -1
+        self.unsaved = False
+
     def is_current(self, coherence: Coherence) -> bool:
         """Usable without asking Redis? (An unsaved session asks, to write itself back.)"""
         return (coherence.connected and self.verified_epoch == coherence.epoch and not self.unsaved
