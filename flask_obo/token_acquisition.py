@@ -193,6 +193,24 @@ class OnBehalfOfTokenProvider:
                 user.raw, scopes, claims_challenge=claims_challenge)
         return result
 
+    def forget(self, partition: str) -> bool:
+        """Remove the user's cached tokens (sign-out): from the store, under the user's lock
+        (after any acquisition in flight, so none writes them back), then from this
+        worker's memory at once. Other workers drop their copies when the store reports
+        the change. Was there an entry in the store?
+
+        Raises ``CacheUnavailable`` when the store cannot be reached (nothing is removed
+        then, here either) and ``TokenAcquisitionBusy`` when the user's lock stays taken.
+        """
+        deadline = Deadline(self._settings.token_acquisition_timeout)
+        session = self.memory.session(partition)
+        with held(session.lock, deadline.remaining()):  # as a leader does: session, then store
+            with self._store.lock(partition, deadline) as guard:
+                removed = self._store.remove(partition, guard)
+            session.forget()
+        log.info("token cache removed for partition %s", partition)
+        return removed
+
     @contextmanager
     def _user_lock(self, partition: str, deadline: Deadline) -> Iterator[Guard | None]:
         """The user's store lock; None (single flight per process only) while Redis is down."""
