@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from cryptography.fernet import Fernet
 from flask import Blueprint, Flask, Response, after_this_request, current_app, g, request
 
-from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys
+from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys, TenantConfigurations
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
 from .cli import token_cache_cli
 from .credentials import client_credential
@@ -88,7 +88,10 @@ class FlaskOBO:
         store = store or _default_store(settings)
         # Without REDIS_URL the in-process cache is sealed too, with a key that dies with the process.
         codec = TokenCacheCodec(settings.token_cache_keys or (Fernet.generate_key().decode(),))
-        tokens = OnBehalfOfTokenProvider(settings, store, codec, session, metadata,
+        tenants = TenantConfigurations(
+            metadata, session, authority_host=settings.authority_host, allowed=settings.tenant_allowed,
+            multi_tenant=settings.multi_tenant, disk=disk, timeout=entra_timeout)
+        tokens = OnBehalfOfTokenProvider(settings, store, codec, session, tenants,
                                          client_credential(settings, session))
         app.extensions[EXTENSION_KEY] = OboServices(
             settings=settings,
