@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cryptography.fernet import Fernet
-from flask import Blueprint, Flask, Response, after_this_request, current_app, request
+from flask import Blueprint, Flask, Response, after_this_request, current_app, g, request
 
 from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
 from .downstream import DownstreamApi
 from .errors import register_error_handlers
 from .http import build_session
+from .metrics import Metrics
 from .protector import EntraResourceProtector, EntraTokenValidator, current_token
 from .settings import Settings
 from .token_acquisition import OnBehalfOfTokenProvider
@@ -48,6 +50,7 @@ class OboServices:
     store: TokenCacheStore
     tokens: OnBehalfOfTokenProvider
     downstream_apis: Mapping[str, DownstreamApi]
+    metrics: Metrics
 
 
 class FlaskOBO:
@@ -62,7 +65,8 @@ class FlaskOBO:
 
     def init_app(self, app: Flask, settings: Settings | Mapping[str, str] | None = None,
                  store: TokenCacheStore | None = None) -> None:
-        """Build ``app``'s services and register the JSON error handlers.
+        """Build ``app``'s services, register the JSON error handlers and count every
+        request in the application's metrics (``metrics_view`` serves them).
 
         ``settings``: a ``Settings``, a mapping of setting names to values (used alone),
         or None for ``app.config`` overlaid on the environment (``Settings.from_app_config``).
@@ -80,10 +84,13 @@ class FlaskOBO:
         metadata = OpenIdConfiguration(settings.openid_configuration_url, session, disk=disk,
                                        timeout=entra_timeout)
         keys = SigningKeys(metadata, session, disk=disk, timeout=entra_timeout)
-        store = store or _default_store(settings)
+        metrics = Metrics()  # this application's own registry: apps in one process never collide
+        store = store or _default_store(settings, metrics)
+        if isinstance(store, RedisTokenCacheStore):
+            store.report_to(metrics)
         # Without REDIS_URL the in-process cache is sealed too, with a key that dies with the process.
         codec = TokenCacheCodec(settings.token_cache_keys or (Fernet.generate_key().decode(),))
-        tokens = OnBehalfOfTokenProvider(settings, store, codec, session, metadata)
+        tokens = OnBehalfOfTokenProvider(settings, store, codec, session, metadata, metrics)
         app.extensions[EXTENSION_KEY] = OboServices(
             settings=settings,
             keys=keys,
@@ -91,11 +98,14 @@ class FlaskOBO:
             store=store,
             tokens=tokens,
             downstream_apis={
-                name: DownstreamApi(name, api, session, self.acquire_token)
+                name: DownstreamApi(name, api, session, self.acquire_token, metrics)
                 for name, api in settings.downstream_apis.items()
             },
+            metrics=metrics,
         )
         register_error_handlers(app)
+        app.before_request(_start_timer)
+        app.after_request(_count_request)
 
     # --- protecting the API ----------------------------------------------------------------------
     def require_scope(self, scope: str | None = None) -> Callable[[View], View]:
@@ -151,6 +161,17 @@ class FlaskOBO:
                 f"no downstream API named {name!r}; configured: {', '.join(sorted(apis))}"
             ) from None
 
+    # --- metrics -------------------------------------------------------------------------------
+    def metrics_view(self) -> Response:
+        """A view serving the current application's metrics in Prometheus's text format
+        (``app.add_url_rule("/metrics", view_func=obo.metrics_view)``). Under gunicorn with
+        ``config/gunicorn.conf.py``, every worker's counts, summed. It needs no token:
+        keep it off the public network (``config/nginx.conf`` refuses it from outside)."""
+        body, content_type = self._services().metrics.exposition()
+        response = Response(body, content_type=content_type)
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
     # --- state -----------------------------------------------------------------------------------
     @property
     def settings(self) -> Settings:
@@ -179,6 +200,23 @@ def services_of(app: Flask) -> OboServices:
     return services
 
 
+def _start_timer() -> None:
+    g.flask_obo_started = time.perf_counter()
+
+
+def _count_request(response: Response) -> Response:
+    """``flask_obo_requests_total{route, status}``: by the URL rule (``/api/me``), never the
+    raw path, so a client cannot make up label values; unmatched requests share one.
+    ``after_request`` functions run in reverse order of registration, so those an app
+    registers after ``init_app`` (CORS, say) have run by then."""
+    started = g.get("flask_obo_started")
+    rule = request.url_rule
+    services_of(current_app).metrics.request(
+        rule.rule if rule is not None else None, response.status_code,
+        None if started is None else time.perf_counter() - started)
+    return response
+
+
 def _private(response: Response) -> Response:
     """No shared cache (CDN, proxy) may keep a protected answer, whichever origin asked."""
     response.headers["Cache-Control"] = "no-store"
@@ -186,9 +224,9 @@ def _private(response: Response) -> Response:
     return response
 
 
-def _default_store(settings: Settings) -> TokenCacheStore:
+def _default_store(settings: Settings, metrics: Metrics) -> TokenCacheStore:
     if settings.redis_url:
-        return RedisTokenCacheStore.from_settings(settings)
+        return RedisTokenCacheStore.from_settings(settings, metrics)
     log.warning(
         "REDIS_URL is not set: tokens are cached in this process only (for local use; "
         "other workers and instances will not share them)"

@@ -445,7 +445,8 @@ def test_api_image_holds_neither_the_dev_tenant_nor_the_test_tools(stages: dict[
     assert not re.search(r"\[(dev|devtenant)\]|\['(dev|devtenant)'\]|\s-e\s|--editable", text), text
     own = [sources for origin, sources in _copies(chain) if origin is None]
     assert ["app"] in own  # the reference API, from source
-    assert all(not source.startswith(("flask_obo", "devtenant", "tests", ".")) for s in own for source in s), own
+    assert all(not source.startswith(("flask_obo", "devtenant", "tests", "."))
+               for s in own for source in s), own
     wheels = [(origin, sources) for origin, sources in _copies(chain) if origin is not None]
     assert len(wheels) == 1, wheels
     origin, (source,) = wheels[0]
