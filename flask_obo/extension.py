@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cryptography.fernet import Fernet
-from flask import Blueprint, Flask, Response, after_this_request, current_app, g, request
+from flask import Blueprint, Flask, Response, after_this_request, current_app, request
 
 from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
@@ -104,8 +104,9 @@ class FlaskOBO:
             metrics=metrics,
         )
         register_error_handlers(app)
-        app.before_request(_start_timer)
-        app.after_request(_count_request)
+        start_timer, count_request = _request_hooks(metrics)
+        app.before_request(start_timer)
+        app.after_request(count_request)
 
     # --- protecting the API ----------------------------------------------------------------------
     def require_scope(self, scope: str | None = None) -> Callable[[View], View]:
@@ -200,21 +201,31 @@ def services_of(app: Flask) -> OboServices:
     return services
 
 
-def _start_timer() -> None:
-    g.flask_obo_started = time.perf_counter()
+_STARTED = "flask_obo.started"  # the request's start (time.perf_counter()), in its WSGI environ
 
 
-def _count_request(response: Response) -> Response:
-    """``flask_obo_requests_total{route, status}``: by the URL rule (``/api/me``), never the
-    raw path, so a client cannot make up label values; unmatched requests share one.
+def _request_hooks(metrics: Metrics) -> tuple[Callable[[], None], Callable[[Response], Response]]:
+    """The ``before_request``/``after_request`` pair counting ``app``'s requests in
+    ``flask_obo_requests_total{route, status}`` and ``flask_obo_request_seconds``.
+
+    The route is the URL rule (``/api/me``, ``/items/<int:item>``), never the raw path, so
+    a client cannot make up label values; unmatched requests (404, 405) share one.
     ``after_request`` functions run in reverse order of registration, so those an app
-    registers after ``init_app`` (CORS, say) have run by then."""
-    started = g.get("flask_obo_started")
-    rule = request.url_rule
-    services_of(current_app).metrics.request(
-        rule.rule if rule is not None else None, response.status_code,
-        None if started is None else time.perf_counter() - started)
-    return response
+    registers after ``init_app`` (CORS, say) have run by then. Bound to ``metrics`` and
+    touching Flask's context proxies once each: they are the costly part (see README)."""
+
+    def start_timer() -> None:
+        request.environ[_STARTED] = time.perf_counter()
+
+    def count_request(response: Response) -> Response:
+        current = request._get_current_object()  # type: ignore[attr-defined]
+        started = current.environ.get(_STARTED)
+        rule = current.url_rule
+        metrics.request(rule.rule if rule is not None else None, response.status_code,
+                        None if started is None else time.perf_counter() - started)
+        return response
+
+    return start_timer, count_request
 
 
 def _private(response: Response) -> Response:
