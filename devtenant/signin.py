@@ -283,9 +283,17 @@ def _sign_in(grant: Any, client: App) -> Response:
 
 
 def _session_fits(session: SignInSession, hinted: User | None) -> bool:
-    """A login_hint naming someone else is not answered from this session."""
+    """A login_hint naming someone else is not answered from this session, nor is a
+    session of another tenant's user or one older than the user's revocation."""
     hint = request.values.get("login_hint")
-    return not hint or hinted == session.principal.user
+    user = session.principal.user
+    runtime = current()
+    if runtime.directory.user(user.oid) is not user:
+        return False
+    revocation = runtime.revocations.get(user.oid)
+    if revocation and revocation.revokes(session.auth_time):
+        return False
+    return not hint or hinted == user
 
 
 def _logout_clients() -> list[App]:
