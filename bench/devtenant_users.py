@@ -7,7 +7,7 @@ serving benchmark:
 
 The directory gets ``BENCH_DEVTENANT_USERS`` more users: ``bench0000``, ``bench0001``, …
 (object ids are uuid5 of the name, so the minting process and the server agree without
-talking). ``devtenant/`` itself is unchanged: ``install`` extends ``Directory.load`` in the
+talking). ``devtenant/`` itself is unchanged: ``install`` extends the directory's JSON in the
 process that calls it, and indexes ``Directory.user`` (the shipped one scans the user list,
 building a set per user: harmless for six users, but with 4,000 every Graph call and OBO
 grant would cost a scan, and the benchmark would measure that instead of the API).
@@ -21,16 +21,14 @@ stand-in has to as well, or the benchmark measures TLS set-up instead of the API
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from flask import Flask
 
 from devtenant import TENANT_DOMAIN
+from devtenant import directory as directory_module
 from devtenant.directory import Directory, User
 
 _NAMESPACE = uuid.UUID("0b6f1e6c-3f1d-4b7e-9a55-6d1b2c3e4f50")
@@ -63,13 +61,14 @@ def synthetic_user(index: int) -> dict[str, Any]:
 
 
 def install(users: int) -> None:
-    """Make ``Directory.load`` in this process add ``users`` synthetic users, and index lookups."""
+    """Make the home tenant's directory in this process hold ``users`` more synthetic users
+    (its JSON as read by ``Directory.load`` and ``Directory.load_all``), and index lookups."""
+    shipped = directory_module._read_json
 
-    def load(cls: type[Directory], state_root: Path | None = None) -> Directory:
-        text = resources.files("devtenant").joinpath("directory.json").read_text("utf-8")
-        data = json.loads(text)
+    def read_json() -> dict[str, Any]:
+        data = shipped()
         data["users"] = data["users"] + [synthetic_user(i) for i in range(users)]
-        return cls(data, state_root)
+        return data
 
     def user(self: Directory, ref: str) -> User | None:
         index = self.__dict__.get("_bench_index")
@@ -81,7 +80,7 @@ def install(users: int) -> None:
             self.__dict__["_bench_index"] = index
         return index.get(ref.strip().lower())
 
-    Directory.load = classmethod(load)  # type: ignore[method-assign,assignment]
+    directory_module._read_json = read_json
     Directory.user = user  # type: ignore[method-assign]
 
 
