@@ -69,9 +69,10 @@ def _iso(ts: Any) -> str:
         return "unknown"
 
 
-def enforce_policies(user: User, amr: tuple[str, ...], resource: App) -> None:
-    """Conditional Access stand-in: flagged users must have done MFA."""
-    if user.mfa_required and "mfa" not in amr:
+def enforce_policies(user: User, amr: tuple[str, ...], resource: App, *, obo: bool = False) -> None:
+    """Conditional Access stand-in: flagged users must have done MFA (for every resource;
+    with ``mfa_at_sign_in`` off, only for what the OBO asks: Graph, the downstream API)."""
+    if user.mfa_required and "mfa" not in amr and (obo or current().mfa_at_sign_in):
         directory = current().directory
         raise errors.mfa_required(resource.identifier, directory.mfa_policy_id)
 
@@ -131,7 +132,7 @@ class OnBehalfOfGrant(BaseGrant, TokenEndpointMixin):
             raise errors.consent_required(client.client_id, client.display_name)
         granted = scopes.grant_delegated(requested, client, runtime.directory)
         amr = tuple(str(m) for m in claims.get("amr", ()))
-        enforce_policies(user, amr, granted.resource)
+        enforce_policies(user, amr, granted.resource, obo=True)
         self.request.user = Principal(user, amr)
         self.request.devtenant_scope = granted
 
