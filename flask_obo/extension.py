@@ -24,6 +24,7 @@ from flask import Blueprint, Flask, Response, after_this_request, current_app, g
 
 from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
+from .credentials import client_credential
 from .downstream import DownstreamApi
 from .errors import register_error_handlers
 from .http import build_session
@@ -84,7 +85,8 @@ class FlaskOBO:
         store = store or _default_store(settings)
         # Without REDIS_URL the in-process cache is sealed too, with a key that dies with the process.
         codec = TokenCacheCodec(settings.token_cache_keys or (Fernet.generate_key().decode(),))
-        tokens = OnBehalfOfTokenProvider(settings, store, codec, session, metadata)
+        tokens = OnBehalfOfTokenProvider(settings, store, codec, session, metadata,
+                                         client_credential(settings, session))
         app.extensions[EXTENSION_KEY] = OboServices(
             settings=settings,
             keys=keys,

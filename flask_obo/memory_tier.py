@@ -6,6 +6,10 @@ was loaded from or saved as. It may be used without asking Redis only while it i
 *current*: read while the invalidation channel was connected, at the channel's present
 epoch, not invalidated since, and not past the entry's TTL in Redis. Otherwise it is
 re-read before use, except while Redis is unreachable, when it is served as it is.
+
+A session also remembers msal's last offline answer (``HotToken``): while its cache is
+the one that answer came from and msal would still give the same one, a warm request
+skips msal's lookup.
 """
 
 from __future__ import annotations
@@ -14,13 +18,23 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msal
 
 from .cache_store import Coherence
 from .msal_http import MsalHttpClient
 from .token_cache import UserTokenCache
+
+
+class HotToken(NamedTuple):
+    """msal's silent answer for ``scopes`` from a session's cache as it was ``blob``, and
+    until when (wall clock, as msal reckons it) msal would give the same answer from it."""
+
+    blob: bytes
+    scopes: tuple[str, ...]
+    access_token: str
+    good_until: float
 
 
 class UserSession:
@@ -37,6 +51,7 @@ class UserSession:
         self.http_cache: dict[str, Any] = {}
         self.cache = UserTokenCache()
         self.app: msal.ConfidentialClientApplication | None = None
+        self.credential_version = 0  # the API credential's version ``app`` was built with
         self.blob: bytes | None = None  # what ``cache`` was last loaded from or saved as
         self.stored: bytes | None = None  # what the store held when last read or written
         self.losses_seen = 0  # the store's data losses known when ``stored`` was read
@@ -45,6 +60,9 @@ class UserSession:
         self.changes = 0  # invalidations seen, so a read racing one is not trusted
         self.changed_in_store = False  # an invalidation since the last read: honour it
         self.unsaved = False  # ``blob`` was acquired while the store was down: write it back
+        # msal's last answer per scopes (one per downstream API): valid only while
+        # ``blob`` is the answer's ``blob``.
+        self.hot: dict[tuple[str, ...], HotToken] = {}
 
     def is_current(self, coherence: Coherence) -> bool:
         """Usable without asking Redis? (An unsaved session asks, to write itself back.)"""

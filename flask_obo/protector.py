@@ -4,19 +4,30 @@ Authlib's stock JWT validators don't fit Entra tokens (RFC 9068 demands ``typ: a
 ``client_id`` and ``jti``; RFC 7523's never checks ``aud``), so ``EntraTokenValidator``
 checks exactly what Entra guarantees: RS256 from the tenant's published keys, issuer,
 audience, lifetime with 60 s leeway, ``tid``/``oid``/``scp``, and the required scope.
+
+A successful validation is remembered for a while (``ValidatedTokens``), so a client that
+sends the same token again (an SPA sends one token for up to an hour) costs a SHA-256
+instead of an RS256 verification and the claim checks. The protector itself skips
+Authlib's request wrapper, which builds the request's full URL that nothing here reads,
+and keeps the validated token for ``current_token`` under its own name in ``g``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
+import time
 import uuid
-from typing import Any, NoReturn
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, NamedTuple, NoReturn
 
-from authlib.integrations.flask_oauth2 import ResourceProtector
-from authlib.integrations.flask_oauth2 import current_token as authlib_current_token
+from authlib.integrations.flask_oauth2 import ResourceProtector, token_authenticated
 from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import MissingAuthorizationError, UnsupportedTokenTypeError
 from authlib.oauth2.rfc6750 import BearerTokenValidator, InsufficientScopeError, InvalidTokenError
+from flask import g, request
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import GuestProtocol, RSAKey
@@ -36,6 +47,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 LEEWAY_SECONDS = 60
+VALIDATION_CACHE_SECONDS = 300  # a remembered validation is redone after this at the latest
 MAX_TOKEN_LENGTH = 16 * 1024
 # RS256 and nothing else; header parameters Entra may add (e.g. x5t, nonce) are tolerated.
 _RS256_ONLY = JWSRegistry(algorithms=["RS256"], strict_check_header=False)
@@ -70,12 +82,88 @@ class _UnknownSigningKey(Exception):
     pass
 
 
+class _Validated(NamedTuple):
+    claims: dict[str, Any]
+    kid: str
+    key: RSAKey  # the key object the signature was verified with
+    expires_at: float  # the token's exp (wall clock, as joserfc checks it)
+    recheck_at: float  # monotonic: validated afresh from then on
+
+
+class ValidatedTokens:
+    """This worker's successful token validations, by SHA-256 of the raw token (LRU).
+
+    What a hit may skip is only what would come out the same: the signature check and the
+    claim checks. Security trade-off, bounded: a remembered token is accepted without
+    re-verification
+
+    * only before its ``exp`` (no leeway: past it, the full check decides, leeway and all);
+    * for at most ``max_age`` seconds (5 min) after it was validated;
+    * only while the key set still holds, under the token's ``kid``, the very key object
+      its signature was verified with: keys refetched from the authority (every 24 h, or on
+      an unknown ``kid``) are new objects, so any change of the key set, a withdrawn key
+      included, sends every remembered token through the full check again.
+
+    Without this cache a withdrawn key is also accepted until the keys are refetched, so
+    the only extra exposure is the 5-min reuse of a decision for a given token. Failed
+    validations are never remembered; the scope check runs on every request. The cache
+    holds claims, never the raw token, and at most ``limit`` entries (least recently used
+    dropped).
+    """
+
+    def __init__(self, limit: int, max_age: float = VALIDATION_CACHE_SECONDS,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.max_age = max_age
+        self._clock, self._monotonic = clock, monotonic
+        self._entries: OrderedDict[bytes, _Validated] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def digest(token: str) -> bytes:
+        return hashlib.sha256(token.encode()).digest()
+
+    def get(self, digest: bytes) -> _Validated | None:
+        """The remembered validation, unless it has run out (then it is forgotten)."""
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                return None
+            if self._clock() >= entry.expires_at or self._monotonic() >= entry.recheck_at:
+                del self._entries[digest]
+                return None
+            self._entries.move_to_end(digest)
+            return entry
+
+    def put(self, digest: bytes, claims: dict[str, Any], kid: str, key: RSAKey) -> None:
+        exp = claims.get("exp")
+        if not isinstance(exp, int | float) or isinstance(exp, bool) or exp <= self._clock():
+            return  # accepted within the leeway past exp: checked afresh every time
+        entry = _Validated(claims, kid, key, float(exp), self._monotonic() + self.max_age)
+        with self._lock:
+            self._entries[digest] = entry
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self.limit:
+                self._entries.popitem(last=False)
+
+    def forget(self, digest: bytes) -> None:
+        with self._lock:
+            self._entries.pop(digest, None)
+
+
 class EntraTokenValidator(BearerTokenValidator):
     """Bearer validator for Entra ID v2 access tokens issued to this API."""
 
-    def __init__(self, settings: Settings, keys: SigningKeys) -> None:
+    def __init__(self, settings: Settings, keys: SigningKeys,
+                 validated: ValidatedTokens | None = None) -> None:
         super().__init__(realm=REALM)
         self._keys = keys
+        # One remembered token per user of the memory tier is the expected working set.
+        self.validated = validated or ValidatedTokens(settings.memory_cache_users)
         self._claims = jwt.JWTClaimsRegistry(
             leeway=LEEWAY_SECONDS,
             iss={"essential": True, "value": settings.issuer},
@@ -88,8 +176,21 @@ class EntraTokenValidator(BearerTokenValidator):
     def authenticate_token(self, token_string: str) -> EntraAccessToken:
         if len(token_string) > MAX_TOKEN_LENGTH or token_string.count(".") != 2:
             raise InvalidTokenError(realm=self.realm)
+        digest = self.validated.digest(token_string)
         try:
-            token = jwt.decode(token_string, self._resolve_key, registry=_RS256_ONLY)
+            remembered = self.validated.get(digest)
+            if remembered is not None:
+                if self._keys.get(remembered.kid) is remembered.key:
+                    return EntraAccessToken(remembered.claims, token_string)
+                self.validated.forget(digest)  # the key set changed: check it all again
+            used: list[tuple[str, RSAKey]] = []
+
+            def resolve(obj: GuestProtocol) -> RSAKey:
+                kid, key = self._resolve_key(obj)
+                used.append((kid, key))
+                return key
+
+            token = jwt.decode(token_string, resolve, registry=_RS256_ONLY)
             self._claims.validate(token.claims)
             claims = token.claims
             uuid.UUID(claims["oid"])
@@ -106,6 +207,8 @@ class EntraTokenValidator(BearerTokenValidator):
             # One fixed answer for every defect, so a caller learns nothing from the error.
             log.info("rejected a bearer token: %s", type(exc).__name__)
             raise InvalidTokenError(realm=self.realm) from None
+        kid, key = used[-1]
+        self.validated.put(digest, claims, kid, key)
         return EntraAccessToken(claims, token_string)
 
     def validate_token(self, token: EntraAccessToken, scopes: list[str], request: Any) -> None:
@@ -114,17 +217,19 @@ class EntraTokenValidator(BearerTokenValidator):
         if token.is_app_only or not set(scopes) <= token.scopes:
             raise InsufficientScopeError()
 
-    def _resolve_key(self, obj: GuestProtocol) -> RSAKey:
+    def _resolve_key(self, obj: GuestProtocol) -> tuple[str, RSAKey]:
         kid = obj.headers().get("kid")
-        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if not isinstance(kid, str):
+            raise _UnknownSigningKey()
+        key = self._keys.get(kid)
         if key is None:
             raise _UnknownSigningKey()
-        return key
+        return kid, key
 
 
 class EntraResourceProtector(ResourceProtector):
     """Authlib's Flask protector, answering with ``flask_obo.errors`` (RFC 6750 headers,
-    fixed JSON bodies). Authlib keeps the validated token for ``current_token``."""
+    fixed JSON bodies)."""
 
     def __init__(self, validator: EntraTokenValidator) -> None:
         super().__init__()
@@ -133,10 +238,19 @@ class EntraResourceProtector(ResourceProtector):
     def authenticate(self, scope: str) -> EntraAccessToken:
         """Validate the request's bearer token for ``scope`` or raise the matching ``ApiError``."""
         try:
-            token = self.acquire_token([scope])
+            return self.acquire_token([scope])
         except OAuth2Error as error:
             self.raise_error_response(error, scope)
-        assert isinstance(token, EntraAccessToken)
+
+    def acquire_token(self, scopes: list[str] | None = None, **kwargs: Any) -> EntraAccessToken:
+        """Authlib's ``acquire_token`` (validate, send ``token_authenticated``, keep the
+        token for the request), without its ``FlaskJsonRequest``: building one computes the
+        request's full URL (more CPU than checking a remembered token), and the validator
+        reads nothing but the Authorization header. The token is kept as
+        ``g.flask_obo_token``, which ``current_token`` reads: not Authlib's private key."""
+        token: EntraAccessToken = self.validate_request(scopes, _HeadersOnly(request.headers), **kwargs)
+        token_authenticated.send(self, token=token)
+        g.flask_obo_token = token
         return token
 
     def raise_error_response(self, error: OAuth2Error, scope: str = "") -> NoReturn:
@@ -147,12 +261,16 @@ class EntraResourceProtector(ResourceProtector):
         raise InvalidAccessToken()
 
 
-def validated_token() -> EntraAccessToken:
-    """The token ``EntraResourceProtector.authenticate`` validated in this request.
+class _HeadersOnly:
+    """What Authlib's ``validate_request`` reads of a request: its headers."""
 
-    Read through Authlib's public ``current_token`` proxy rather than its ``g`` key.
-    """
-    token = authlib_current_token._get_current_object()
+    def __init__(self, headers: Any) -> None:
+        self.headers = headers
+
+
+def validated_token() -> EntraAccessToken:
+    """The token ``EntraResourceProtector.authenticate`` validated in this request."""
+    token = g.get("flask_obo_token")
     if not isinstance(token, EntraAccessToken):
         raise RuntimeError(
             "current_token is set only in a request that a protected route authenticated"
@@ -160,5 +278,5 @@ def validated_token() -> EntraAccessToken:
     return token
 
 
-#: The validated access token of the current request (a proxy, as Authlib's ``current_token``).
+#: The validated access token of the current request, a proxy like Authlib's ``current_token``.
 current_token: EntraAccessToken = LocalProxy(validated_token)  # type: ignore[assignment]

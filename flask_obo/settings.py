@@ -66,8 +66,16 @@ class DownstreamApiSettings:
 class Settings:
     tenant_id: str
     client_id: str
+    # The API's credential: exactly one of a secret, a certificate, a federated token
+    # file or a managed identity (``flask_obo.credentials`` turns it into msal's).
     client_secret: str | None = field(default=None, repr=False)
     client_certificate: ClientCertificate | None = field(default=None, repr=False)
+    client_certificate_path: str | None = None
+    client_certificate_password: str | None = field(default=None, repr=False)
+    federated_token_file: str | None = None  # AZURE_FEDERATED_TOKEN_FILE (workload identity)
+    client_assertion: str | None = None  # AZURE_CLIENT_ASSERTION: "managed_identity"
+    managed_identity_client_id: str | None = None  # a user-assigned identity; None: system-assigned
+    client_capabilities: tuple[str, ...] = ("cp1",)  # cp1: Continuous Access Evaluation
     app_id_uri: str = ""
     authority_host: str = "https://login.microsoftonline.com"
     required_scope: str = "user_impersonation"
@@ -117,13 +125,6 @@ class Settings:
         graph = DownstreamApiSettings(self.graph_base_url, self.graph_scopes)
         return {"graph": graph, **self.extra_downstream_apis}
 
-    @property
-    def client_credential(self) -> str | dict[str, str]:
-        if self.client_certificate is not None:
-            return self.client_certificate.as_msal_credential()
-        assert self.client_secret is not None
-        return self.client_secret
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from ``environ`` (default: ``.env`` overlaid by ``os.environ``)."""
@@ -132,19 +133,24 @@ class Settings:
         app_id_uri = env.app_id_uri("AZURE_APP_ID_URI") or f"api://{client_id}"
         secret = env.optional("AZURE_CLIENT_SECRET")
         cert_path = env.optional("AZURE_CLIENT_CERTIFICATE_PATH")
-        if secret and cert_path:
+        cert_password = env.optional("AZURE_CLIENT_CERTIFICATE_PASSWORD")
+        token_file = env.readable_file("AZURE_FEDERATED_TOKEN_FILE")
+        assertion = env.choice("AZURE_CLIENT_ASSERTION", ("", "managed_identity")) or None
+        given = [name for name, value in (
+            ("AZURE_CLIENT_SECRET", secret), ("AZURE_CLIENT_CERTIFICATE_PATH", cert_path),
+            ("AZURE_FEDERATED_TOKEN_FILE", token_file), ("AZURE_CLIENT_ASSERTION", assertion)) if value]
+        if len(given) > 1:
+            raise SettingsError(f"{given[0]}: set only one of {', '.join(given)} (the API's credential)")
+        if not given:
             raise SettingsError(
-                "AZURE_CLIENT_SECRET: set either it or AZURE_CLIENT_CERTIFICATE_PATH, not both"
+                "AZURE_CLIENT_SECRET: missing (or set AZURE_CLIENT_CERTIFICATE_PATH, "
+                "AZURE_FEDERATED_TOKEN_FILE or AZURE_CLIENT_ASSERTION=managed_identity)"
             )
-        if not secret and not cert_path:
+        certificate = load_certificate(cert_path, cert_password) if cert_path else None
+        identity_client_id = env.optional_guid("AZURE_MANAGED_IDENTITY_CLIENT_ID")
+        if identity_client_id and not assertion:
             raise SettingsError(
-                "AZURE_CLIENT_SECRET: missing (or set AZURE_CLIENT_CERTIFICATE_PATH)"
-            )
-        certificate = (
-            _load_certificate(cert_path, env.optional("AZURE_CLIENT_CERTIFICATE_PASSWORD"))
-            if cert_path
-            else None
-        )
+                "AZURE_MANAGED_IDENTITY_CLIENT_ID: needs AZURE_CLIENT_ASSERTION=managed_identity")
         redis_url = env.redis_url("REDIS_URL")
         keys = env.fernet_keys("TOKEN_CACHE_KEYS")
         if redis_url and not keys:
@@ -162,6 +168,12 @@ class Settings:
             client_id=client_id,
             client_secret=secret,
             client_certificate=certificate,
+            client_certificate_path=cert_path,
+            client_certificate_password=cert_password,
+            federated_token_file=token_file,
+            client_assertion=assertion,
+            managed_identity_client_id=identity_client_id,
+            client_capabilities=env.capabilities("AZURE_CLIENT_CAPABILITIES", "cp1"),
             app_id_uri=app_id_uri,
             authority_host=env.https_url("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com"),
             required_scope=env.scope_name("API_REQUIRED_SCOPE", "user_impersonation",
@@ -374,8 +386,27 @@ class Env:
         """One of ``choices`` (any case, returned lower-case); unset: the first."""
         value = (self.optional(name) or choices[0]).lower()
         if value not in choices:
-            raise SettingsError(f"{name}: must be one of {', '.join(choices)}")
+            raise SettingsError(f"{name}: must be one of {', '.join(c for c in choices if c)}")
         return value
+
+    def optional_guid(self, name: str) -> str | None:
+        return self.guid(name) if self.optional(name) else None
+
+    def readable_file(self, name: str) -> str | None:
+        value = self.optional(name)
+        if value is not None and not os.access(value, os.R_OK):
+            raise SettingsError(f"{name}: cannot read the file")
+        return value
+
+    def capabilities(self, name: str, default: str) -> tuple[str, ...]:
+        """Client capabilities msal declares (``cp1``: CAE); ``none`` declares none."""
+        value = self.optional(name) or default
+        if value.lower() == "none":
+            return ()
+        items = tuple(item.strip() for item in value.split(",") if item.strip())
+        if not all(re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", item) for item in items):
+            raise SettingsError(f"{name}: must be capabilities such as cp1, comma-separated (or none)")
+        return items
 
     def matching(self, name: str, default: str, pattern: re.Pattern[str]) -> str:
         value = self.optional(name) or default
@@ -435,7 +466,8 @@ class Env:
         return origins
 
 
-def _load_certificate(path: str, password: str | None) -> ClientCertificate:
+def load_certificate(path: str, password: str | None) -> ClientCertificate:
+    """The key and certificate of a PEM file, checked to match and be unexpired."""
     name = "AZURE_CLIENT_CERTIFICATE_PATH"
     try:
         pem = Path(path).read_bytes()

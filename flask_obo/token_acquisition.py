@@ -7,7 +7,8 @@ msal binds a token cache to a ``ConfidentialClientApplication`` at construction,
 A request goes:
 
 1. **Memory, then Redis, offline.** If the user's session is current, msal's silent
-   lookup runs on it with no I/O at all; otherwise the blob is re-read from the store
+   lookup runs on it with no I/O at all (or not even that: the session remembers msal's
+   last answer while msal would repeat it); otherwise the blob is re-read from the store
    first. Nothing here waits on Entra ID, nor on a leader that does: while a leader of
    this user holds the session, the request joins its flight (step 2). While Redis is
    unreachable the session is used as it is.
@@ -34,6 +35,7 @@ import requests
 from .authority import AuthorityUnavailable, OpenIdConfiguration
 from .bulkhead import Deadline, SingleFlight, WaitingRoom, held
 from .cache_store import Guard, StoredEntry, TokenCacheStore
+from .credentials import CREDENTIAL_ERROR_CODES, ClientCredential
 from .errors import (
     AssertionRejected,
     CacheUnavailable,
@@ -44,7 +46,7 @@ from .errors import (
     TokenAcquisitionBusy,
     TokenAcquisitionFailed,
 )
-from .memory_tier import MemoryTier, UserSession
+from .memory_tier import HotToken, MemoryTier, UserSession
 from .msal_http import EntraUnavailable, MsalHttpClient, NetworkNeeded, offline, within
 from .protector import EntraAccessToken
 from .settings import Settings
@@ -53,6 +55,8 @@ from .token_cache import TokenCacheCodec, partition_key
 log = logging.getLogger(__name__)
 
 SESSION_BUSY_SECONDS = 0.05  # longer than any offline lookup; a leader holds it far longer
+# msal's silent lookup treats an access token this close to its expiry as expired.
+MSAL_EXPIRY_MARGIN_SECONDS = 5 * 60
 
 
 class OnBehalfOfTokenProvider:
@@ -69,8 +73,10 @@ class OnBehalfOfTokenProvider:
         codec: TokenCacheCodec,
         session: requests.Session,
         metadata: OpenIdConfiguration,
+        credential: ClientCredential,
     ) -> None:
         self._settings = settings
+        self._credential = credential
         self._store, self._codec = store, codec
         timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
         self.memory = MemoryTier(settings.memory_cache_users,
@@ -117,15 +123,45 @@ class OnBehalfOfTokenProvider:
                     self._store.healthy or session.blob is None):
                 with suppress(CacheUnavailable):
                     self._reload(session, partition, user)
-            result = self._silent(session, user, scopes, offline_only=True)
+            return self._offline_token(session, user, scopes)
         finally:
             session.lock.release()
-        return result["access_token"] if result else None
+
+    def _offline_token(self, session: UserSession, user: EntraAccessToken,
+                       scopes: list[str]) -> str | None:
+        """msal's offline silent lookup, remembered on the session (``HotToken``).
+
+        msal answers from the cache alone with an access token that is more than five
+        minutes from expiry and not past its ``refresh_on``; its answer depends on nothing
+        but the cache and the clock. So while the session's cache is still the one the
+        answer came from (the same ``blob`` object: every load, acquisition or reset of
+        the cache replaces or clears it) and the clock has not reached the earlier of
+        those two limits, the answer is the same and msal is not asked. Past them, msal
+        decides as before (an aging token goes to Entra ID, which may refresh it)."""
+        key = tuple(scopes)
+        hot = session.hot.get(key)
+        if hot is not None and hot.blob is session.blob and time.time() < hot.good_until:
+            return hot.access_token
+        session.hot.pop(key, None)
+        asked_at = time.time()  # before msal's own "now": the limits below err early
+        result = self._silent(session, user, scopes, offline_only=True)
+        if not result:
+            return None
+        token = str(result["access_token"])
+        expires_in = result.get("expires_in")
+        if session.blob is not None and isinstance(expires_in, int):
+            good_until = asked_at + expires_in - MSAL_EXPIRY_MARGIN_SECONDS
+            refresh_on = result.get("refresh_on")
+            if isinstance(refresh_on, int | float):
+                good_until = min(good_until, refresh_on)
+            session.hot[key] = HotToken(session.blob, key, token, good_until)
+        return token
 
     def _from_entra(self, partition: str, user: EntraAccessToken, scopes: list[str],
                     claims_challenge: str | None, deadline: Deadline) -> str:
         session = self.memory.session(partition)
         with held(session.lock, deadline.remaining()):
+            session.hot.clear()  # whatever happens here, the next lookup asks msal
             if claims_challenge is None and session.is_current(self._store.coherence()):
                 # The leader that held the session may have just filled it.
                 result = self._silent(session, user, scopes, offline_only=True)
@@ -138,12 +174,24 @@ class OnBehalfOfTokenProvider:
                         self._reload(session, partition, user)
                 result = None if claims_challenge else self._silent(session, user, scopes)
                 if not result:
-                    log.info("on-behalf-of exchange for partition %s", partition)
-                    result = self._app(session).acquire_token_on_behalf_of(
-                        user.raw, scopes, claims_challenge=claims_challenge
-                    )
+                    result = self._on_behalf_of(session, partition, user, scopes, claims_challenge)
                 self._save_if_changed(session, partition, guard)
         return _access_token_or_raise(result, partition)
+
+    def _on_behalf_of(self, session: UserSession, partition: str, user: EntraAccessToken,
+                      scopes: list[str], claims_challenge: str | None) -> dict[str, Any]:
+        """The OBO exchange; if Entra refuses the API's own credential (a rotated
+        certificate, an expired assertion), read the credential again and retry once."""
+        log.info("on-behalf-of exchange for partition %s", partition)
+        result: dict[str, Any] = self._app(session).acquire_token_on_behalf_of(
+            user.raw, scopes, claims_challenge=claims_challenge)
+        codes = set(result.get("error_codes") or ())
+        if codes & CREDENTIAL_ERROR_CODES and self._credential.reload():
+            log.warning("Entra ID refused the API's credential (%s); retrying with the reloaded one",
+                        sorted(codes & CREDENTIAL_ERROR_CODES))
+            result = self._app(session).acquire_token_on_behalf_of(
+                user.raw, scopes, claims_challenge=claims_challenge)
+        return result
 
     @contextmanager
     def _user_lock(self, partition: str, deadline: Deadline) -> Iterator[Guard | None]:
@@ -179,19 +227,23 @@ class OnBehalfOfTokenProvider:
             return None
 
     def _app(self, session: UserSession) -> msal.ConfidentialClientApplication:
-        if session.app is None:
+        """The user's msal application, built again when the API's credential changed."""
+        credential = self._credential.for_msal()  # first: it may find a rotated file
+        if session.app is None or session.credential_version != self._credential.version:
             try:
                 session.app = msal.ConfidentialClientApplication(
                     self._settings.client_id,
-                    client_credential=self._settings.client_credential,
+                    client_credential=credential,
                     authority=self._settings.authority,
                     token_cache=session.cache,
                     http_client=session.http,
                     http_cache=session.http_cache,
                     instance_discovery=False,
+                    client_capabilities=list(self._settings.client_capabilities) or None,
                 )
             except AuthorityUnavailable:
                 raise IdentityProviderUnavailable() from None
+            session.credential_version = self._credential.version
         return session.app
 
     def _reload(self, session: UserSession, partition: str, user: EntraAccessToken) -> None:

@@ -63,7 +63,7 @@ CASES = {
                              "API_REQUIRED_SCOPE", "user_impersonation"),
     "missing-tenant": ({"AZURE_TENANT_ID": None}, "AZURE_TENANT_ID", "missing"),
     "secret-and-certificate": ({"AZURE_CLIENT_CERTIFICATE_PATH": "/run/secrets/api.pem"},
-                               "AZURE_CLIENT_SECRET", "not both"),
+                               "AZURE_CLIENT_SECRET", "only one"),
 }
 
 

@@ -196,8 +196,9 @@ def test_graph_claims_challenge_gets_one_fresh_token_and_one_retry(client, entra
     response = client.get("/api/me", headers=headers)
     assert response.status_code == 200
     assert entra.obo_calls() == 2
+    # Graph's challenge, plus the client capability the API declares (cp1: CAE)
     assert json.loads(entra.token_requests[-1]["claims"]) == {
-        "access_token": {"nbf": {"essential": True, "value": "1"}}
+        "access_token": {"nbf": {"essential": True, "value": "1"}, "xms_cc": {"values": ["cp1"]}}
     }
     assert entra.graph_requests == ["/me", "/me", "/me"]
 

@@ -80,7 +80,7 @@ def test_the_minimal_environment_gives_the_documented_defaults():
 
     assert settings.tenant_id == TENANT_ID
     assert settings.client_id == CLIENT_ID
-    assert settings.client_credential == CLIENT_SECRET
+    assert settings.client_secret == CLIENT_SECRET
     assert settings.authority_host == "https://login.microsoftonline.com"
     assert settings.authority == f"https://login.microsoftonline.com/{TENANT_ID}"
     assert settings.issuer == f"https://login.microsoftonline.com/{TENANT_ID}/v2.0"
@@ -384,7 +384,8 @@ def test_a_certificate_with_an_encrypted_key_becomes_msal_credentials(tmp_path, 
 
     settings = Settings.from_env(env)
 
-    credential = settings.client_credential
+    assert settings.client_certificate is not None
+    credential = settings.client_certificate.as_msal_credential()
     assert isinstance(credential, dict)
     assert set(credential) == {"private_key", "public_certificate"}
     assert credential["public_certificate"].encode() == CERT_PEM
@@ -450,7 +451,7 @@ def test_settings_are_read_from_dotenv(dotenv_dir):
 
     assert settings.tenant_id == TENANT_ID
     assert settings.client_id == CLIENT_ID
-    assert settings.client_credential == "secret-from-dotenv"
+    assert settings.client_secret == "secret-from-dotenv"
     assert settings.required_scope == "Files.Read"
 
 
@@ -460,7 +461,7 @@ def test_the_environment_overrides_dotenv(dotenv_dir, monkeypatch):
 
     settings = Settings.from_env()
 
-    assert settings.client_credential == "secret-from-environment"
+    assert settings.client_secret == "secret-from-environment"
     assert settings.required_scope == "Mail.Read"
     assert settings.client_id == CLIENT_ID  # still from .env
 

@@ -1,0 +1,208 @@
+"""The API's own credential towards Entra ID, in each form an app registration can have.
+
+* ``ClientSecret``: ``AZURE_CLIENT_SECRET``.
+* ``CertificateFile``: ``AZURE_CLIENT_CERTIFICATE_PATH`` (PEM key + certificate). Key
+  Vault's CSI driver rotates the file in place, so it is re-read when it changes (checked
+  with one ``stat`` per application build) and, after Entra refuses the certificate, once
+  on demand (``reload``), as Microsoft.Identity.Web does.
+* ``FederatedTokenFile``: ``AZURE_FEDERATED_TOKEN_FILE`` (workload identity federation,
+  as AKS injects it): a JWT from a trusted issuer is the client assertion. The file
+  rotates, so its token is re-read at each token request once past its ``exp`` (or when
+  the file changed), never used beyond it.
+* ``ManagedIdentityAssertion``: ``AZURE_CLIENT_ASSERTION=managed_identity`` (optionally
+  ``AZURE_MANAGED_IDENTITY_CLIENT_ID`` for a user-assigned identity): msal's
+  ``ManagedIdentityClient`` gets a token for ``api://AzureADTokenExchange``, which is the
+  client assertion; msal caches it until near its expiry.
+
+msal binds a credential to an application at construction; the token provider builds one
+application per user and process. So a credential has a ``version``: when it changes
+(a rotated certificate), the provider rebuilds that user's application. Assertions are
+callables msal invokes at each token request, so they never go stale.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import msal
+import requests
+
+from .errors import IdentityProviderUnavailable
+from .settings import ClientCertificate, Settings, SettingsError, load_certificate
+
+log = logging.getLogger(__name__)
+
+#: Entra's answers meaning "this client credential is not (or no longer) valid": AADSTS700027
+#: (certificate signature), 700024 (assertion time range), 7000214 (certificate revoked),
+#: 1000502 (certificate expired), 7000274 / 7000277 (certificate not found / not valid).
+CREDENTIAL_ERROR_CODES = frozenset({700027, 700024, 7000214, 1000502, 7000274, 7000277})
+TOKEN_EXCHANGE_RESOURCE = "api://AzureADTokenExchange"
+_EXPIRY_MARGIN_SECONDS = 60  # an assertion this close to its exp is read again
+
+
+class ClientCredential(Protocol):
+    @property
+    def version(self) -> int:
+        """Bumped whenever ``for_msal`` would give a different credential."""
+
+    def for_msal(self) -> str | dict[str, Any]:
+        """msal's ``client_credential`` (checked for changes first)."""
+
+    def reload(self) -> bool:
+        """Entra refused the credential: read it again; True if it changed (retry once)."""
+
+
+class ClientSecret:
+    version = 0
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    def for_msal(self) -> str:
+        return self._secret
+
+    def reload(self) -> bool:
+        return False
+
+
+class CertificateFile:
+    """A PEM certificate file, re-read when it changes on disk."""
+
+    def __init__(self, path: str, password: str | None, loaded: ClientCertificate) -> None:
+        self._path, self._password = path, password
+        self._certificate = loaded
+        self._stamp = self._stat()
+        self._lock = threading.Lock()
+        self.version = 0
+
+    def for_msal(self) -> dict[str, str]:
+        if self._stat() != self._stamp:
+            self.reload()
+        return self._certificate.as_msal_credential()
+
+    def reload(self) -> bool:
+        with self._lock:
+            stamp = self._stat()
+            try:
+                certificate = load_certificate(self._path, self._password)
+            except SettingsError as error:  # mid-rotation, or a bad file: keep the last good one
+                log.warning("client certificate not reloaded: %s", error)
+                return False
+            self._stamp = stamp
+            if certificate == self._certificate:
+                return False
+            self._certificate = certificate
+            self.version += 1
+            log.info("client certificate reloaded from AZURE_CLIENT_CERTIFICATE_PATH")
+            return True
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            stat = os.stat(self._path)
+        except OSError:
+            return None
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+class _RotatingAssertion:
+    """A client assertion msal asks for at each token request (shared by both kinds)."""
+
+    version = 0
+
+    def for_msal(self) -> dict[str, Callable[[], str]]:
+        return {"client_assertion": self.assertion}
+
+    def assertion(self) -> str:
+        raise NotImplementedError
+
+    def reload(self) -> bool:
+        return False
+
+
+class FederatedTokenFile(_RotatingAssertion):
+    """``AZURE_FEDERATED_TOKEN_FILE``: read again once its token is past its ``exp``
+    (less a minute) or the file changed; never cached beyond ``exp``."""
+
+    def __init__(self, path: str) -> None:
+        self._path = Path(path)
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._good_until = 0.0
+        self._mtime = -1
+
+    def assertion(self) -> str:
+        with self._lock:
+            mtime = self._mtime_ns()
+            if self._token is None or time.time() >= self._good_until or mtime != self._mtime:
+                try:
+                    token = self._path.read_text().strip()
+                except OSError:
+                    log.warning("cannot read AZURE_FEDERATED_TOKEN_FILE")
+                    raise IdentityProviderUnavailable() from None
+                self._token, self._mtime = token, mtime
+                self._good_until = _expiry(token) - _EXPIRY_MARGIN_SECONDS
+            return self._token
+
+    def reload(self) -> bool:
+        with self._lock:
+            self._token = None
+        return True
+
+    def _mtime_ns(self) -> int:
+        try:
+            return self._path.stat().st_mtime_ns
+        except OSError:
+            return -1
+
+
+class ManagedIdentityAssertion(_RotatingAssertion):
+    """A managed identity's token for ``api://AzureADTokenExchange`` as the assertion."""
+
+    def __init__(self, client_id: str | None, session: requests.Session) -> None:
+        identity: Any = (msal.UserAssignedManagedIdentity(client_id=client_id) if client_id
+                         else msal.SystemAssignedManagedIdentity())
+        self._client = msal.ManagedIdentityClient(identity, http_client=session)
+
+    def assertion(self) -> str:
+        try:
+            result = self._client.acquire_token_for_client(resource=TOKEN_EXCHANGE_RESOURCE)
+        except (requests.RequestException, msal.ManagedIdentityError, ValueError) as exc:
+            log.warning("managed identity endpoint failed: %s", type(exc).__name__)
+            raise IdentityProviderUnavailable() from None
+        token = result.get("access_token")
+        if not isinstance(token, str):
+            log.warning("managed identity refused a token: %s", result.get("error"))
+            raise IdentityProviderUnavailable()
+        return token
+
+
+def client_credential(settings: Settings, session: requests.Session) -> ClientCredential:
+    """The credential the settings name (``Settings`` checked there is exactly one)."""
+    if settings.federated_token_file:
+        return FederatedTokenFile(settings.federated_token_file)
+    if settings.client_assertion == "managed_identity":
+        return ManagedIdentityAssertion(settings.managed_identity_client_id, session)
+    if settings.client_certificate is not None:
+        assert settings.client_certificate_path is not None
+        return CertificateFile(settings.client_certificate_path, settings.client_certificate_password,
+                               settings.client_certificate)
+    assert settings.client_secret is not None
+    return ClientSecret(settings.client_secret)
+
+
+def _expiry(token: str) -> float:
+    """The ``exp`` of a JWT, unverified (Entra verifies it; this only says when to re-read)."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return 0.0  # not a JWT we can read: re-read it every time
