@@ -1,7 +1,8 @@
 """The reference API: flask-obo's own Flask API, built only from ``flask_obo``'s public API.
 
 It is the example for users: ``/api/whoami`` reads the validated token, ``/api/me`` and
-``/api/me/manager`` call Microsoft Graph on behalf of the caller, ``/healthz`` and
+``/api/me/manager`` call Microsoft Graph on behalf of the caller, ``DELETE
+/api/me/token-cache`` signs the caller out of the token cache, ``/healthz`` and
 ``/readyz`` are the probes, ``/openapi.json`` describes them all. Everything else here is
 deployment: logging, CORS for the SPA, a small body limit.
 """

@@ -3,7 +3,8 @@
 Reading a Graph route top-down is the request path: the protector (``obo.protect``, before
 each request) → a token on behalf of the caller (``downstream`` asks ``acquire_token``,
 which reads the user's cache) → the Graph call. Only routes that call Graph ever trigger
-an On-Behalf-Of exchange. Errors propagate: ``FlaskOBO`` answers them as JSON.
+an On-Behalf-Of exchange; ``DELETE /api/me/token-cache`` (sign-out) forgets the caller's
+tokens so that the next one does. Errors propagate: ``FlaskOBO`` answers them as JSON.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def manager() -> Response:
     except DownstreamNotFound:
         raise ApiError("The signed-in user has no manager.", status=404,
                        error="manager_not_found") from None
+
+
+@api.delete("/me/token-cache")
+def forget_token_cache() -> Response:
+    """Sign-out: the caller's cached downstream tokens go, on every worker and instance
+    within a second; their next Graph call makes a new On-Behalf-Of exchange."""
+    obo.forget_user()
+    return Response(status=204)
 
 
 def _graph_user(path: str) -> dict[str, Any]:

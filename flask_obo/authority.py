@@ -15,11 +15,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import stat
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -467,3 +469,45 @@ def _duration(seconds: float) -> str:
     if seconds == float("inf"):
         return "an unknown number of hours"
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+class TenantConfigurations:
+    """The OpenID configuration msal needs for each tenant the API exchanges tokens in.
+
+    Single-tenant, that is the one ``home`` document. A multi-tenant API
+    (``AZURE_TENANT_ID=organizations``) validates with the ``organizations`` document's
+    keys, but runs On-Behalf-Of in each user's own tenant, so msal asks for that tenant's
+    document: one ``OpenIdConfiguration`` per allowed tenant, made on first use and kept
+    (at most ``limit``, least recently used dropped), with the same disk copies and
+    refresh rules as the home document.
+    """
+
+    def __init__(self, home: OpenIdConfiguration, session: requests.Session, *,
+                 authority_host: str, allowed: Callable[[str], bool], multi_tenant: bool,
+                 disk: AuthorityDiskCache | None = None,
+                 timeout: tuple[float, float] = AUTHORITY_TIMEOUT, limit: int = 1000) -> None:
+        self.home = home
+        self._session, self._disk, self._timeout = session, disk, timeout
+        self._allowed, self._multi_tenant, self._limit = allowed, multi_tenant, limit
+        self._tenant_url = re.compile(
+            re.escape(authority_host) + r"/([0-9a-fA-F-]{36})/v2\.0/\.well-known/openid-configuration")
+        self._tenants: OrderedDict[str, OpenIdConfiguration] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def for_url(self, url: str) -> OpenIdConfiguration | None:
+        """The configuration served at ``url``, if it is one msal may ask for."""
+        if url.lower() == self.home.url.lower():
+            return self.home
+        match = self._tenant_url.fullmatch(url) if self._multi_tenant else None
+        if match is None or not self._allowed(match.group(1).lower()):
+            return None
+        tid = match.group(1).lower()
+        with self._lock:
+            config = self._tenants.get(tid)
+            if config is None:
+                config = self._tenants[tid] = OpenIdConfiguration(
+                    url, self._session, disk=self._disk, timeout=self._timeout)
+                if len(self._tenants) > self._limit:
+                    self._tenants.popitem(last=False)
+            self._tenants.move_to_end(tid)
+            return config

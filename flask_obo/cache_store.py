@@ -3,8 +3,14 @@
 Both stores offer the same operations: ``load``; a per-partition ``lock`` that makes
 token acquisition single-flight across processes; ``save``, which only writes while the
 caller still holds that lock, so two writers never lose each other's update; and
-``save_unless_changed`` for an entry acquired while Redis was down. Each also says how far a
-copy held in memory can be trusted (``coherence``) and tells its ``watcher`` of changes.
+``save_unless_changed`` for an entry acquired while Redis was down; ``remove`` (sign-out),
+also under the lock. Each also says how far a copy held in memory can be trusted
+(``coherence``) and tells its ``watcher`` of changes.
+
+A removed entry leaves a *tombstone* (an empty value with the entry's TTL) rather than
+nothing: ``load`` reads it as a miss, but a compare-and-set from a worker that acquired a
+token while Redis was away, against the entry being absent, no longer matches, so a
+sign-out is never undone by such a write-back.
 
 Redis failures never reach the user from here as such: every call goes through a
 circuit breaker, and ``CacheUnavailable`` tells the caller to go on without Redis.
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
+from redis.cluster import RedisCluster
 from redis.exceptions import LockError, RedisClusterException, RedisError, ResponseError
 
 from .breaker import CircuitBreaker, State
@@ -34,6 +41,8 @@ log = logging.getLogger(__name__)
 LOCK_POLL_SECONDS = 0.02
 LOCK_TTL_MARGIN = 10  # the lock outlives the longest work under it (the acquisition timeout)
 MEMORY_PRUNE_ABOVE = 10_000
+TOMBSTONE = b""  # what ``remove`` leaves: never a sealed blob (those are Fernet tokens)
+SCAN_BATCH = 500
 
 # RedisClusterException (no node reachable, say) is not a RedisError.
 REDIS_FAILURES = (RedisError, RedisClusterException)
@@ -58,7 +67,38 @@ if (ARGV[4] == '0' and not current) or (ARGV[4] == '1' and current == ARGV[1]) t
 end
 return 0
 """,
+    # Sign-out: replace the entry with a tombstone while the lock carries our token.
+    # -1: the lock was lost; 0: there was no entry; 1: an entry was removed.
+    "remove_if_locked": """
+if redis.call('get', KEYS[2]) ~= ARGV[1] then return -1 end
+local ok, current = pcall(redis.call, 'get', KEYS[1])
+redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3])
+if ok and current and current ~= ARGV[2] then return 1 end
+return 0
+""",
+    # Re-keying: swap the entry for the same one sealed anew, keeping its remaining TTL,
+    # if it is still what was read and the lock carries our token.
+    # -1: the lock was lost; 0: the entry changed meanwhile; 1: written.
+    "replace_if_locked": """
+if redis.call('get', KEYS[2]) ~= ARGV[1] then return -1 end
+local ok, current = pcall(redis.call, 'get', KEYS[1])
+if not ok or current ~= ARGV[2] then return 0 end
+redis.call('set', KEYS[1], ARGV[3], 'KEEPTTL')
+return 1
+""",
 }
+
+# Re-keying many entries at once: the same swap for an entry whose lock nobody holds. A
+# script runs atomically, so this is taking the lock, comparing, writing and releasing it
+# in one step: no request can be between its lock and its save meanwhile.
+# -1: a request holds the lock (retry under the lock); 0: the entry changed; 1: written.
+_REPLACE_IF_UNLOCKED = """
+if redis.call('exists', KEYS[2]) == 1 then return -1 end
+local ok, current = pcall(redis.call, 'get', KEYS[1])
+if not ok or current ~= ARGV[1] then return 0 end
+redis.call('set', KEYS[1], ARGV[2], 'KEEPTTL')
+return 1
+"""
 
 
 @dataclass(frozen=True)
@@ -99,6 +139,10 @@ class TokenCacheStore(Protocol):
     def save(self, partition: str, blob: bytes, guard: Guard) -> bool: ...
 
     def save_unless_changed(self, partition: str, blob: bytes, base: bytes | None) -> bool: ...
+
+    def remove(self, partition: str, guard: Guard) -> bool:
+        """Remove the entry (sign-out) while holding its lock; was there one? Raises
+        ``TokenAcquisitionBusy`` if the lock was lost meanwhile."""
 
     def status(self) -> str: ...
 
@@ -224,7 +268,7 @@ class RedisTokenCacheStore:
             log.warning("token cache for partition %s is not a string in Redis; treating it as a miss",
                         partition)
             return None
-        if blob is None:
+        if blob is None or blob == TOMBSTONE:
             return None
         expires_at = time.monotonic() + ttl_ms / 1000 if isinstance(ttl_ms, int) and ttl_ms >= 0 else None
         return StoredEntry(blob, expires_at)
@@ -254,12 +298,11 @@ class RedisTokenCacheStore:
                 log.warning("redis unlock failed: %s", type(exc).__name__)
 
     def save(self, partition: str, blob: bytes, guard: Guard) -> bool:
-        if not isinstance(guard, redis.lock.Lock):
-            raise TypeError("guard must come from this store's lock()")
+        token = self._lock_token(guard)
         with self._call("write"):
             written = self._script("save_if_locked")(
                 keys=[self.key(partition), self.lock_key(partition)],
-                args=[guard.local.token, blob, self._ttl],
+                args=[token, blob, self._ttl],
             )
         if not written:
             log.warning("lost the lock for partition %s; not writing its cache", partition)
@@ -274,6 +317,91 @@ class RedisTokenCacheStore:
                 keys=[self.key(partition)], args=[base or b"", blob, self._ttl, 0 if base is None else 1],
             )
         return bool(written)
+
+    def remove(self, partition: str, guard: Guard) -> bool:
+        """Leave a tombstone for the entry, with a full TTL (see the module's docstring)."""
+        token = self._lock_token(guard)
+        with self._call("write"):
+            result = self._script("remove_if_locked")(
+                keys=[self.key(partition), self.lock_key(partition)], args=[token, TOMBSTONE, self._ttl],
+            )
+        if result == -1:
+            log.warning("lost the lock for partition %s; its entry was not removed", partition)
+            raise TokenAcquisitionBusy()
+        return bool(result == 1)
+
+    def replace(self, partition: str, blob: bytes, new_blob: bytes, guard: Guard) -> bool:
+        """Write ``new_blob`` in place of ``blob``, keeping the remaining TTL, if the entry
+        is still ``blob``; False if it changed. Raises ``TokenAcquisitionBusy`` if the lock
+        was lost meanwhile."""
+        token = self._lock_token(guard)
+        with self._call("write"):
+            result = self._script("replace_if_locked")(
+                keys=[self.key(partition), self.lock_key(partition)], args=[token, blob, new_blob],
+            )
+        if result == -1:
+            log.warning("lost the lock for partition %s; its entry was not rewritten", partition)
+            raise TokenAcquisitionBusy()
+        return bool(result == 1)
+
+    @staticmethod
+    def _lock_token(guard: Guard) -> Any:
+        if not isinstance(guard, redis.lock.Lock):
+            raise TypeError("guard must come from this store's lock()")
+        return guard.local.token
+
+    # --- for operators (the token-cache CLI) -------------------------------------------------
+    def partitions(self) -> list[str]:
+        """Every partition with a key under ``<prefix>:cache:``, once each, by SCAN (never
+        KEYS, which blocks the server): on a cluster, on every primary. Held in memory, about
+        100 bytes a user."""
+        pattern = f"{self._prefix}:cache:{{*}}"
+        found: dict[str, None] = {}  # SCAN returns a key at least once, maybe more
+        with self._call("SCAN"):
+            client = self._redis
+            if isinstance(client, RedisCluster):
+                keys = client.scan_iter(match=pattern, count=1000, target_nodes=RedisCluster.PRIMARIES)
+            else:
+                keys = client.scan_iter(match=pattern, count=1000)
+            for key in keys:
+                partition = _partition_of(key)
+                if partition:
+                    found[partition] = None
+        return list(found)
+
+    def sizes(self, partitions: list[str]) -> list[int | None]:
+        """Each entry's size in bytes (STRLEN; 0: absent or a tombstone; None: not a string)."""
+        results = self._batch("STRLEN", [("strlen", self.key(p)) for p in partitions])
+        return [r if isinstance(r, int) else None for r in results]
+
+    def load_many(self, partitions: list[str]) -> list[bytes | None]:
+        """Each entry's blob (None: absent, a tombstone or not a string), in one round trip."""
+        results = self._batch("GET", [("get", self.key(p)) for p in partitions])
+        return [r if isinstance(r, bytes) and r != TOMBSTONE else None for r in results]
+
+    def replace_many(self, swaps: list[tuple[str, bytes, bytes]]) -> list[int]:
+        """For each ``(partition, blob, new_blob)``, ``replace`` without waiting for the
+        lock, in one round trip: 1 written, 0 the entry changed, -1 its lock is held (then
+        ``lock`` and ``replace`` it)."""
+        results = self._batch("write", [
+            ("eval", _REPLACE_IF_UNLOCKED, 2, self.key(p), self.lock_key(p), blob, new_blob)
+            for p, blob, new_blob in swaps
+        ])
+        for result in results:
+            if isinstance(result, Exception):  # a script error: not Redis being down
+                raise result
+        return [int(result) for result in results]
+
+    def _batch(self, what: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+        with self._call(what):
+            pipe = self._redis.pipeline(transaction=False)
+            for name, *args in commands:
+                getattr(pipe, name)(*args)
+            results = pipe.execute(raise_on_error=False)
+            for result in results:
+                if isinstance(result, Exception) and not isinstance(result, ResponseError):
+                    raise result
+        return list(results)
 
     def status(self) -> str:
         """``ok`` or ``degraded``: one PING (bounded by the socket timeout), none while
@@ -372,6 +500,15 @@ class MemoryTokenCacheStore:
                 return False
             self._put(partition, blob)
         return True
+
+    def remove(self, partition: str, guard: Guard) -> bool:
+        """Drop the entry (one process: no other worker can write an old copy back)."""
+        with self._guard:
+            lock = self._locks.get(partition)
+            if lock is None or guard is not lock or not lock.locked():
+                raise TokenAcquisitionBusy()
+            entry = self._blobs.pop(partition, None)
+        return entry is not None and entry[1] >= time.monotonic()
 
     def _put(self, partition: str, blob: bytes) -> None:
         now = time.monotonic()

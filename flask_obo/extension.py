@@ -22,8 +22,9 @@ from typing import Any, TypeVar
 from cryptography.fernet import Fernet
 from flask import Blueprint, Flask, Response, after_this_request, current_app, g, request
 
-from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys
+from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys, TenantConfigurations
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
+from .cli import token_cache_cli
 from .credentials import client_credential
 from .downstream import DownstreamApi
 from .errors import register_error_handlers
@@ -32,7 +33,7 @@ from .protector import EntraResourceProtector, EntraTokenValidator, current_toke
 from .request_ids import REQUEST_ID_HEADER, begin_request, end_request
 from .settings import Settings
 from .token_acquisition import OnBehalfOfTokenProvider
-from .token_cache import TokenCacheCodec
+from .token_cache import TokenCacheCodec, partition_key
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class OboServices:
     keys: SigningKeys
     protector: EntraResourceProtector
     store: TokenCacheStore
+    codec: TokenCacheCodec
     tokens: OnBehalfOfTokenProvider
     downstream_apis: Mapping[str, DownstreamApi]
 
@@ -64,7 +66,8 @@ class FlaskOBO:
 
     def init_app(self, app: Flask, settings: Settings | Mapping[str, str] | None = None,
                  store: TokenCacheStore | None = None) -> None:
-        """Build ``app``'s services and register the JSON error handlers.
+        """Build ``app``'s services, register the JSON error handlers and the
+        ``flask token-cache`` commands.
 
         ``settings``: a ``Settings``, a mapping of setting names to values (used alone),
         or None for ``app.config`` overlaid on the environment (``Settings.from_app_config``).
@@ -85,13 +88,17 @@ class FlaskOBO:
         store = store or _default_store(settings)
         # Without REDIS_URL the in-process cache is sealed too, with a key that dies with the process.
         codec = TokenCacheCodec(settings.token_cache_keys or (Fernet.generate_key().decode(),))
-        tokens = OnBehalfOfTokenProvider(settings, store, codec, session, metadata,
+        tenants = TenantConfigurations(
+            metadata, session, authority_host=settings.authority_host, allowed=settings.tenant_allowed,
+            multi_tenant=settings.multi_tenant, disk=disk, timeout=entra_timeout)
+        tokens = OnBehalfOfTokenProvider(settings, store, codec, session, tenants,
                                          client_credential(settings, session))
         app.extensions[EXTENSION_KEY] = OboServices(
             settings=settings,
             keys=keys,
             protector=EntraResourceProtector(EntraTokenValidator(settings, keys)),
             store=store,
+            codec=codec,
             tokens=tokens,
             downstream_apis={
                 name: DownstreamApi(name, api, session, self.acquire_token)
@@ -102,6 +109,7 @@ class FlaskOBO:
         app.before_request(_begin_request)
         app.after_request(_return_request_id)
         app.teardown_request(_end_request)
+        app.cli.add_command(token_cache_cli)
 
     # --- protecting the API ----------------------------------------------------------------------
     def require_scope(self, scope: str | None = None) -> Callable[[View], View]:
@@ -156,6 +164,16 @@ class FlaskOBO:
             raise LookupError(
                 f"no downstream API named {name!r}; configured: {', '.join(sorted(apis))}"
             ) from None
+
+    def forget_user(self) -> None:
+        """Sign-out: remove ``current_token``'s user's cached downstream tokens everywhere.
+
+        The entry goes from the shared cache under the user's lock (after any acquisition
+        in flight), and this worker's memory copy at once; other workers and instances drop
+        theirs within a second (the invalidation channel). The user's next downstream call
+        makes a new On-Behalf-Of exchange. Raises ``CacheUnavailable`` (503) when Redis
+        cannot be reached: nothing was removed then."""
+        self._services().tokens.forget(partition_key(current_token.oid, current_token.tid))
 
     # --- state -----------------------------------------------------------------------------------
     @property

@@ -64,6 +64,16 @@ class UserSession:
         # ``blob`` is the answer's ``blob``.
         self.hot: dict[tuple[str, ...], HotToken] = {}
 
+    def forget(self) -> None:
+        """Hold nothing of the user any more (sign-out): no token, nothing to write back,
+        and re-read from the store before the next use."""
+        self.cache.load(None)
+        self.http_cache.clear()
+        self.blob = self.stored = None
+        self.expires_at = None
+        self.verified_epoch = -1
+        self.unsaved = False
+
     def is_current(self, coherence: Coherence) -> bool:
         """Usable without asking Redis? (An unsaved session asks, to write itself back.)"""
         return (coherence.connected and self.verified_epoch == coherence.epoch and not self.unsaved

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import requests
 import urllib3
 
-from .authority import OpenIdConfiguration
+from .authority import TenantConfigurations
 from .bulkhead import Deadline
 from .request_ids import CLIENT_REQUEST_ID_HEADER, current_request_id
 
@@ -92,15 +92,16 @@ class MsalHttpClient:
     Retry-After passes after a 429, for two seconds after the others.
     """
 
-    def __init__(self, session: requests.Session, metadata: OpenIdConfiguration,
+    def __init__(self, session: requests.Session, metadata: TenantConfigurations,
                  timeout: tuple[float, float]) -> None:
         self._session, self._metadata = session, metadata
         self._timeout = timeout
         self.blocked_until = 0.0
 
     def get(self, url: str, params: Any = None, headers: Any = None, **_: Any) -> Any:
-        if not params and url.lower() == self._metadata.url.lower():
-            return _CachedResponse(self._metadata.text())
+        config = None if params else self._metadata.for_url(url)
+        if config is not None:
+            return _CachedResponse(config.text())
         if _offline.get():
             raise NetworkNeeded()
         return self._send("GET", url, params=params, headers=headers)

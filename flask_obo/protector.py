@@ -156,7 +156,15 @@ class ValidatedTokens:
 
 
 class EntraTokenValidator(BearerTokenValidator):
-    """Bearer validator for Entra ID v2 access tokens issued to this API."""
+    """Bearer validator for Entra ID access tokens issued to this API, v2 and v1.
+
+    An app registration's default ``accessTokenAcceptedVersion`` (null) makes Entra issue
+    v1 tokens: issuer ``https://sts.windows.net/<tid>/`` (``AZURE_V1_ISSUER_HOST``),
+    audience the App ID URI. Both versions are signed by the same keys and carry ``tid``,
+    ``oid`` and ``scp``, so everything but the issuer's form is checked alike. The issuer
+    must be the token's own tenant's, and that tenant the configured one, or one of
+    ``AZURE_ALLOWED_TENANTS`` for a multi-tenant API.
+    """
 
     def __init__(self, settings: Settings, keys: SigningKeys,
                  validated: ValidatedTokens | None = None) -> None:
@@ -164,12 +172,13 @@ class EntraTokenValidator(BearerTokenValidator):
         self._keys = keys
         # One remembered token per user of the memory tier is the expected working set.
         self.validated = validated or ValidatedTokens(settings.memory_cache_users)
+        self._settings = settings
         self._claims = jwt.JWTClaimsRegistry(
             leeway=LEEWAY_SECONDS,
-            iss={"essential": True, "value": settings.issuer},
+            iss={"essential": True},
             aud={"essential": True, "values": [settings.client_id, settings.app_id_uri]},
             exp={"essential": True},
-            tid={"essential": True, "value": settings.tenant_id},
+            tid={"essential": True},
             oid={"essential": True},
         )
 
@@ -194,7 +203,11 @@ class EntraTokenValidator(BearerTokenValidator):
             self._claims.validate(token.claims)
             claims = token.claims
             uuid.UUID(claims["oid"])
-            uuid.UUID(claims["tid"])
+            tid = str(uuid.UUID(claims["tid"]))
+            if claims["tid"] != tid or not self._settings.tenant_allowed(tid):
+                raise ValueError("a tenant this API does not serve")
+            if claims["iss"] not in self._settings.issuers_for(tid):
+                raise ValueError("not the issuer of the token's tenant")
             if "scp" in claims and not isinstance(claims["scp"], str):
                 raise ValueError("scp is not a string")
             if "scp" not in claims and "roles" not in claims:

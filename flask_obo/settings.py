@@ -34,6 +34,8 @@ _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _APP_ID_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+(/[^\s?#]*)?|urn:[^\s?#]+")
 LOG_FORMATS = ("text", "json")  # the first is the default
 DOWNSTREAM_PREFIX = "DOWNSTREAM_APIS__"
+# AZURE_TENANT_ID values that make the API multi-tenant (with AZURE_ALLOWED_TENANTS)
+MULTI_TENANT_IDS = ("organizations", "common")
 DOWNSTREAM_FIELDS = ("BASE_URL", "SCOPES")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # gunicorn's and logging's common names
 
@@ -78,6 +80,11 @@ class Settings:
     client_capabilities: tuple[str, ...] = ("cp1",)  # cp1: Continuous Access Evaluation
     app_id_uri: str = ""
     authority_host: str = "https://login.microsoftonline.com"
+    # v1 access tokens' issuer is <v1_issuer_host>/<tid>/ (sovereign clouds have their own)
+    v1_issuer_host: str = "https://sts.windows.net"
+    # Multi-tenant (tenant_id "organizations" or "common"): the tenants whose users may call;
+    # ("*",) is any tenant, which must be said explicitly.
+    allowed_tenants: tuple[str, ...] = ()
     required_scope: str = "user_impersonation"
     graph_base_url: str = "https://graph.microsoft.com/v1.0"
     graph_scopes: tuple[str, ...] = ("https://graph.microsoft.com/.default",)
@@ -114,6 +121,24 @@ class Settings:
     @property
     def issuer(self) -> str:
         return f"{self.authority}/v2.0"
+
+    @property
+    def multi_tenant(self) -> bool:
+        return self.tenant_id in MULTI_TENANT_IDS
+
+    def tenant_allowed(self, tid: str) -> bool:
+        """May users of tenant ``tid`` call? (Single-tenant: only the configured one.)"""
+        if not self.multi_tenant:
+            return tid.lower() == self.tenant_id
+        return "*" in self.allowed_tenants or tid.lower() in self.allowed_tenants
+
+    def issuers_for(self, tid: str) -> tuple[str, str]:
+        """The v2 and v1 issuers of tokens from tenant ``tid``."""
+        return f"{self.authority_host}/{tid}/v2.0", f"{self.v1_issuer_host}/{tid}/"
+
+    def authority_for(self, tid: str) -> str:
+        """Where to exchange a token from tenant ``tid``: its own tenant when multi-tenant."""
+        return f"{self.authority_host}/{tid}" if self.multi_tenant else self.authority
 
     @property
     def openid_configuration_url(self) -> str:
@@ -163,8 +188,17 @@ class Settings:
             raise SettingsError("REDIS_SENTINELS: set either it or REDIS_CLUSTER, not both")
         if redis_url and redis_url.startswith("unix:") and (redis_cluster or sentinels):
             raise SettingsError("REDIS_URL: must be redis:// or rediss:// with a cluster or sentinels")
+        tenant_id = env.tenant("AZURE_TENANT_ID")
+        allowed = env.tenants("AZURE_ALLOWED_TENANTS")
+        if tenant_id in MULTI_TENANT_IDS and not allowed:
+            raise SettingsError(f"AZURE_ALLOWED_TENANTS: required with AZURE_TENANT_ID={tenant_id} "
+                                "(tenant ids, comma-separated, or * for any tenant)")
+        if allowed and tenant_id not in MULTI_TENANT_IDS:
+            raise SettingsError("AZURE_ALLOWED_TENANTS: only with AZURE_TENANT_ID=organizations")
         return cls(
-            tenant_id=env.guid("AZURE_TENANT_ID"),
+            tenant_id=tenant_id,
+            allowed_tenants=allowed,
+            v1_issuer_host=env.https_url("AZURE_V1_ISSUER_HOST", "https://sts.windows.net"),
             client_id=client_id,
             client_secret=secret,
             client_certificate=certificate,
@@ -388,6 +422,26 @@ class Env:
         if value not in choices:
             raise SettingsError(f"{name}: must be one of {', '.join(c for c in choices if c)}")
         return value
+
+    def tenant(self, name: str) -> str:
+        """A tenant id (GUID), or ``organizations`` / ``common`` for a multi-tenant API."""
+        value = self.required(name)
+        if value.lower() in MULTI_TENANT_IDS:
+            return value.lower()
+        return self.guid(name)
+
+    def tenants(self, name: str) -> tuple[str, ...]:
+        """Tenant ids, comma-separated, or ``*`` alone."""
+        items = tuple(item.strip().lower() for item in (self.optional(name) or "").split(",") if item.strip())
+        if items == ("*",):
+            return items
+        for position, item in enumerate(items, start=1):
+            try:
+                uuid.UUID(item)
+            except ValueError:
+                raise SettingsError(f"{name}: entry {position} is not a tenant id (GUID); "
+                                    "or give * alone for any tenant") from None
+        return tuple(str(uuid.UUID(item)) for item in items)
 
     def optional_guid(self, name: str) -> str | None:
         return self.guid(name) if self.optional(name) else None

@@ -32,7 +32,7 @@ from typing import Any
 import msal
 import requests
 
-from .authority import AuthorityUnavailable, OpenIdConfiguration
+from .authority import AuthorityUnavailable, TenantConfigurations
 from .bulkhead import Deadline, SingleFlight, WaitingRoom, held
 from .cache_store import Guard, StoredEntry, TokenCacheStore
 from .credentials import CREDENTIAL_ERROR_CODES, ClientCredential
@@ -72,7 +72,7 @@ class OnBehalfOfTokenProvider:
         store: TokenCacheStore,
         codec: TokenCacheCodec,
         session: requests.Session,
-        metadata: OpenIdConfiguration,
+        metadata: TenantConfigurations,
         credential: ClientCredential,
     ) -> None:
         self._settings = settings
@@ -183,15 +183,33 @@ class OnBehalfOfTokenProvider:
         """The OBO exchange; if Entra refuses the API's own credential (a rotated
         certificate, an expired assertion), read the credential again and retry once."""
         log.info("on-behalf-of exchange for partition %s", partition)
-        result: dict[str, Any] = self._app(session).acquire_token_on_behalf_of(
+        result: dict[str, Any] = self._app(session, user).acquire_token_on_behalf_of(
             user.raw, scopes, claims_challenge=claims_challenge)
         codes = set(result.get("error_codes") or ())
         if codes & CREDENTIAL_ERROR_CODES and self._credential.reload():
             log.warning("Entra ID refused the API's credential (%s); retrying with the reloaded one",
                         sorted(codes & CREDENTIAL_ERROR_CODES))
-            result = self._app(session).acquire_token_on_behalf_of(
+            result = self._app(session, user).acquire_token_on_behalf_of(
                 user.raw, scopes, claims_challenge=claims_challenge)
         return result
+
+    def forget(self, partition: str) -> bool:
+        """Remove the user's cached tokens (sign-out): from the store, under the user's lock
+        (after any acquisition in flight, so none writes them back), then from this
+        worker's memory at once. Other workers drop their copies when the store reports
+        the change. Was there an entry in the store?
+
+        Raises ``CacheUnavailable`` when the store cannot be reached (nothing is removed
+        then, here either) and ``TokenAcquisitionBusy`` when the user's lock stays taken.
+        """
+        deadline = Deadline(self._settings.token_acquisition_timeout)
+        session = self.memory.session(partition)
+        with held(session.lock, deadline.remaining()):  # as a leader does: session, then store
+            with self._store.lock(partition, deadline) as guard:
+                removed = self._store.remove(partition, guard)
+            session.forget()
+        log.info("token cache removed for partition %s", partition)
+        return removed
 
     @contextmanager
     def _user_lock(self, partition: str, deadline: Deadline) -> Iterator[Guard | None]:
@@ -207,7 +225,7 @@ class OnBehalfOfTokenProvider:
 
     def _silent(self, session: UserSession, user: EntraAccessToken, scopes: list[str],
                 offline_only: bool = False) -> dict[str, Any] | None:
-        app = self._app(session)
+        app = self._app(session, user)
         account = session.cache.account_of(user.oid, user.tid)
         if account is None:
             return None
@@ -226,15 +244,16 @@ class OnBehalfOfTokenProvider:
             session.blob = None
             return None
 
-    def _app(self, session: UserSession) -> msal.ConfidentialClientApplication:
-        """The user's msal application, built again when the API's credential changed."""
+    def _app(self, session: UserSession, user: EntraAccessToken) -> msal.ConfidentialClientApplication:
+        """The user's msal application, built again when the API's credential changed. A
+        multi-tenant API exchanges tokens in the user's own tenant."""
         credential = self._credential.for_msal()  # first: it may find a rotated file
         if session.app is None or session.credential_version != self._credential.version:
             try:
                 session.app = msal.ConfidentialClientApplication(
                     self._settings.client_id,
                     client_credential=credential,
-                    authority=self._settings.authority,
+                    authority=self._settings.authority_for(user.tid),
                     token_cache=session.cache,
                     http_client=session.http,
                     http_cache=session.http_cache,

@@ -165,12 +165,26 @@ class TokenCacheCodec:
         fernets = [Fernet(key) for key in keys]
         if not fernets:
             raise ValueError("at least one Fernet key is required")
+        self._first = fernets[0]
         self._fernet = MultiFernet(fernets)
 
     def seal(self, partition: str, serialized: str) -> bytes:
         compact = json.dumps(json.loads(serialized), separators=(",", ":")).encode()
         plaintext = _FORMAT_VERSION + bytes.fromhex(partition) + zlib.compress(compact, 9)
         return base64.urlsafe_b64decode(self._fernet.encrypt(plaintext))
+
+    def sealed_with_first_key(self, blob: bytes) -> bool:
+        """Does the first key alone decrypt ``blob``? (Fernet tokens do not name their key.)"""
+        try:
+            self._first.decrypt(base64.urlsafe_b64encode(blob))
+        except InvalidToken:
+            return False
+        return True
+
+    def rekeyed(self, blob: bytes) -> bytes:
+        """``blob`` re-encrypted with the first key (``MultiFernet.rotate``: same plaintext,
+        same timestamp). Raises ``InvalidToken`` when no key decrypts it."""
+        return base64.urlsafe_b64decode(self._fernet.rotate(base64.urlsafe_b64encode(blob)))
 
     def open(self, partition: str, blob: bytes) -> str | None:
         """The serialized cache, or None (logged) when the blob must not be used."""

@@ -161,8 +161,8 @@ def test_conforms_with_a_valid_token(api, document, tokens, capsys) -> None:
     with capsys.disabled():
         _report("a valid", run)
     _assert_conforms(run)
-    for label in _protected(run):  # the token was sent and let in
-        assert 200 in run.statuses[label], (label, run.statuses[label])
+    for label in _protected(run):  # the token was sent and let in (sign-out answers 204)
+        assert run.statuses[label].keys() & {200, 204}, (label, run.statuses[label])
 
 
 @pytest.mark.parametrize("credential", ["expired", "none"])

@@ -21,7 +21,7 @@ from app import create_app
 from app.extensions import obo
 from flask_obo import current_token
 from flask_obo.authority import OpenIdConfiguration, SigningKeys
-from flask_obo.settings import Settings
+from flask_obo.settings import Settings, SettingsError
 from tests.support.fake_entra import (
     ADELE,
     AUTHORITY_HOST,
@@ -174,7 +174,10 @@ INVALID_TOKENS: dict[str, Callable[[FakeEntra], str]] = {
         {"alg": "RS256", "typ": "JWT"}, json.dumps(claims()).encode(), e.key
     ),
     "issuer-of-another-tenant": lambda e: e.api_token(iss=f"{AUTHORITY_HOST}/{OTHER_TENANT}/v2.0"),
-    "v1-issuer": lambda e: e.api_token(iss=f"https://sts.windows.net/{TENANT_ID}/"),
+    "v1-issuer-of-another-tenant": lambda e: e.api_token(iss=f"https://sts.windows.net/{OTHER_TENANT}/"),
+    "v1-issuer-with-the-v2-host": lambda e: e.api_token(iss=f"{AUTHORITY_HOST}/{TENANT_ID}/"),
+    "tenant-claim-of-another-tenant": lambda e: e.api_token(tid=OTHER_TENANT,
+                                                            iss=f"{AUTHORITY_HOST}/{OTHER_TENANT}/v2.0"),
     "wrong-audience": lambda e: e.api_token(aud="00000003-0000-0000-c000-000000000000"),
     "audience-of-the-spa": lambda e: e.api_token(aud=SPA_CLIENT_ID),
     "expired-2-minutes-ago": lambda e: e.api_token(iat=_now() - 3720, nbf=_now() - 3720, exp=_now() - 120),
@@ -556,3 +559,36 @@ def test_an_unknown_kid_on_the_very_first_request_fetches_the_keys_once(client, 
     response = client.get("/api/whoami", headers=bearer(entra.api_token(key=stranger)))
     assert response.status_code == 401
     assert entra.jwks_fetches == 1  # the initial load is as fresh as a refetch would be
+
+
+# --- token versions and tenants --------------------------------------------------------------
+
+
+def test_a_v1_token_for_the_app_id_uri_is_accepted(client, entra):
+    """Entra's default for an app registration (accessTokenAcceptedVersion null) is v1."""
+    token = entra.api_token(iss=f"https://sts.windows.net/{TENANT_ID}/", aud=f"api://{CLIENT_ID}",
+                            ver="1.0", azp=None, appid=SPA_CLIENT_ID)
+    response = client.get(WHOAMI, headers=bearer(token))
+    assert response.status_code == 200, response.json
+    assert response.json["oid"] == ADELE
+
+
+def test_a_sovereign_cloud_sets_the_v1_issuer_host(entra, store):
+    app = create_app(Settings.from_env(settings_env(AZURE_V1_ISSUER_HOST="https://sts.chinacloudapi.cn")),
+                     store=store)
+    v1 = entra.api_token(iss=f"https://sts.chinacloudapi.cn/{TENANT_ID}/", aud=f"api://{CLIENT_ID}")
+    public_cloud_v1 = entra.api_token(iss=f"https://sts.windows.net/{TENANT_ID}/", aud=f"api://{CLIENT_ID}")
+    assert app.test_client().get(WHOAMI, headers=bearer(v1)).status_code == 200
+    assert app.test_client().get(WHOAMI, headers=bearer(public_cloud_v1)).status_code == 401
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"AZURE_TENANT_ID": "organizations"},
+     "AZURE_ALLOWED_TENANTS: required with AZURE_TENANT_ID=organizations"),
+    ({"AZURE_ALLOWED_TENANTS": TENANT_ID}, "AZURE_ALLOWED_TENANTS: only with AZURE_TENANT_ID=organizations"),
+    ({"AZURE_TENANT_ID": "organizations", "AZURE_ALLOWED_TENANTS": "contoso"}, "entry 1 is not a tenant id"),
+    ({"AZURE_TENANT_ID": "consumers"}, "AZURE_TENANT_ID: must be a GUID"),
+])
+def test_tenancy_settings_are_checked(env, message):
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(settings_env(**env))
