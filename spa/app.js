@@ -84,7 +84,7 @@ async function main() {
     return;
   }
   pca.setActiveAccount(account);
-  show("signed-in", `Signed in as ${account.username}.`);
+  show("signed-in", `Account: ${account.username}`);
 
   const api = {
     // A token from a claims challenge's redirect is used as is; else from MSAL's cache.

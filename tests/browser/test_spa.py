@@ -203,13 +203,6 @@ def test_patti_has_no_manager(stack: Stack, tab: Tab) -> None:
 # --- sign-out -----------------------------------------------------------------------------------
 
 
-def _has_token_cache_route(stack: Stack) -> bool:
-    token = stack.tenant.tenant.api_token("nestor")
-    response = requests.delete(f"{stack.api}/api/me/token-cache",
-                               headers={"Authorization": f"Bearer {token}"}, timeout=10)
-    return response.status_code not in (404, 405)
-
-
 def test_sign_out_returns_to_sign_in(stack: Stack, tab: Tab) -> None:
     sign_in(tab.page, stack, "Adele Vance")
     expect_signed_in(tab.page, stack, "Adele Vance", "Nestor Wilke")
@@ -223,8 +216,6 @@ def test_sign_out_returns_to_sign_in(stack: Stack, tab: Tab) -> None:
 
 
 def test_the_sign_in_after_sign_out_makes_a_new_obo(stack: Stack, tab: Tab) -> None:
-    if not _has_token_cache_route(stack):
-        pytest.skip("the API has no DELETE /api/me/token-cache yet (the SPA's sign-out calls it)")
     deletes: list[int] = []
     tab.page.on("response", lambda r: deletes.append(r.status)
                 if r.request.method == "DELETE" and r.url.startswith(stack.api) else None)
