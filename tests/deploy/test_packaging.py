@@ -37,8 +37,8 @@ TEST_TOOLS = {"pytest", "pytest-timeout", "fakeredis", "responses", "ruff", "che
               "playwright"}
 # Not part of a checkout's sources: the VCS, environments, caches, build output.
 NOT_SOURCES = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".devtenant", ".env", "results",
-    "node_modules"
+    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".devtenant", ".env",
+    "results", "node_modules"
 )
 NETWORK_ERRORS = ("NewConnectionError", "Failed to establish", "Temporary failure in name resolution",
                   "No matching distribution found", "Could not find a version")
