@@ -3,7 +3,8 @@
 It is the example for users: ``/api/whoami`` reads the validated token, ``/api/me`` and
 ``/api/me/manager`` call Microsoft Graph on behalf of the caller, ``DELETE
 /api/me/token-cache`` signs the caller out of the token cache, ``/healthz`` and
-``/readyz`` are the probes, ``/openapi.json`` describes them all. Everything else here is
+``/readyz`` are the probes, ``/openapi.json`` describes them all and ``/metrics`` is for
+Prometheus. Everything else here is
 deployment: logging, CORS for the SPA, a small body limit.
 """
 
@@ -38,6 +39,8 @@ def create_app(settings: Settings | Mapping[str, str] | None = None,
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
     obo.init_app(app, settings, store=store)
+    # Prometheus's scrape, on the API port with no token: nginx refuses it from outside.
+    app.add_url_rule("/metrics", "metrics", obo.metrics_view)
     app.before_request(_refuse_large_bodies)
     app.register_blueprint(health)
     app.register_blueprint(api)

@@ -9,9 +9,13 @@ traceback from each worker in turn. Only the values are read when something else
 file (tests, tools), as the API's settings may then legitimately be absent.
 """
 
+import atexit
+import glob
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # The project's root, where `app` and `flask_obo` are, whatever the working directory (gunicorn applies
@@ -19,6 +23,30 @@ from pathlib import Path
 _root = str(Path(__file__).resolve().parents[1])
 if _root not in sys.path:
     sys.path.insert(0, _root)
+
+# Metrics: prometheus_client's multiprocess mode, so /metrics sums every worker (and every
+# worker that has exited: their counts stay) whichever worker answers the scrape. Each
+# worker writes its values to files in PROMETHEUS_MULTIPROC_DIR, which must be set before
+# prometheus_client is first imported (by flask_obo, just below; workers inherit it from
+# this master). Unset: a fresh private directory (tmpfs when there is one), removed when
+# the master exits (however it does: a bad setting below, --check-config, SIGTERM). Set:
+# that directory (one per gunicorn), emptied of earlier runs' files when gunicorn starts.
+_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+_METRICS_FILES = ("counter_*.db", "histogram_*.db", "gauge_*.db", "summary_*.db")
+
+
+def _remove_metrics_dir(path: str, master: int) -> None:
+    if os.getpid() == master:  # workers run atexit too when they exit: not theirs to remove
+        shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__config__" and not os.environ.get(_METRICS_DIR):  # (a HUP re-reads this file: set)
+    _tmpfs = "/dev/shm"  # noqa: S108 - the workers' value files are mmapped: keep them in memory
+    _private = tempfile.mkdtemp(prefix=f"flask-obo-metrics-{os.getpid()}-",
+                                dir=_tmpfs if os.path.isdir(_tmpfs) else None)
+    os.environ[_METRICS_DIR] = _private
+    atexit.register(_remove_metrics_dir, _private, os.getpid())
+
 from app.gunicorn_logging import logging_config  # noqa: E402
 from flask_obo import Env, Settings, SettingsError  # noqa: E402
 from flask_obo.settings import LOG_FORMATS  # noqa: E402
@@ -80,3 +108,21 @@ access_log_format = (
 )
 if log_format == "json":  # one JSON object per line from the app and gunicorn alike
     logconfig_dict = logging_config(loglevel, log_format, accesslog, errorlog)
+
+
+# --- metrics' directory (see the top of this file) -----------------------------------------
+def on_starting(server):  # once, in the master, before the first fork (not on a HUP)
+    path = os.environ.get(_METRICS_DIR)
+    if path:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        for pattern in _METRICS_FILES:  # an earlier run's counts are not this run's
+            for stale in glob.glob(os.path.join(path, pattern)):
+                os.remove(stale)
+
+
+def child_exit(server, worker):  # in the master, for each worker that exited (or was killed)
+    if os.environ.get(_METRICS_DIR):
+        from prometheus_client import multiprocess
+
+        # Drops its live gauges only: its counters and histograms stay in the sums.
+        multiprocess.mark_process_dead(worker.pid)

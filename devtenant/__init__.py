@@ -5,7 +5,11 @@ It serves, over HTTPS, exactly the parts of Entra ID and Graph that flask-obo us
 client_credentials, Graph ``/me`` and ``/me/manager``) so that the API can run its
 real, unpatched msal code against it, and the browser sign-in a SPA does with
 msal-browser (``/authorize`` with authorization code + PKCE, ``/logout``; see
-:mod:`devtenant.signin`).
+:mod:`devtenant.signin`). Identity breadth: workload identity federation
+(:mod:`devtenant.federation`, client assertions in :mod:`devtenant.clientauth`), an
+App Service managed identity endpoint (:mod:`devtenant.managed_identity`), v1 tokens
+(:mod:`devtenant.tokens`), a second tenant (``other_tenants`` in directory.json) and
+CAE session revocation (:mod:`devtenant.revocation`).
 
 Importing this package has no side effects: the constants below are literals (a test
 checks that they agree with ``directory.json``, the single data source the server
@@ -32,6 +36,19 @@ TASKS_API_RESOURCE = f"api://{TASKS_API_CLIENT_ID}"
 TASKS_API_SCOPES = ("Tasks.Read", "Tasks.ReadWrite")
 TASKS_API_DELEGATED_PERMISSIONS = ("Tasks.Read",)
 MFA_POLICY_ID = "4f2b8c1d-6e3a-4b5c-9d7e-1a2b3c4d5e6f"
+#: The second hosted tenant (multi-tenant tests): the API and SPA have service
+#: principals there, its users are Megan Bowen and her manager Isaiah Langer.
+SECOND_TENANT_ID = "89554b7d-d6ac-4920-8a1f-733bce7d669a"
+SECOND_TENANT_DOMAIN = "contosodev.onmicrosoft.com"
+#: Workload identity federation: the audience of assertions, and the API's credential
+#: for the dev tenant's AKS-style issuer (``<host>/federation/aks``).
+TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"
+FEDERATED_SUBJECT = "system:serviceaccount:default:flask-obo"
+#: App Service managed identities (subjects of the API's other federated credentials).
+MANAGED_IDENTITY_CLIENT_ID = "43a7df47-2bee-4819-962f-30f5fc5590d5"
+MANAGED_IDENTITY_OBJECT_ID = "6c0d61aa-e2b5-4a87-8fba-c6c9f633a2cf"
+USER_ASSIGNED_IDENTITY_CLIENT_ID = "133f51ad-4120-47af-b021-2738a99a415f"
+USER_ASSIGNED_IDENTITY_OBJECT_ID = "23f91f23-f1eb-4d09-9eef-ba42bcba49b0"
 DEFAULT_AUTHORITY_HOST = "https://localhost:8443"
 STATE_DIR_ENV = "DEVTENANT_STATE_DIR"
 
@@ -65,10 +82,15 @@ __all__ = [
     "API_CLIENT_SECRET",
     "API_SCOPE",
     "DEFAULT_AUTHORITY_HOST",
+    "FEDERATED_SUBJECT",
     "GRAPH_APP_ID",
     "GRAPH_DELEGATED_PERMISSIONS",
     "GRAPH_RESOURCE",
+    "MANAGED_IDENTITY_CLIENT_ID",
+    "MANAGED_IDENTITY_OBJECT_ID",
     "MFA_POLICY_ID",
+    "SECOND_TENANT_DOMAIN",
+    "SECOND_TENANT_ID",
     "SPA_CLIENT_ID",
     "STATE_DIR_ENV",
     "TASKS_API_CLIENT_ID",
@@ -77,6 +99,9 @@ __all__ = [
     "TASKS_API_SCOPES",
     "TENANT_DOMAIN",
     "TENANT_ID",
+    "TOKEN_EXCHANGE_AUDIENCE",
+    "USER_ASSIGNED_IDENTITY_CLIENT_ID",
+    "USER_ASSIGNED_IDENTITY_OBJECT_ID",
     "DevTenant",
     "create_app",
     "ensure_state",

@@ -18,7 +18,7 @@ from flask import Flask, Response, g
 from flask import request as flask_request
 
 from devtenant import clientauth, grants, scopes
-from devtenant.directory import App
+from devtenant.directory import App, Directory
 from devtenant.errors import as_entra_error
 from devtenant.runtime import Principal, Runtime, base_url, current, issuer
 from devtenant.tokens import client_info, random_lifetime
@@ -78,6 +78,7 @@ def generate_token(
             scp=granted.permissions or (),
             amr=user.amr,
             lifetime=lifetime,
+            extra={"xms_cc": list(g.devtenant_xms_cc)} if g.get("devtenant_xms_cc") else None,
         ),
     }
     if include_refresh_token:
@@ -127,8 +128,14 @@ class EntraAuthorizationServer(AuthorizationServer):
 
 def create_authorization_server(app: Flask, runtime: Runtime) -> EntraAuthorizationServer:
     """Register the client auth methods and grants on a new server bound to ``app``."""
-    directory = runtime.directory
-    server = EntraAuthorizationServer(app, query_client=directory.client, save_token=save_token)
+
+    def directory() -> Directory:  # the request's tenant: several are hosted
+        return runtime.directory
+
+    def query_client(client_id: str | None) -> App | None:
+        return runtime.directory.client(client_id)
+
+    server = EntraAuthorizationServer(app, query_client=query_client, save_token=save_token)
     server.register_token_generator("default", generate_token)
     server.register_client_auth_method("client_secret_basic", clientauth.secret_basic(directory))
     server.register_client_auth_method("client_secret_post", clientauth.secret_post(directory))

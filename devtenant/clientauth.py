@@ -6,13 +6,25 @@ methods only say "invalid_client", so these replacements raise Entra errors.
 
 msal signs certificate assertions with PS256 and an ``x5t#S256`` header (RS256 + ``x5t``
 for ADFS); both are accepted and the thumbprint must match the registered certificate.
+
+Workload identity federation uses the same ``client_assertion`` parameters: the
+assertion is not signed by the app (its ``iss`` is not the client id) but by an issuer
+the app trusts through a federated identity credential (issuer + subject + audience):
+the dev tenant's AKS-style issuer (``/federation/<name>``, its own keys) or the tenant
+itself (a managed identity's token for ``api://AzureADTokenExchange``). The client is
+the request's ``client_id``. Failures are Entra's: no credential with the assertion's
+issuer and subject AADSTS70021, a credential whose audiences miss the assertion's
+AADSTS700212, expired AADSTS700024, bad signature AADSTS700027 (all
+``invalid_client``, 401).
 """
 
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from authlib.common.encoding import json_loads
 from authlib.oauth2.rfc6749.util import extract_basic_authorization
@@ -21,20 +33,25 @@ from flask import g
 from flask import request as flask_request
 from joserfc import jws, jwt
 from joserfc.errors import ExpiredTokenError, JoseError
-from joserfc.jwk import RSAKey
+from joserfc.jwk import KeySet, RSAKey
 from joserfc.jws import JWSRegistry
 from joserfc.util import to_bytes
 
-from devtenant import pki
-from devtenant.directory import App, Directory
+from devtenant import errors, pki
+from devtenant.directory import App, Directory, FederatedCredential
 from devtenant.errors import invalid_client
-from devtenant.runtime import base_url
+from devtenant.runtime import base_url, current
 
 ASSERTION_ALGORITHMS = ("PS256", "RS256")
 #: msal puts the whole certificate in ``x5c``: far over joserfc's 512-byte header default.
 ASSERTION_REGISTRY = JWSRegistry(algorithms=list(ASSERTION_ALGORITHMS))
 ASSERTION_REGISTRY.max_header_length = 16384
 AuthMethod = Callable[[Callable[[str], App | None], Any], App | None]
+#: The directory of the request's tenant (resolved per request: several are hosted).
+DirectoryRef = Callable[[], Directory]
+#: Entra's clock-skew allowance for client assertions.
+ASSERTION_LEEWAY = 300
+FEDERATION_PATH = "/federation/"
 
 
 def _unknown_client(directory: Directory, client_id: str) -> Exception:
@@ -65,7 +82,7 @@ def _check_secret(directory: Directory, client: App | None, client_id: str, secr
     return client
 
 
-def public_client(directory: Directory) -> AuthMethod:
+def public_client(directory: DirectoryRef) -> AuthMethod:
     """``none``: a public client (the SPA) names itself with ``client_id`` only."""
 
     def authenticate(query_client: Callable[[str], App | None], request: Any) -> App | None:
@@ -74,25 +91,25 @@ def public_client(directory: Directory) -> AuthMethod:
             return None
         client = query_client(client_id)
         if client is None:
-            raise _unknown_client(directory, client_id)
+            raise _unknown_client(directory(), client_id)
         return client  # Authlib then refuses it unless it is public
 
     return authenticate
 
 
-def secret_basic(directory: Directory) -> AuthMethod:
+def secret_basic(directory: DirectoryRef) -> AuthMethod:
     """``client_secret_basic``: credentials in the Authorization header."""
 
     def authenticate(query_client: Callable[[str], App | None], request: Any) -> App | None:
         client_id, secret = extract_basic_authorization(request.headers)
         if not (client_id and secret):
             return None
-        return _check_secret(directory, query_client(client_id), client_id, secret)
+        return _check_secret(directory(), query_client(client_id), client_id, secret)
 
     return authenticate
 
 
-def secret_post(directory: Directory) -> AuthMethod:
+def secret_post(directory: DirectoryRef) -> AuthMethod:
     """``client_secret_post``: ``client_id`` + ``client_secret`` in the form body."""
 
     def authenticate(query_client: Callable[[str], App | None], request: Any) -> App | None:
@@ -100,7 +117,7 @@ def secret_post(directory: Directory) -> AuthMethod:
         secret = request.form.get("client_secret")
         if not (client_id and secret):
             return None
-        return _check_secret(directory, query_client(client_id), client_id, secret)
+        return _check_secret(directory(), query_client(client_id), client_id, secret)
 
     return authenticate
 
@@ -110,7 +127,7 @@ class CertificateAssertion(JWTBearerClientAssertion):
 
     CLIENT_AUTH_METHOD = "private_key_jwt"
 
-    def __init__(self, directory: Directory, token_path: str) -> None:
+    def __init__(self, directory: DirectoryRef, token_path: str) -> None:
         # Entra does not enforce jti uniqueness and msal reuses an assertion for ~9 min.
         super().__init__(validate_jti=False, leeway=300)
         self.directory = directory
@@ -125,10 +142,12 @@ class CertificateAssertion(JWTBearerClientAssertion):
             g.devtenant_assertion_headers, claims = self.extract_assertion(assertion)
         except Exception:
             raise self._bad("The client assertion is not a valid JWT.") from None
+        if claims.get("iss") != claims.get("sub"):  # not self-signed: a federated credential
+            return federated_client(query_client, request, g.devtenant_assertion_headers, claims)
         client_id = claims.get("sub")
         client = query_client(client_id) if isinstance(client_id, str) else None
         if client is None:
-            raise _unknown_client(self.directory, str(client_id))
+            raise _unknown_client(self.directory(), str(client_id))
         return super().__call__(query_client, request)
 
     def extract_assertion(self, assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -146,7 +165,7 @@ class CertificateAssertion(JWTBearerClientAssertion):
     def get_audiences(self) -> list[str]:
         """The token endpoint URL, as reached and in its canonical GUID form."""
         seen = flask_request.host_url.rstrip("/")
-        canonical = self.token_path.format(tenant=self.directory.tenant_id)
+        canonical = self.token_path.format(tenant=self.directory().tenant_id)
         return [flask_request.base_url, f"{seen}{canonical}", f"{base_url()}{canonical}"]
 
     def resolve_client_public_key(self, client: App) -> RSAKey:
@@ -182,3 +201,71 @@ class CertificateAssertion(JWTBearerClientAssertion):
                 "iss and sub the client id)."
             ) from exc
         return dict(token.claims)
+
+
+# --- workload identity federation -------------------------------------------------------
+
+
+def _audiences(claims: dict[str, Any]) -> list[str]:
+    aud = claims.get("aud")
+    if isinstance(aud, str):
+        return [aud]
+    return [a for a in aud if isinstance(a, str)] if isinstance(aud, list) else []
+
+
+def _issuer_matches(credential: FederatedCredential, iss: str) -> bool:
+    """Same path (the dev tenant's host varies); an http(s) URL either way."""
+    parts = urlsplit(iss)
+    return parts.scheme in {"http", "https"} and parts.path.rstrip("/") == credential.issuer.rstrip("/")
+
+
+def _issuer_keys(iss: str) -> KeySet | None:
+    """The verification keys of a dev-tenant issuer (federation issuer or a tenant)."""
+    runtime = current()
+    path = urlsplit(iss).path
+    if path.startswith(FEDERATION_PATH):
+        store = runtime.federation_keys.get(path[len(FEDERATION_PATH):].strip("/"))
+        return store.public_key_set() if store else None
+    from devtenant.tokens import issuer_tenant
+
+    return runtime.keys.public_key_set() if issuer_tenant(iss) in runtime.tenant_ids else None
+
+
+def federated_client(
+    query_client: Callable[[str], App | None], request: Any, headers: dict[str, Any],
+    claims: dict[str, Any],
+) -> App:
+    """Authenticate ``client_id`` with an assertion a federated credential of it trusts."""
+    directory = current().directory
+    client_id = request.form.get("client_id") or request.payload.client_id
+    if not client_id:
+        raise errors.missing_parameter("client_id")
+    client = query_client(client_id)
+    if client is None:
+        raise _unknown_client(directory, client_id)
+    iss, sub = str(claims.get("iss", "")), str(claims.get("sub", ""))
+    audiences = _audiences(claims)
+    shown_audience = ",".join(audiences)
+    records = [
+        c for c in client.federated_credentials if _issuer_matches(c, iss) and c.subject == sub
+    ]
+    if not records:
+        raise errors.no_federated_record(iss, sub, shown_audience)
+    if len(audiences) != 1 or not any(audiences[0] in c.audiences for c in records):
+        raise errors.federated_audience_mismatch(shown_audience)
+    keys = _issuer_keys(iss)
+    if keys is None:
+        raise errors.assertion_bad_signature("The issuer's signing keys could not be retrieved.")
+    try:
+        jwt.decode(request.form["client_assertion"], keys, algorithms=["RS256", "PS256"])
+    except JoseError as exc:
+        raise errors.assertion_bad_signature(exc.error) from exc
+    now = time.time()
+    exp, nbf = claims.get("exp"), claims.get("nbf", claims.get("iat"))
+    if not isinstance(exp, int | float) or exp + ASSERTION_LEEWAY < now or (
+        isinstance(nbf, int | float) and nbf - ASSERTION_LEEWAY > now
+    ):
+        raise errors.assertion_out_of_time_range(
+            now, nbf if isinstance(nbf, int | float) else None, exp if isinstance(exp, int | float) else None
+        )
+    return client

@@ -74,6 +74,34 @@ def redirect_uri_matches(registered: str, requested: str) -> bool:
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class FederatedCredential:
+    """A federated identity credential on an app registration (workload identity federation).
+
+    ``issuer`` is a path on the dev tenant (``/federation/aks``, or ``/<tid>/v2.0`` for
+    managed identities, whose tokens the tenant itself issues): the dev tenant is
+    reached under several hosts (localhost, the docker-compose name), so only the
+    path of an assertion's ``iss`` is compared. ``subject`` and ``audiences`` are
+    compared exactly (case-sensitively), as Entra does.
+    """
+
+    name: str
+    issuer: str
+    subject: str
+    audiences: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ManagedIdentity:
+    """A managed identity (service principal only) that App Service hands tokens for."""
+
+    key: str
+    kind: str  # "SystemAssigned" | "UserAssigned"
+    display_name: str
+    client_id: str
+    object_id: str
+
+
 @dataclass
 class App:
     """An app registration + service principal; doubles as Authlib's client model."""
@@ -91,6 +119,7 @@ class App:
     app_roles: tuple[str, ...] = ()
     #: Redirect URIs of the 'Single-Page Application' platform (manifest ``spa.redirectUris``).
     spa_redirect_uris: tuple[str, ...] = ()
+    federated_credentials: tuple[FederatedCredential, ...] = ()
     certificates: list[x509.Certificate] = field(default_factory=list)
 
     @property
@@ -147,11 +176,18 @@ class App:
         )
 
 
+def _read_json() -> dict[str, Any]:
+    text = resources.files("devtenant").joinpath("directory.json").read_text("utf-8")
+    return json.loads(text)
+
+
 class Directory:
     """In-memory view of directory.json, plus the client certificates from the state folder."""
 
     def __init__(self, data: dict[str, Any], state_root: Path | None = None) -> None:
         tenant = data["tenant"]
+        #: The tenant that holds the app registrations (the others only have their SPs).
+        self.home: bool = data.get("home", True)
         self.tenant_id: str = tenant["id"]
         self.tenant_name: str = tenant["display_name"]
         self.domain: str = tenant["domain"]
@@ -165,11 +201,38 @@ class Directory:
         self._roles = {
             (g["client_id"], g["resource"]): tuple(g["roles"]) for g in data["app_role_assignments"]
         }
+        identities = data.get("managed_identities", {})
+        self.identity_header: str | None = identities.get("identity_header")
+        self.managed_identities = [ManagedIdentity(**item) for item in identities.get("identities", ())]
+        self.federation_issuers: tuple[str, ...] = tuple(
+            item["name"] for item in data.get("federation_issuers", ())
+        )
 
     @classmethod
     def load(cls, state_root: Path | None = None) -> Directory:
-        text = resources.files("devtenant").joinpath("directory.json").read_text("utf-8")
-        return cls(json.loads(text), state_root)
+        """The home tenant (the one holding the app registrations)."""
+        return cls(_read_json(), state_root)
+
+    @classmethod
+    def load_all(cls, state_root: Path | None = None) -> list[Directory]:
+        """Every hosted tenant, home first.
+
+        A second tenant holds service principals of some home apps (same client ids,
+        secrets, certificates and federated credentials, which belong to the app
+        registration; its own object ids), its own consents and its own users.
+        Managed identities and federation issuers exist in the home tenant only.
+        """
+        data = _read_json()
+        tenants = [cls(data, state_root)]
+        for other in data.get("other_tenants", ()):
+            sps = other["service_principals"]
+            apps = [
+                {**app, "service_principal_id": sps[app["key"]]}
+                for app in data["applications"]
+                if app["key"] in sps
+            ]
+            tenants.append(cls({**other, "home": False, "applications": apps}, state_root))
+        return tenants
 
     @staticmethod
     def _app(item: dict[str, Any], state_root: Path | None) -> App:
@@ -186,6 +249,10 @@ class Directory:
             scopes=tuple(item.get("scopes", ())),
             app_roles=tuple(item.get("app_roles", ())),
             spa_redirect_uris=tuple(item.get("spa", {}).get("redirectUris", ())),
+            federated_credentials=tuple(
+                FederatedCredential(f["name"], f["issuer"], f["subject"], tuple(f["audiences"]))
+                for f in item.get("federated_identity_credentials", ())
+            ),
         )
         if app.certificate_file and state_root is not None:
             pem = (state_root / app.certificate_file).read_bytes()
@@ -247,6 +314,20 @@ class Directory:
     def delegated_grant(self, client: App, resource: App) -> tuple[str, ...]:
         """Delegated permissions admin-consented for ``client`` on ``resource``."""
         return self._delegated.get((client.client_id, resource.identifier), ())
+
+    def managed_identity(self, client_id: str | None = None, object_id: str | None = None,
+                         ) -> ManagedIdentity | None:
+        """The system-assigned identity (no id given), or the one with that client/object id."""
+        for identity in self.managed_identities:
+            if client_id is None and object_id is None:
+                wanted = identity.kind == "SystemAssigned"
+            else:
+                wanted = identity.client_id == (client_id or "").strip().lower() or (
+                    identity.object_id == (object_id or "").strip().lower()
+                )
+            if wanted:
+                return identity
+        return None
 
     def app_roles_granted(self, client: App, resource: App) -> tuple[str, ...]:
         """Application permissions (app roles) assigned to ``client`` on ``resource``."""

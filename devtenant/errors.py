@@ -228,3 +228,85 @@ def mfa_interaction_required(resource: str) -> EntraError:
         "Due to a configuration change made by your administrator, or because you moved to a "
         f"new location, you must use multi-factor authentication to access '{resource}'.",
     )
+
+
+# --- tenants, workload identity federation, CAE ---------------------------------------
+
+
+def no_tenant_information() -> EntraError:
+    return EntraError(
+        "invalid_request",
+        50059,
+        "No tenant-identifying information found in either the request or implied by any "
+        "provided credentials.",
+    )
+
+
+def user_not_in_tenant(upn: str, idp: str, tenant_name: str, client_id: str, client_name: str) -> EntraError:
+    """A user of one tenant presented (as an OBO assertion) to another tenant."""
+    return EntraError(
+        "invalid_grant",
+        50020,
+        f"User account '{upn}' from identity provider '{idp}' does not exist in tenant "
+        f"'{tenant_name}' and cannot access the application '{client_id}'({client_name}) in "
+        "that tenant. The account needs to be added as an external user in the tenant first. "
+        "Sign out and sign in again with a different Azure Active Directory user account.",
+    )
+
+
+FEDERATION_DOCS = "https://learn.microsoft.com/entra/workload-id/workload-identity-federation"
+
+
+def no_federated_record(issuer: str, subject: str, audience: str) -> EntraError:
+    """No federated identity credential of the app has the assertion's issuer + subject."""
+    return invalid_client(
+        70021,
+        "No matching federated identity record found for presented assertion. "
+        f"Assertion Issuer: '{issuer}'. Assertion Subject: '{subject}'. "
+        f"Assertion Audience: '{audience}'. {FEDERATION_DOCS}",
+    )
+
+
+def federated_audience_mismatch(audience: str) -> EntraError:
+    """A credential matches issuer + subject, but not the assertion's audience."""
+    return invalid_client(
+        700212,
+        f"No matching federated identity record found for presented assertion audience "
+        f"'{audience}'. Please check your federated identity credential Subject, Audience and "
+        f"Issuer against the presented assertion. {FEDERATION_DOCS}",
+    )
+
+
+def _entra_time(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.0000000Z")
+
+
+def assertion_out_of_time_range(now: float, nbf: float | None, exp: float | None) -> EntraError:
+    return invalid_client(
+        700024,
+        f"Client assertion is not within its valid time range. Current time: {_entra_time(now)}, "
+        f"assertion valid from {_entra_time(nbf or 0)}, expiry time of assertion "
+        f"{_entra_time(exp or 0)}. Review the documentation at "
+        "https://learn.microsoft.com/entra/identity-platform/certificate-credentials .",
+    )
+
+
+def assertion_bad_signature(detail: str) -> EntraError:
+    return invalid_client(700027, f"Client assertion failed signature validation. ({detail})")
+
+
+def grant_revoked(issued_at: float, valid_from: int, error: str = "invalid_grant",
+                  claims: str | None = None) -> EntraError:
+    """A refresh token / assertion issued before the user's sessions were revoked."""
+    fmt = "%Y-%m-%dT%H:%M:%S.0000000Z"
+    issued = dt.datetime.fromtimestamp(issued_at, dt.UTC).strftime(fmt)
+    since = dt.datetime.fromtimestamp(valid_from, dt.UTC).strftime(fmt)
+    return EntraError(
+        error,
+        50173,
+        "The provided grant has expired due to it being revoked, a fresh auth token is "
+        "needed. The user might have changed or reset their password. The grant was issued "
+        f"on '{issued}' and the TokensValidFrom date (before which tokens are not valid) for "
+        f"this user is '{since}'.",
+        claims=claims,
+    )

@@ -35,6 +35,7 @@ from authlib.oauth2.rfc7523.jwt_bearer import JWT_BEARER_GRANT_TYPE
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oidc.core.grants.util import create_response_mode_response
 from flask import g
+from flask import request as flask_request
 
 from devtenant import errors, scopes
 from devtenant.directory import App, User
@@ -70,18 +71,60 @@ def _iso(ts: Any) -> str:
 
 
 def enforce_policies(user: User, amr: tuple[str, ...], resource: App, *, obo: bool = False) -> None:
-    """Conditional Access stand-in: flagged users must have done MFA (for every resource;
-    with ``mfa_at_sign_in`` off, only for what the OBO asks: Graph, the downstream API)."""
-    if user.mfa_required and "mfa" not in amr and (obo or current().mfa_at_sign_in):
-        directory = current().directory
-        raise errors.mfa_required(resource.identifier, directory.mfa_policy_id)
+    """Conditional Access stand-in: flagged users must have done MFA (and so must users
+    whose sessions were revoked with ``require_mfa``). With ``mfa_at_sign_in`` off (the
+    ``/_devtenant/mfa`` switch), the flag counts only for what an OBO asks (Graph, a
+    downstream API), as a policy on those resources alone would."""
+    runtime = current()
+    revocation = runtime.revocations.get(user.oid)
+    flagged = user.mfa_required and (obo or runtime.mfa_at_sign_in)
+    if (flagged or (revocation and revocation.require_mfa)) and "mfa" not in amr:
+        raise errors.mfa_required(resource.identifier, runtime.directory.mfa_policy_id)
+
+
+def client_capabilities(claims: str | None) -> tuple[str, ...]:
+    """``xms_cc`` values of a ``claims`` request (msal sends them with client_capabilities)."""
+    if not claims:
+        return ()
+    try:
+        parsed = json.loads(claims)
+    except ValueError as exc:
+        raise errors.invalid_parameter("claims", "It is not a JSON object.") from exc
+    values = (((parsed if isinstance(parsed, dict) else {}).get("access_token") or {}).get("xms_cc") or {})
+    values = values.get("values") if isinstance(values, dict) else None
+    return tuple(str(v) for v in values) if isinstance(values, list) else ()
+
+
+def note_client_capabilities() -> None:
+    """Tokens minted for this request carry ``xms_cc`` when the client declared ``cp1``
+    (it can handle CAE claims challenges), as Entra's CAE tokens do."""
+    capabilities = client_capabilities(flask_request.form.get("claims"))
+    if any(c.lower() == "cp1" for c in capabilities):
+        g.devtenant_xms_cc = ("cp1",)
+
+
+def check_revocation(user: User, issued_at: float, assertion: bool) -> None:
+    """Refresh tokens issued before a revocation are dead (AADSTS50173); assertions only
+    when the revocation requires the user to sign in again (then with the ``nbf``
+    claims challenge the caller has to pass to its client)."""
+    revocation = current().revocations.get(user.oid)
+    if revocation is None or not revocation.revokes(issued_at):
+        return
+    if not assertion:
+        raise errors.grant_revoked(issued_at, revocation.at)
+    if revocation.require_sign_in:
+        raise errors.grant_revoked(
+            issued_at, revocation.at, error="interaction_required", claims=revocation.claims()
+        )
 
 
 def verify_assertion(assertion: str, client: App) -> dict[str, Any]:
-    """The OBO assertion must be our own unexpired token, issued *to* this client."""
+    """The OBO assertion must be our own unexpired token, issued *to* this client, by the
+    tenant the request is for (a user of another hosted tenant: AADSTS50020)."""
     audiences = [client.client_id, *client.identifier_uris]
+    runtime = current()
     try:
-        return current().minter.verify(assertion, audiences)
+        claims = runtime.minter.verify(assertion, audiences, tenants=runtime.tenant_ids)
     except TokenError as exc:
         if exc.reason == "expired":
             now = dt.datetime.now(dt.UTC).timestamp()
@@ -102,6 +145,13 @@ def verify_assertion(assertion: str, client: App) -> dict[str, Any]:
         else:
             message = f"Assertion failed signature validation. [Reason - {exc.detail}]"
         raise errors.EntraError("invalid_grant", 50013, message) from exc
+    directory = runtime.directory
+    if claims.get("tid") != directory.tenant_id:
+        upn = str(claims.get("upn") or claims.get("preferred_username") or claims.get("oid"))
+        raise errors.user_not_in_tenant(
+            upn, str(claims.get("iss")), directory.tenant_name, client.client_id, client.display_name
+        )
+    return claims
 
 
 class OnBehalfOfGrant(BaseGrant, TokenEndpointMixin):
@@ -132,7 +182,9 @@ class OnBehalfOfGrant(BaseGrant, TokenEndpointMixin):
             raise errors.consent_required(client.client_id, client.display_name)
         granted = scopes.grant_delegated(requested, client, runtime.directory)
         amr = tuple(str(m) for m in claims.get("amr", ()))
+        check_revocation(user, float(claims.get("iat", 0)), assertion=True)
         enforce_policies(user, amr, granted.resource, obo=True)
+        note_client_capabilities()
         self.request.user = Principal(user, amr)
         self.request.devtenant_scope = granted
 
@@ -333,7 +385,9 @@ class RefreshGrant(RefreshTokenGrant):
         if not value:
             raise errors.missing_parameter("refresh_token")
         record = self.authenticate_refresh_token(value)
-        if record is None or not record.check_client(client):
+        if record is None or not record.check_client(client) or (
+            record.tenant_id and record.tenant_id != current().directory.tenant_id
+        ):
             raise errors.EntraError(
                 "invalid_grant",
                 70000,
@@ -350,7 +404,9 @@ class RefreshGrant(RefreshTokenGrant):
         runtime = current()
         requested = scopes.parse_scope(self.request.payload.scope or token.scope, runtime.directory)
         granted = scopes.grant_delegated(requested, self.request.client, runtime.directory)
+        check_revocation(token.principal.user, token.issued_at, assertion=False)
         enforce_policies(token.principal.user, token.principal.amr, granted.resource)
+        note_client_capabilities()
         self.request.devtenant_scope = granted
 
     def authenticate_refresh_token(self, refresh_token: str) -> RefreshRecord | None:

@@ -4,7 +4,14 @@ Responses and errors copy Graph's shapes (``@odata.context``, ``$select``,
 ``InvalidAuthenticationToken`` with a ``WWW-Authenticate`` challenge,
 ``Request_ResourceNotFound`` for a missing manager) because the API maps them to
 its own errors. Tokens are checked as Graph does: signature, audience, lifetime, and
-a delegated permission that allows reading the profile.
+a delegated permission that allows reading the profile. Graph is multi-tenant: a token
+of any hosted tenant is accepted and its user looked up in that tenant (``tid``).
+
+Continuous Access Evaluation: once a user's sessions are revoked
+(:mod:`devtenant.revocation`), a CAE token (``xms_cc`` has ``cp1``) issued before the
+revocation gets 401 with ``error="insufficient_claims"`` and a base64 ``claims``
+(``{"access_token":{"nbf":{"essential":true,"value":"<revocation time>"}}}``) in
+``WWW-Authenticate``; a non-CAE token keeps working until it expires, as in Entra.
 """
 
 from __future__ import annotations
@@ -35,9 +42,10 @@ _TOKEN_MESSAGES = {
 class GraphError(Exception):
     """Raised inside a view; rendered in Graph's ``{"error": {...}}`` shape."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, challenge: str = "") -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.challenge = challenge  # extra WWW-Authenticate parameters
 
 
 def _request_ids() -> tuple[str, str]:
@@ -65,10 +73,10 @@ def _render_error(exc: GraphError) -> Response:
     response.headers["request-id"] = request_id
     response.headers["client-request-id"] = client_request_id
     if exc.status == 401:
-        tenant = current().directory.tenant_id
+        tenant = "common" if exc.challenge else current().directory.tenant_id
         response.headers["WWW-Authenticate"] = (
             f'Bearer realm="", authorization_uri="{base_url()}/{tenant}/oauth2/authorize", '
-            f'client_id="{GRAPH_APP_ID}"'
+            f'client_id="{GRAPH_APP_ID}"{exc.challenge}'
         )
     return response
 
@@ -87,10 +95,14 @@ def _signed_in_user() -> User:
         raise GraphError(401, "InvalidAuthenticationToken", "Access token is empty.")
     runtime = current()
     try:
-        claims = runtime.minter.verify(token.strip(), GRAPH_AUDIENCES, leeway=CLOCK_SKEW)
+        claims = runtime.minter.verify(
+            token.strip(), GRAPH_AUDIENCES, leeway=CLOCK_SKEW, tenants=runtime.tenant_ids
+        )
     except TokenError as exc:
         message = _TOKEN_MESSAGES.get(exc.reason, "Access token validation failure.")
         raise GraphError(401, "InvalidAuthenticationToken", message) from exc
+    runtime.use_tenant(str(claims["tid"]))
+    _check_revocation(claims)
     if "scp" not in claims:
         raise GraphError(400, "BadRequest", "/me request is only valid with delegated authentication flow.")
     if not READ_PERMISSIONS & set(str(claims["scp"]).split()):
@@ -106,6 +118,22 @@ def _signed_in_user() -> User:
             "reference-property objects are not present.",
         )
     return user
+
+
+def _check_revocation(claims: dict[str, Any]) -> None:
+    """CAE: a revoked session's CAE tokens get a claims challenge."""
+    revocation = current().revocations.get(str(claims.get("oid", "")))
+    if revocation is None or not revocation.revokes(float(claims.get("iat", 0))):
+        return
+    if "cp1" not in [str(c).lower() for c in claims.get("xms_cc", ())]:
+        return  # not CAE-capable: the token lives out its (short) lifetime
+    raise GraphError(
+        401,
+        "InvalidAuthenticationToken",
+        "Continuous access evaluation resulted in challenge with result: InteractionRequired "
+        "and code: TokenIssuedBeforeRevocationTimestamp",
+        challenge=f', error="insufficient_claims", claims="{revocation.claims_b64()}"',
+    )
 
 
 def _project(user: User, entity_set: str) -> dict[str, Any]:

@@ -9,6 +9,8 @@ sign-in to the OBO (an SPA's claims challenge).
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from flask import Blueprint, Response, jsonify, request
 
 from devtenant.runtime import current
@@ -44,6 +46,33 @@ def config() -> Response | tuple[Response, int]:
             return jsonify({"error": 'expected JSON {"short_scopes": true|false}'}), 400
         runtime.short_scopes = data["short_scopes"]
     return jsonify({"short_scopes": runtime.short_scopes})
+
+
+@bp.route("/_devtenant/revoke", methods=["POST", "DELETE"])
+def revoke() -> Response | tuple[Response, int]:
+    """POST ``{"user": "adele", "require_sign_in": false, "require_mfa": false}`` revokes
+    the user's sessions (as ``python -m devtenant revoke``); DELETE ``{"user": ...}``
+    (or no body: everyone) forgets revocations."""
+    from devtenant import revocation
+
+    runtime = current()
+    data = request.get_json(silent=True) or {}
+    if not isinstance(data, dict):
+        return jsonify({"error": 'expected JSON {"user": "<short name, UPN or object id>"}'}), 400
+    ref = data.get("user")
+    user = next((d.user(ref) for d in runtime.directories if isinstance(ref, str) and d.user(ref)), None)
+    if request.method == "DELETE":
+        if ref is not None and user is None:
+            return jsonify({"error": f"unknown user {ref!r}"}), 404
+        revocation.clear(runtime.paths, user.oid if user else None)
+        return jsonify({"cleared": user.upn if user else "all"})
+    if user is None:
+        return jsonify({"error": f"unknown user {ref!r}"}), 404
+    flags = {k: data.get(k, False) for k in ("require_sign_in", "require_mfa")}
+    if not all(isinstance(v, bool) for v in flags.values()):
+        return jsonify({"error": "require_sign_in and require_mfa are booleans"}), 400
+    record = revocation.revoke(runtime.paths, user.oid, **flags)
+    return jsonify({"user": user.upn, "oid": user.oid, **asdict(record), "claims": record.claims()})
 
 
 @bp.route("/_devtenant/mfa", methods=["GET", "POST"])

@@ -15,12 +15,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import current_app, request
+from flask import current_app, g, has_app_context, request
 
 from devtenant.directory import App, Directory, User
 from devtenant.keys import KeyStore
+from devtenant.revocation import RevocationStore
 from devtenant.state import StatePaths
-from devtenant.tokens import TokenMinter
+from devtenant.tokens import TokenMinter, v1_issuer_for
 
 REFRESH_TOKEN_LIFETIME = 90 * 24 * 3600
 #: Entra: refresh tokens of the 'Single-Page Application' client-type live 24 h, and
@@ -60,6 +61,8 @@ class RefreshRecord:
     scope: str
     expires_at: float
     spa: bool = False
+    tenant_id: str = ""
+    issued_at: float = field(default_factory=time.time)
 
     # --- authlib TokenMixin ---------------------------------------------------------
     def check_client(self, client: App) -> bool:
@@ -177,14 +180,49 @@ class Runtime:
         #: ``/_devtenant/mfa``), they sign in with a password alone and Conditional Access
         #: bites later, at the OBO for Graph: the claims challenge an SPA has to answer.
         self.mfa_at_sign_in = True
-        self.directory = Directory.load(paths.root)
+        self.directories = Directory.load_all(paths.root)
+        self.home = self.directories[0]
         self.keys = KeyStore(paths.signing_keys)
-        self.minter = TokenMinter(self.keys, self.directory)
+        self.revocations = RevocationStore(paths.revocations)
+        self.minters = {
+            d.tenant_id: TokenMinter(self.keys, d) for d in self.directories
+        }
+        self.federation_keys = {
+            name: KeyStore(paths.federation_keys(name)) for name in self.home.federation_issuers
+        }
         self.counters = Counters()
         self._lock = threading.Lock()
         self._refresh: dict[str, RefreshRecord] = {}
         self._codes: dict[str, AuthorizationCodeRecord] = {}
         self._sessions: dict[str, SignInSession] = {}
+
+    # --- tenants ---------------------------------------------------------------------
+    def tenant(self, ref: str | None) -> Directory | None:
+        """A hosted tenant by GUID or verified domain."""
+        return next((d for d in self.directories if ref and d.is_tenant(ref)), None)
+
+    @property
+    def directory(self) -> Directory:
+        """The tenant of the current request (its URL's tenant segment, or for Graph the
+        token's ``tid``); the home tenant outside a request or when none was chosen."""
+        if has_app_context():
+            chosen = g.get("devtenant_tid")
+            if chosen:
+                return self.tenant(chosen) or self.home
+        return self.home
+
+    @property
+    def minter(self) -> TokenMinter:
+        return self.minters[self.directory.tenant_id]
+
+    @property
+    def tenant_ids(self) -> list[str]:
+        return [d.tenant_id for d in self.directories]
+
+    @staticmethod
+    def use_tenant(tenant_id: str) -> None:
+        """Scope the rest of this request to ``tenant_id``."""
+        g.devtenant_tid = tenant_id
 
     @staticmethod
     def new_refresh_token() -> str:
@@ -204,7 +242,7 @@ class Runtime:
         if expires_at is None:
             lifetime = SPA_REFRESH_TOKEN_LIFETIME if spa else REFRESH_TOKEN_LIFETIME
             expires_at = time.time() + lifetime
-        record = RefreshRecord(client_id, principal, scope, expires_at, spa)
+        record = RefreshRecord(client_id, principal, scope, expires_at, spa, self.directory.tenant_id)
         with self._lock:
             self._refresh[token] = record
         return record
@@ -273,3 +311,7 @@ def base_url() -> str:
 
 def issuer() -> str:
     return f"{base_url()}/{current().directory.tenant_id}/v2.0"
+
+
+def v1_issuer() -> str:
+    return v1_issuer_for(base_url(), current().directory.tenant_id)

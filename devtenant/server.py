@@ -35,7 +35,7 @@ def create_app(
     each request's own host is used. ``short_scopes`` starts with the Graph short
     scope form in token responses (switchable at runtime via /_devtenant/config).
     """
-    from devtenant import entra, graph, hooks, signin, tasks_api
+    from devtenant import entra, federation, graph, hooks, managed_identity, signin, tasks_api
 
     paths = ensure_state(state_dir)
     app = Flask("devtenant")
@@ -48,6 +48,8 @@ def create_app(
     app.register_blueprint(signin.bp)
     app.register_blueprint(graph.bp)
     app.register_blueprint(tasks_api.bp)
+    app.register_blueprint(federation.bp)
+    app.register_blueprint(managed_identity.bp)
     return app
 
 

@@ -9,11 +9,12 @@ the parts a browser sees:
 * A sign-in page with one button per directory user (its accessible name holds the
   display name, e.g. "Adele Vance"): plain HTML form posts, no JavaScript, no password.
 * MFA step-up: if the user has the ``mfa_required`` flag (unless the test switch
-  ``/_devtenant/mfa`` turned ``at_sign_in`` off: then only the OBO asks for it), or the request carries a
-  claims challenge (``claims`` asking for more than ``xms_cc`` client capabilities, e.g.
-  the ``capolids`` challenge the API relays from a failed OBO), a second page asks to
-  "Approve". Tokens then carry ``amr: ["pwd", "mfa"]`` (else ``["pwd"]``): the SPA's
-  access token for the API carries it, and the OBO grant's MFA policy reads it there.
+  ``/_devtenant/mfa`` turned ``at_sign_in`` off: then only the OBO asks for it), or the
+  request carries a claims challenge (``claims`` asking for more than ``xms_cc`` client
+  capabilities, e.g. the ``capolids`` challenge the API relays from a failed OBO), a
+  second page asks to "Approve". Tokens then carry ``amr: ["pwd", "mfa"]`` (else
+  ``["pwd"]``): the SPA's access token for the API carries it, and the OBO grant's MFA
+  policy reads it there.
 * A session cookie (``devtenant_session``; ``SameSite=None; Secure`` so msal-browser's
   hidden iframe sends it): with one, ``prompt=none`` or no prompt signs in silently
   (unless ``login_hint`` names someone else, or a step-up is needed that the session did
@@ -284,9 +285,17 @@ def _sign_in(grant: Any, client: App) -> Response:
 
 
 def _session_fits(session: SignInSession, hinted: User | None) -> bool:
-    """A login_hint naming someone else is not answered from this session."""
+    """A login_hint naming someone else is not answered from this session, nor is a
+    session of another tenant's user or one older than the user's revocation."""
     hint = request.values.get("login_hint")
-    return not hint or hinted == session.principal.user
+    user = session.principal.user
+    runtime = current()
+    if runtime.directory.user(user.oid) is not user:
+        return False
+    revocation = runtime.revocations.get(user.oid)
+    if revocation and revocation.revokes(session.auth_time):
+        return False
+    return not hint or hinted == user
 
 
 def _logout_clients() -> list[App]:

@@ -65,6 +65,20 @@ class StatePaths:
     def signing_keys(self) -> Path:
         return self.root / "signing-keys.json"
 
+    def federation_keys(self, name: str) -> Path:
+        """Signing keys of the federation (workload identity) issuer ``name``."""
+        return self.root / f"federation-{name}-keys.json"
+
+    @property
+    def revocations(self) -> Path:
+        """Users whose sessions were revoked (CAE), shared by the CLI and the server."""
+        return self.root / "revocations.json"
+
+    @property
+    def federated_token(self) -> Path:
+        """Default AZURE_FEDERATED_TOKEN_FILE (``federated-token``, ``env --federated``)."""
+        return self.root / "federated-token"
+
     @property
     def server_info(self) -> Path:
         """The public URL of the last ``serve``, the default issuer for ``token``."""
@@ -160,9 +174,18 @@ def ensure_state(
         _ensure_client_pem(paths)
         if not paths.signing_keys.exists():
             add_new_key(paths.signing_keys)
+        for name in _federation_issuers():
+            if not paths.federation_keys(name).exists():
+                add_new_key(paths.federation_keys(name))
         bundle = _system_ca_pem().rstrip(b"\n") + b"\n" + paths.ca_cert.read_bytes()
         _write_if_changed(paths.ca_bundle, bundle.lstrip(b"\n"))
     return paths
+
+
+def _federation_issuers() -> tuple[str, ...]:
+    from devtenant.directory import Directory
+
+    return Directory.load().federation_issuers
 
 
 def rotate_signing_keys(state_dir: str | os.PathLike[str] | None = None) -> str:

@@ -33,6 +33,7 @@ from redis.exceptions import LockError, RedisClusterException, RedisError, Respo
 from .breaker import CircuitBreaker, State
 from .bulkhead import Deadline, TokenAcquisitionBusy, held
 from .errors import CacheUnavailable
+from .metrics import Metrics
 from .redis_topology import RedisClient, invalidation_for, redis_client
 from .settings import DEFAULT_REDIS_TIMEOUT, Settings
 
@@ -164,9 +165,11 @@ class RedisTokenCacheStore:
 
     def __init__(self, client: RedisClient | Callable[[], RedisClient], prefix: str, ttl_seconds: int,
                  lock_ttl_seconds: float = 30.0, listen: bool = False,
-                 timeout: float = DEFAULT_REDIS_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_REDIS_TIMEOUT, metrics: Metrics | None = None) -> None:
         """``client`` may be a function that makes one on first use: ``RedisCluster``
-        connects as it is built, and a worker must start while the cluster is down."""
+        connects as it is built, and a worker must start while the cluster is down.
+        ``metrics``: where failed operations count (``FlaskOBO.init_app`` sets its
+        application's, see ``report_to``)."""
         self._make_client = client if callable(client) else (lambda: client)
         self._client: RedisClient | None = None
         self._client_lock = threading.Lock()
@@ -178,16 +181,26 @@ class RedisTokenCacheStore:
         self.breaker = CircuitBreaker("redis")
         self._watcher: Watcher | None = None
         self.losses = 0  # times Redis was seen to lose its data (a restart, a failover)
+        self._metrics = metrics
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RedisTokenCacheStore:
+    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> RedisTokenCacheStore:
         """The store for ``REDIS_URL`` and its topology, with its invalidation listener."""
         return cls(
             lambda: redis_client(settings), settings.token_cache_prefix,
             settings.token_cache_ttl_seconds,
             lock_ttl_seconds=settings.token_acquisition_timeout + LOCK_TTL_MARGIN,
-            listen=True, timeout=settings.redis_timeout,
+            listen=True, timeout=settings.redis_timeout, metrics=metrics,
         )
+
+    def report_to(self, metrics: Metrics) -> None:
+        """Count failed operations in ``metrics`` (``flask_obo_cache_errors_total``). A store
+        serves one application, like its ``watch``-er: ``init_app`` calls this."""
+        self._metrics = metrics
+
+    def _failed(self, operation: str) -> None:
+        if self._metrics is not None:
+            self._metrics.cache_error(operation)
 
     @property
     def _redis(self) -> RedisClient:
@@ -256,7 +269,7 @@ class RedisTokenCacheStore:
 
     # --- entries ---------------------------------------------------------------------------
     def load(self, partition: str) -> StoredEntry | None:
-        with self._call("GET"):
+        with self._call("load"):
             pipe = self._redis.pipeline(transaction=False)
             pipe.get(self.key(partition))
             pipe.pttl(self.key(partition))
@@ -295,11 +308,12 @@ class RedisTokenCacheStore:
             except LockError:
                 log.warning("lock for partition %s expired before release", partition)
             except REDIS_FAILURES as exc:
+                self._failed("unlock")
                 log.warning("redis unlock failed: %s", type(exc).__name__)
 
     def save(self, partition: str, blob: bytes, guard: Guard) -> bool:
         token = self._lock_token(guard)
-        with self._call("write"):
+        with self._call("save"):
             written = self._script("save_if_locked")(
                 keys=[self.key(partition), self.lock_key(partition)],
                 args=[token, blob, self._ttl],
@@ -312,7 +326,7 @@ class RedisTokenCacheStore:
         """Write ``blob`` if the entry is still ``base`` (None: absent), without the lock:
         for what was acquired while Redis was away, which must neither be lost nor
         overwrite what another worker wrote meanwhile."""
-        with self._call("write"):
+        with self._call("save"):
             written = self._script("save_if_unchanged")(
                 keys=[self.key(partition)], args=[base or b"", blob, self._ttl, 0 if base is None else 1],
             )
@@ -407,7 +421,7 @@ class RedisTokenCacheStore:
         """``ok`` or ``degraded``: one PING (bounded by the socket timeout), none while
         the circuit is open."""
         try:
-            with self._call("PING"):
+            with self._call("ping"):
                 self._redis.ping()
         except CacheUnavailable:
             return "degraded"
@@ -415,12 +429,15 @@ class RedisTokenCacheStore:
 
     @contextmanager
     def _call(self, what: str) -> Iterator[None]:
-        """Run one Redis operation through the breaker; a failure is ``CacheUnavailable``."""
+        """Run one Redis operation through the breaker; a failure is ``CacheUnavailable``
+        (and counts in ``flask_obo_cache_errors_total{operation=what}``; a call the open
+        breaker turns away does not: nothing was tried)."""
         if not self.breaker.allow():
             raise CacheUnavailable()
         try:
             yield
         except REDIS_FAILURES as exc:
+            self._failed(what)
             self.breaker.failure()
             log.error("redis %s failed: %s", what, type(exc).__name__)
             raise CacheUnavailable() from None

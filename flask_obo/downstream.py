@@ -23,6 +23,7 @@ import base64
 import binascii
 import logging
 import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,6 +37,7 @@ from .errors import (
     DownstreamTimeout,
     InsufficientClaims,
 )
+from .metrics import NO_ANSWER, Metrics
 from .request_ids import CLIENT_REQUEST_ID_HEADER, current_request_id
 from .settings import DownstreamApiSettings
 
@@ -50,15 +52,21 @@ TokenSource = Callable[[Sequence[str], "str | None"], str]
 
 
 class DownstreamApi:
-    """A downstream API called on behalf of the current request's user."""
+    """A downstream API called on behalf of the current request's user.
+
+    Each HTTP request it sends (a claims-challenge retry too) counts in
+    ``flask_obo_downstream_requests_total{api=<name>, status}`` and
+    ``flask_obo_downstream_seconds``; urllib3's own retries of it are part of that one.
+    """
 
     def __init__(self, name: str, settings: DownstreamApiSettings, session: requests.Session,
-                 tokens: TokenSource) -> None:
+                 tokens: TokenSource, metrics: Metrics | None = None) -> None:
         self.name = name
         self.base_url = settings.base_url.rstrip("/")
         self.scopes = settings.scopes
         self._session = session
         self._tokens = tokens
+        self._metrics = metrics or Metrics()
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         return self.request("GET", path, **kwargs)
@@ -95,17 +103,22 @@ class DownstreamApi:
         request_id = current_request_id()
         if request_id:  # the id Graph logs for this call, so one id follows the request
             headers[CLIENT_REQUEST_ID_HEADER] = request_id
+        started = time.perf_counter()
         try:
-            return self._session.request(
+            response = self._session.request(
                 method, self.base_url + path,
                 **{"timeout": DOWNSTREAM_TIMEOUT, **kwargs, "headers": headers},
             )
         except requests.Timeout:
+            self._metrics.downstream(self.name, NO_ANSWER, started)
             log.warning("%s %s %s timed out", self.name, method, _path(path))
             raise DownstreamTimeout() from None
         except requests.RequestException as exc:
+            self._metrics.downstream(self.name, NO_ANSWER, started)
             log.warning("%s %s %s unreachable: %s", self.name, method, _path(path), type(exc).__name__)
             raise DownstreamError() from None
+        self._metrics.downstream(self.name, response.status_code, started)
+        return response
 
     def _checked(self, method: str, path: str, response: requests.Response) -> requests.Response:
         status = response.status_code

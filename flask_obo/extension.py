@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ from .credentials import client_credential
 from .downstream import DownstreamApi
 from .errors import register_error_handlers
 from .http import build_session
+from .metrics import Metrics
 from .protector import EntraResourceProtector, EntraTokenValidator, current_token
 from .request_ids import REQUEST_ID_HEADER, begin_request, end_request
 from .settings import Settings
@@ -52,6 +54,7 @@ class OboServices:
     codec: TokenCacheCodec
     tokens: OnBehalfOfTokenProvider
     downstream_apis: Mapping[str, DownstreamApi]
+    metrics: Metrics
 
 
 class FlaskOBO:
@@ -67,7 +70,8 @@ class FlaskOBO:
     def init_app(self, app: Flask, settings: Settings | Mapping[str, str] | None = None,
                  store: TokenCacheStore | None = None) -> None:
         """Build ``app``'s services, register the JSON error handlers and the
-        ``flask token-cache`` commands.
+        ``flask token-cache`` commands, and count every request in the application's
+        metrics (``metrics_view`` serves them).
 
         ``settings``: a ``Settings``, a mapping of setting names to values (used alone),
         or None for ``app.config`` overlaid on the environment (``Settings.from_app_config``).
@@ -85,14 +89,17 @@ class FlaskOBO:
         metadata = OpenIdConfiguration(settings.openid_configuration_url, session, disk=disk,
                                        timeout=entra_timeout)
         keys = SigningKeys(metadata, session, disk=disk, timeout=entra_timeout)
-        store = store or _default_store(settings)
+        metrics = Metrics()  # this application's own registry: apps in one process never collide
+        store = store or _default_store(settings, metrics)
+        if isinstance(store, RedisTokenCacheStore):
+            store.report_to(metrics)
         # Without REDIS_URL the in-process cache is sealed too, with a key that dies with the process.
         codec = TokenCacheCodec(settings.token_cache_keys or (Fernet.generate_key().decode(),))
         tenants = TenantConfigurations(
             metadata, session, authority_host=settings.authority_host, allowed=settings.tenant_allowed,
             multi_tenant=settings.multi_tenant, disk=disk, timeout=entra_timeout)
         tokens = OnBehalfOfTokenProvider(settings, store, codec, session, tenants,
-                                         client_credential(settings, session))
+                                         client_credential(settings, session), metrics)
         app.extensions[EXTENSION_KEY] = OboServices(
             settings=settings,
             keys=keys,
@@ -101,15 +108,19 @@ class FlaskOBO:
             codec=codec,
             tokens=tokens,
             downstream_apis={
-                name: DownstreamApi(name, api, session, self.acquire_token)
+                name: DownstreamApi(name, api, session, self.acquire_token, metrics)
                 for name, api in settings.downstream_apis.items()
             },
+            metrics=metrics,
         )
         register_error_handlers(app)
         app.before_request(_begin_request)
         app.after_request(_return_request_id)
         app.teardown_request(_end_request)
         app.cli.add_command(token_cache_cli)
+        start_timer, count_request = _request_hooks(metrics)
+        app.before_request(start_timer)
+        app.after_request(count_request)
 
     # --- protecting the API ----------------------------------------------------------------------
     def require_scope(self, scope: str | None = None) -> Callable[[View], View]:
@@ -174,6 +185,16 @@ class FlaskOBO:
         makes a new On-Behalf-Of exchange. Raises ``CacheUnavailable`` (503) when Redis
         cannot be reached: nothing was removed then."""
         self._services().tokens.forget(partition_key(current_token.oid, current_token.tid))
+    # --- metrics -------------------------------------------------------------------------------
+    def metrics_view(self) -> Response:
+        """A view serving the current application's metrics in Prometheus's text format
+        (``app.add_url_rule("/metrics", view_func=obo.metrics_view)``). Under gunicorn with
+        ``config/gunicorn.conf.py``, every worker's counts, summed. It needs no token:
+        keep it off the public network (``config/nginx.conf`` refuses it from outside)."""
+        body, content_type = self._services().metrics.exposition()
+        response = Response(body, content_type=content_type)
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     # --- state -----------------------------------------------------------------------------------
     @property
@@ -219,6 +240,31 @@ def _end_request(_: BaseException | None) -> None:
     token = g.pop("flask_obo_request_id_token", None)
     if token is not None:
         end_request(token)
+_STARTED = "flask_obo.started"  # the request's start (time.perf_counter()), in its WSGI environ
+
+
+def _request_hooks(metrics: Metrics) -> tuple[Callable[[], None], Callable[[Response], Response]]:
+    """The ``before_request``/``after_request`` pair counting ``app``'s requests in
+    ``flask_obo_requests_total{route, status}`` and ``flask_obo_request_seconds``.
+
+    The route is the URL rule (``/api/me``, ``/items/<int:item>``), never the raw path, so
+    a client cannot make up label values; unmatched requests (404, 405) share one.
+    ``after_request`` functions run in reverse order of registration, so those an app
+    registers after ``init_app`` (CORS, say) have run by then. Bound to ``metrics`` and
+    touching Flask's context proxies once each: they are the costly part (see README)."""
+
+    def start_timer() -> None:
+        request.environ[_STARTED] = time.perf_counter()
+
+    def count_request(response: Response) -> Response:
+        current = request._get_current_object()  # type: ignore[attr-defined]
+        started = current.environ.get(_STARTED)
+        rule = current.url_rule
+        metrics.request(rule.rule if rule is not None else None, response.status_code,
+                        None if started is None else time.perf_counter() - started)
+        return response
+
+    return start_timer, count_request
 
 
 def _private(response: Response) -> Response:
@@ -228,9 +274,9 @@ def _private(response: Response) -> Response:
     return response
 
 
-def _default_store(settings: Settings) -> TokenCacheStore:
+def _default_store(settings: Settings, metrics: Metrics) -> TokenCacheStore:
     if settings.redis_url:
-        return RedisTokenCacheStore.from_settings(settings)
+        return RedisTokenCacheStore.from_settings(settings, metrics)
     log.warning(
         "REDIS_URL is not set: tokens are cached in this process only (for local use; "
         "other workers and instances will not share them)"

@@ -22,6 +22,7 @@ import urllib3
 
 from .authority import TenantConfigurations
 from .bulkhead import Deadline
+from .metrics import NO_ANSWER, Metrics
 from .request_ids import CLIENT_REQUEST_ID_HEADER, current_request_id
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,16 @@ class MsalHttpClient:
     ``EntraUnavailable`` with a Retry-After instead of reaching msal, whose throttling
     store is shared by all users of an application, and closes this user's gate: until
     Retry-After passes after a 429, for two seconds after the others.
+
+    Each POST that reaches the network counts in ``flask_obo_token_endpoint_requests_total``
+    (by grant and status) and ``flask_obo_token_endpoint_seconds``.
     """
 
     def __init__(self, session: requests.Session, metadata: TenantConfigurations,
-                 timeout: tuple[float, float]) -> None:
+                 timeout: tuple[float, float], metrics: Metrics | None = None) -> None:
         self._session, self._metadata = session, metadata
         self._timeout = timeout
+        self._metrics = metrics or Metrics()
         self.blocked_until = 0.0
 
     def get(self, url: str, params: Any = None, headers: Any = None, **_: Any) -> Any:
@@ -132,12 +137,18 @@ class MsalHttpClient:
         if request_id:  # msal's correlation id is this request's id
             headers = {**(headers or {}), CLIENT_REQUEST_ID_HEADER: request_id}
         kwargs["headers"] = headers
+        grant = _grant_type(kwargs.get("data")) if method == "POST" else None
+        started = time.perf_counter()
         try:
             response = self._session.request(method, url, timeout=timeout, stream=True, **kwargs)
             _read_body_by(response, _deadline.get())
         except (requests.RequestException, _TooSlow, urllib3.exceptions.HTTPError) as exc:
             log.error("token endpoint unreachable: %s", type(exc).__name__)
+            if method == "POST":
+                self._metrics.token_endpoint(grant, NO_ANSWER, started)
             self._unavailable(DEFAULT_RETRY_AFTER, OUTAGE_GATE_SECONDS)
+        if method == "POST":
+            self._metrics.token_endpoint(grant, response.status_code, started)
         if response.status_code == 429:
             log.warning("token endpoint throttled this user (HTTP 429)")
             retry_after = _retry_after(response.headers.get("Retry-After"))
@@ -181,6 +192,14 @@ def _read_body_by(response: requests.Response, deadline: Deadline | None) -> Non
     response._content = b"".join(chunks)  # as requests itself fills it when not streaming
     response._content_consumed = True
     response.raw.release_conn()
+
+
+def _grant_type(data: Any) -> str | None:
+    """The ``grant_type`` of a token request's form (msal passes a dict)."""
+    if isinstance(data, dict):
+        value = data.get("grant_type")
+        return value if isinstance(value, str) else None
+    return None
 
 
 def _is_json_object(response: requests.Response) -> bool:

@@ -47,6 +47,7 @@ from .errors import (
     TokenAcquisitionFailed,
 )
 from .memory_tier import HotToken, MemoryTier, UserSession
+from .metrics import CACHE_HIT, FAILED, MEMORY_HIT, OBO, REFRESH, Metrics
 from .msal_http import EntraUnavailable, MsalHttpClient, NetworkNeeded, offline, within
 from .protector import EntraAccessToken
 from .settings import Settings
@@ -74,37 +75,59 @@ class OnBehalfOfTokenProvider:
         session: requests.Session,
         metadata: TenantConfigurations,
         credential: ClientCredential,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._credential = credential
         self._store, self._codec = store, codec
+        self._metrics = metrics or Metrics()
         timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
-        self.memory = MemoryTier(settings.memory_cache_users,
-                                 lambda: UserSession(MsalHttpClient(session, metadata, timeout)))
-        self._flights: SingleFlight[str] = SingleFlight(private_errors=(AssertionRejected,))
+        self.memory = MemoryTier(
+            settings.memory_cache_users,
+            lambda: UserSession(MsalHttpClient(session, metadata, timeout, self._metrics)))
+        self._flights: SingleFlight[tuple[str, str]] = SingleFlight(private_errors=(AssertionRejected,))
         self._waiting_room = WaitingRoom(settings.entra_max_waiting_threads)
         store.watch(self)
 
     def acquire_token(self, user: EntraAccessToken, scopes: Sequence[str],
                       claims_challenge: str | None = None) -> str:
         """A token for ``scopes`` (one resource) on behalf of ``user``; with
-        ``claims_challenge``, always a fresh one."""
+        ``claims_challenge``, always a fresh one.
+
+        Each call counts once in ``flask_obo_token_acquisitions_total``, by how it was
+        served (``flask_obo.metrics.OUTCOMES``)."""
+        try:
+            token, outcome = self._acquire(user, scopes, claims_challenge)
+        except BaseException:
+            self._metrics.acquisition(FAILED)
+            raise
+        self._metrics.acquisition(outcome)
+        return token
+
+    def _acquire(self, user: EntraAccessToken, scopes: Sequence[str],
+                 claims_challenge: str | None) -> tuple[str, str]:
         deadline = Deadline(self._settings.token_acquisition_timeout)
         partition = partition_key(user.oid, user.tid)
         scopes = list(scopes)
         if claims_challenge is None:
-            token = self._from_cache(partition, user, scopes, deadline)
-            if token is not None:
-                return token
+            served = self._from_cache(partition, user, scopes, deadline)
+            if served is not None:
+                return served
+        led = False
+
+        def lead() -> tuple[str, str]:
+            nonlocal led
+            led = True
+            return self._from_entra(partition, user, scopes, claims_challenge, deadline)
+
         with self._waiting_room.seat():
-            return self._flights.run(
-                (partition, " ".join(scopes), claims_challenge),
-                lambda: self._from_entra(partition, user, scopes, claims_challenge, deadline),
-                deadline,
-            )
+            token, outcome = self._flights.run(
+                (partition, " ".join(scopes), claims_challenge), lead, deadline)
+        # A follower was handed the leader's token in-process, with no I/O of its own.
+        return token, outcome if led else MEMORY_HIT
 
     def _from_cache(self, partition: str, user: EntraAccessToken, scopes: list[str],
-                    deadline: Deadline) -> str | None:
+                    deadline: Deadline) -> tuple[str, str] | None:
         """The token from memory or Redis, never waiting on Entra ID: None on a miss, and
         also while a leader of this user holds the session to talk to Entra ID (then the
         request joins that flight, in the waiting room, rather than wait out here)."""
@@ -114,6 +137,7 @@ class OnBehalfOfTokenProvider:
                 return None
             if deadline.expired:
                 raise TokenAcquisitionBusy()
+        outcome = MEMORY_HIT
         try:
             # While Redis is known to be down, a session that holds a token is served as it
             # is: even if Redis reported a change, that was most likely another worker's
@@ -123,9 +147,11 @@ class OnBehalfOfTokenProvider:
                     self._store.healthy or session.blob is None):
                 with suppress(CacheUnavailable):
                     self._reload(session, partition, user)
-            return self._offline_token(session, user, scopes)
+                    outcome = CACHE_HIT
+            token = self._offline_token(session, user, scopes)
         finally:
             session.lock.release()
+        return (token, outcome) if token else None
 
     def _offline_token(self, session: UserSession, user: EntraAccessToken,
                        scopes: list[str]) -> str | None:
@@ -158,7 +184,8 @@ class OnBehalfOfTokenProvider:
         return token
 
     def _from_entra(self, partition: str, user: EntraAccessToken, scopes: list[str],
-                    claims_challenge: str | None, deadline: Deadline) -> str:
+                    claims_challenge: str | None, deadline: Deadline) -> tuple[str, str]:
+        """The token and how it was served (``flask_obo.metrics``' outcomes)."""
         session = self.memory.session(partition)
         with held(session.lock, deadline.remaining()):
             session.hot.clear()  # whatever happens here, the next lookup asks msal
@@ -166,17 +193,22 @@ class OnBehalfOfTokenProvider:
                 # The leader that held the session may have just filled it.
                 result = self._silent(session, user, scopes, offline_only=True)
                 if result:
-                    return str(result["access_token"])
+                    return str(result["access_token"]), MEMORY_HIT
             with self._user_lock(partition, deadline) as guard, within(deadline), \
                     _entra_unavailable_is_503():
+                outcome = MEMORY_HIT
                 if guard is not None:
                     with suppress(CacheUnavailable):  # another worker may have filled it
                         self._reload(session, partition, user)
+                        outcome = CACHE_HIT
                 result = None if claims_challenge else self._silent(session, user, scopes)
+                if result and result.get("token_source") == "identity_provider":
+                    outcome = REFRESH  # msal redeemed the refresh token
                 if not result:
+                    outcome = OBO
                     result = self._on_behalf_of(session, partition, user, scopes, claims_challenge)
                 self._save_if_changed(session, partition, guard)
-        return _access_token_or_raise(result, partition)
+        return _access_token_or_raise(result, partition), outcome
 
     def _on_behalf_of(self, session: UserSession, partition: str, user: EntraAccessToken,
                       scopes: list[str], claims_challenge: str | None) -> dict[str, Any]:
@@ -215,12 +247,18 @@ class OnBehalfOfTokenProvider:
     def _user_lock(self, partition: str, deadline: Deadline) -> Iterator[Guard | None]:
         """The user's store lock; None (single flight per process only) while Redis is down."""
         with ExitStack() as stack:
+            started = time.perf_counter()
             try:
                 guard: Guard | None = stack.enter_context(self._store.lock(partition, deadline))
+            except TokenAcquisitionBusy:  # waited until the deadline
+                self._metrics.lock_wait(time.perf_counter() - started)
+                raise
             except CacheUnavailable:
                 log.warning("acquiring for partition %s without the shared lock: the store is down",
                             partition)
                 guard = None
+            else:
+                self._metrics.lock_wait(time.perf_counter() - started)
             yield guard
 
     def _silent(self, session: UserSession, user: EntraAccessToken, scopes: list[str],

@@ -629,6 +629,31 @@ def test_gunicorn_logs_access_through_the_sanitising_logger(gunicorn_conf) -> No
     assert cfg.logger_class is SanitisingLogger  # resolved as gunicorn resolves it
 
 
+def test_gunicorn_metrics_directory_hooks(gunicorn_conf, monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
+    """An operator's PROMETHEUS_MULTIPROC_DIR loses an earlier run's files at start (its
+    counts are not this run's); a worker that exits keeps its counters in the sums and
+    loses only its live gauges (prometheus_client's mark_process_dead). Read as plain
+    Python, the file sets no directory (the end-to-end tests cover gunicorn's own run)."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    conf = gunicorn_conf()
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    stale = [tmp_path / name for name in ("counter_11.db", "histogram_11.db", "gauge_livesum_11.db")]
+    other = tmp_path / "notes.txt"
+    for path in (*stale, other):
+        path.write_bytes(b"")
+    conf["on_starting"](None)
+    assert not any(path.exists() for path in stale) and other.exists()
+
+    kept = [tmp_path / name for name in ("counter_77.db", "histogram_77.db")]
+    live = tmp_path / "gauge_livesum_77.db"
+    for path in (*kept, live):
+        path.write_bytes(b"")
+    conf["child_exit"](None, type("Worker", (), {"pid": 77})())
+    assert all(path.exists() for path in kept) and not live.exists()
+
+
 # --- config/nginx.conf -------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ for loopback: upstreams, ports, certificate and file paths only) in front of the
 
 from __future__ import annotations
 
+import http.client
 import re
 import secrets
 import socket
@@ -256,6 +257,38 @@ def test_access_logs_hold_no_token_or_query_string(stack: Stack) -> None:
         text = path.read_text() if path.exists() else ""
         assert signature not in text, path  # ... but neither the token
         assert "query-marker" not in text, path  # nor the query string
+
+
+def get_from(base_url: str, path: str, source: str) -> tuple[int, str]:
+    """GET ``path`` with the connection's source address ``source`` (any 127/8 address
+    reaches loopback), as a client on another network would."""
+    parts = urlsplit(base_url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT,
+                                            source_address=(source, 0))
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def test_metrics_are_refused_through_nginx_except_from_the_scrape_network(stack: Stack) -> None:
+    """gunicorn serves /metrics without a token; through nginx only the allowed network
+    (loopback by default) reaches it, however the path is spelled."""
+    outside = "127.0.0.2"  # loopback, but not 127.0.0.1: not in nginx.conf's allow list
+    for path in ("/metrics", "/metrics?format=x", "/%6detrics", "//metrics", "/./metrics"):
+        status, body = get_from(stack.nginx.http_url, path, outside)
+        assert status == 403, (path, status)
+        assert "flask_obo" not in body
+    status, body = get_from(stack.nginx.http_url, "/metrics/", outside)  # not the route: Flask's 404
+    assert status == 404 and "flask_obo" not in body
+    status, body = get_from(stack.nginx.http_url, "/metrics", "127.0.0.1")  # the default scrape network
+    assert status == 200 and "flask_obo_requests_total" in body
+    for api in stack.apis:  # each instance, directly: what Prometheus scrapes
+        direct = get(f"{api.process.url}/metrics")
+        assert direct.status_code == 200
+        assert "flask_obo_token_acquisitions_total" in direct.text
 
 
 # --- hosts, forwarded headers, access logs -------------------------------------------------

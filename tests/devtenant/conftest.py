@@ -1,7 +1,8 @@
 """Fixtures for the dev tenant's own tests.
 
-Most tests drive the Flask app in-process (fast); ``test_msal_e2e.py`` starts one real
-``python -m devtenant serve`` per module. Fixture names are prefixed (``dt_``) so
+Most tests drive the Flask app in-process (fast); the msal end-to-end modules
+(``test_msal_e2e.py``, ``test_identity_breadth.py``) start one real
+``python -m devtenant serve`` per module (``dt_server``). Fixture names are prefixed (``dt_``) so
 they never shadow the API's fixtures in tests/conftest.py.
 """
 
@@ -9,11 +10,19 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msal
 import pytest
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -21,6 +30,7 @@ from devtenant import API_CLIENT_ID, API_CLIENT_SECRET, TENANT_ID
 from devtenant.api import DevTenant
 from devtenant.server import create_app
 
+REPO = Path(__file__).resolve().parents[2]
 BASE = "https://localhost:8443"
 TOKEN_PATH = f"/{TENANT_ID}/oauth2/v2.0/token"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -113,3 +123,84 @@ class TokenEndpoint:
 @pytest.fixture
 def dt_token(dt_client: FlaskClient, dt_tenant: DevTenant) -> TokenEndpoint:
     return TokenEndpoint(dt_client, dt_tenant)
+
+
+# --- a real served dev tenant (one per module) --------------------------------------
+
+
+@dataclass
+class Server:
+    url: str
+    tenant: DevTenant
+    log: Path
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return requests.get(self.url + path, verify=str(self.tenant.ca_bundle_path), **kwargs)
+
+    def post(self, path: str, **kwargs) -> requests.Response:
+        return requests.post(self.url + path, verify=str(self.tenant.ca_bundle_path), **kwargs)
+
+    def counters(self) -> dict:
+        return self.get("/_devtenant/counters").json()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(server: Server, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"devtenant exited early:\n{server.log.read_text()}")
+        try:
+            if server.get("/healthz", timeout=1).status_code == 200:
+                return
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or slow to answer
+            time.sleep(0.05)  # poll interval, not a fixed wait
+    pytest.fail(f"devtenant not healthy after {timeout}s:\n{server.log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def dt_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    state = tmp_path_factory.mktemp("devtenant-serve")
+    port = _free_port()
+    url = f"https://localhost:{port}"
+    DevTenant(state).ensure_state()  # the CA bundle must exist before the first poll
+    log = state / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "devtenant", "serve", "--port", str(port), "--state-dir", state],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        server = Server(url, DevTenant(state, url), log)
+        try:
+            _wait_healthy(server, proc)
+            yield server
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            returncode = proc.wait(timeout=15)
+    assert returncode == 0, log.read_text()
+
+
+@pytest.fixture
+def msal_app(dt_server: Server, monkeypatch: pytest.MonkeyPatch):
+    """Factory for msal apps that trust the dev tenant's CA (via REQUESTS_CA_BUNDLE)."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(dt_server.tenant.ca_bundle_path))
+
+    def make(
+        credential: object = API_CLIENT_SECRET, tenant: str = TENANT_ID, **kwargs: Any
+    ) -> msal.ConfidentialClientApplication:
+        return msal.ConfidentialClientApplication(
+            API_CLIENT_ID,
+            client_credential=credential,
+            authority=f"{dt_server.url}/{tenant}",
+            instance_discovery=False,
+            **kwargs,
+        )
+
+    return make

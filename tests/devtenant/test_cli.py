@@ -54,6 +54,7 @@ def test_env_init_and_rotate(tmp_path: Path) -> None:
         "AZURE_TENANT_ID": TENANT_ID,
         "AZURE_CLIENT_ID": API_CLIENT_ID,
         "AZURE_AUTHORITY_HOST": host,
+        "AZURE_V1_ISSUER_HOST": f"{host}/sts",
         "GRAPH_BASE_URL": f"{host}/v1.0",
         "REQUESTS_CA_BUNDLE": str(tmp_path / "ca-bundle.pem"),
         "AZURE_CLIENT_SECRET": API_CLIENT_SECRET,

@@ -2,100 +2,18 @@
 
 from __future__ import annotations
 
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import msal
-import pytest
 import requests
 
-from devtenant import API_CLIENT_ID, API_CLIENT_SECRET, GRAPH_RESOURCE, TENANT_ID
+from devtenant import GRAPH_RESOURCE, TENANT_ID
 from devtenant.api import DevTenant
-from tests.devtenant.conftest import claims_of, header_of
+from tests.devtenant.conftest import Server, claims_of, header_of
 
 REPO = Path(__file__).resolve().parents[2]
 GRAPH_DEFAULT = [f"{GRAPH_RESOURCE}/.default"]
-
-
-@dataclass
-class Server:
-    url: str
-    tenant: DevTenant
-    log: Path
-
-    def get(self, path: str, **kwargs) -> requests.Response:
-        return requests.get(self.url + path, verify=str(self.tenant.ca_bundle_path), **kwargs)
-
-    def post(self, path: str, **kwargs) -> requests.Response:
-        return requests.post(self.url + path, verify=str(self.tenant.ca_bundle_path), **kwargs)
-
-    def counters(self) -> dict:
-        return self.get("/_devtenant/counters").json()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(server: Server, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"devtenant exited early:\n{server.log.read_text()}")
-        try:
-            if server.get("/healthz", timeout=1).status_code == 200:
-                return
-        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or slow to answer
-            time.sleep(0.05)  # poll interval, not a fixed wait
-    pytest.fail(f"devtenant not healthy after {timeout}s:\n{server.log.read_text()}")
-
-
-@pytest.fixture(scope="module")
-def dt_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    state = tmp_path_factory.mktemp("devtenant-serve")
-    port = _free_port()
-    url = f"https://localhost:{port}"
-    DevTenant(state).ensure_state()  # the CA bundle must exist before the first poll
-    log = state / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "devtenant", "serve", "--port", str(port), "--state-dir", state],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        server = Server(url, DevTenant(state, url), log)
-        try:
-            _wait_healthy(server, proc)
-            yield server
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            returncode = proc.wait(timeout=15)
-    assert returncode == 0, log.read_text()
-
-
-@pytest.fixture
-def msal_app(dt_server: Server, monkeypatch: pytest.MonkeyPatch):
-    """Factory for msal apps that trust the dev tenant's CA (via REQUESTS_CA_BUNDLE)."""
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(dt_server.tenant.ca_bundle_path))
-
-    def make(credential: object = API_CLIENT_SECRET) -> msal.ConfidentialClientApplication:
-        return msal.ConfidentialClientApplication(
-            API_CLIENT_ID,
-            client_credential=credential,
-            authority=f"{dt_server.url}/{TENANT_ID}",
-            instance_discovery=False,
-        )
-
-    return make
 
 
 def test_serve_prints_ready_line_and_records_url(dt_server: Server) -> None:

@@ -16,19 +16,15 @@ from devtenant import (
     TENANT_ID,
 )
 from devtenant.directory import Directory
-from tests.devtenant import test_msal_e2e as e2e
-from tests.devtenant.conftest import BASE, TokenEndpoint, claims_of
+from tests.devtenant.conftest import BASE, Server, TokenEndpoint, claims_of
 
 TASKS_PATH = "/tasks-api/v1/me/tasks"
 TASKS_DEFAULT = f"{TASKS_API_RESOURCE}/.default"
 TASKS_READ = f"{TASKS_API_RESOURCE}/Tasks.Read"
 TASKS_READWRITE = f"{TASKS_API_RESOURCE}/Tasks.ReadWrite"
 
-# The real ``python -m devtenant serve`` and msal factory of the msal end-to-end tests
-# (this module gets its own server: the fixture is module-scoped).
-dt_server = e2e.dt_server
-msal_app = e2e.msal_app
-
+# ``dt_server`` / ``msal_app`` (conftest): a real ``python -m devtenant serve`` and msal
+# factory; this module gets its own server (the fixture is module-scoped).
 
 def tasks_token(dt_token: TokenEndpoint, user: str, scope: str = TASKS_DEFAULT) -> str:
     response = dt_token.obo_for(user, scope=f"{scope} openid profile offline_access")
@@ -158,7 +154,7 @@ def test_short_scope_form_only_shortens_graph(dt_token: TokenEndpoint) -> None:
 # --- real msal against a real server ----------------------------------------------------
 
 
-def test_one_msal_cache_serves_graph_and_tasks_api(dt_server: e2e.Server, msal_app) -> None:
+def test_one_msal_cache_serves_graph_and_tasks_api(dt_server: Server, msal_app) -> None:
     app = msal_app()
     assertion = dt_server.tenant.api_token("adele")
     graph = app.acquire_token_on_behalf_of(assertion, [f"{GRAPH_RESOURCE}/.default"])
@@ -192,7 +188,7 @@ def test_one_msal_cache_serves_graph_and_tasks_api(dt_server: e2e.Server, msal_a
     assert call(TASKS_PATH, refreshed["access_token"]).status_code == 200
 
 
-def test_msal_sees_consent_required_for_unconsented_tasks_scope(dt_server: e2e.Server, msal_app) -> None:
+def test_msal_sees_consent_required_for_unconsented_tasks_scope(dt_server: Server, msal_app) -> None:
     result = msal_app().acquire_token_on_behalf_of(dt_server.tenant.api_token("adele"), [TASKS_READWRITE])
     assert result["error"] == "invalid_grant" and result["suberror"] == "consent_required"
     assert result["error_codes"] == [65001]
