@@ -4,7 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: help run test lint bench clean
+SPA_PACKAGES := spa/node_modules/.package-lock.json
+
+.PHONY: help run test lint bench clean spa-packages
 .DEFAULT_GOAL := help
 
 ## list these targets (what `make` alone does)
@@ -22,12 +24,21 @@ run: $(STAMP)
 	$(PY) scripts/run_local.py
 
 ## install what the tests need and run them all
-test: $(STAMP)
+test: $(STAMP) spa-packages
 	@command -v redis-server >/dev/null || echo "NOTE: redis-server is missing, so integration tests are skipped. Install it: sudo apt-get install redis-server"
 	@command -v nginx >/dev/null || echo "NOTE: nginx is missing, so deployment tests are skipped. Install it: sudo apt-get install nginx"
+	@command -v chromium >/dev/null || echo "NOTE: chromium is missing, so the SPA's browser tests are skipped. Install it: sudo apt-get install chromium"
 	$(PY) -m ruff check app flask_obo devtenant tests bench scripts wsgi.py config
 	$(PY) -m mypy
 	$(PY) -m pytest
+
+# The sample SPA's npm packages (msal-browser), from the lockfile; without npm, a note.
+spa-packages:
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory $(SPA_PACKAGES); \
+	else echo "NOTE: npm is missing, so the SPA's browser tests are skipped. Install it: sudo apt-get install npm"; fi
+
+$(SPA_PACKAGES): spa/package.json spa/package-lock.json
+	cd spa && npm ci --no-audit --no-fund
 
 ## ruff and mypy only (make test runs them too)
 lint: $(STAMP)
@@ -44,4 +55,4 @@ bench: $(STAMP)
 
 ## remove the virtualenv and the caches
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info build dist
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info build dist spa/node_modules

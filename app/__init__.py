@@ -51,7 +51,7 @@ def create_app(settings: Settings | Mapping[str, str] | None = None,
             resources={r"/api/*": {"origins": list(settings.cors_allowed_origins)}},
             allow_headers=["Authorization", "Content-Type"],
             expose_headers=["WWW-Authenticate", "Retry-After"],
-            methods=["GET", "DELETE", "OPTIONS"],
+            methods=["GET", "DELETE", "OPTIONS"],  # DELETE: the SPA's sign-out (token cache)
             max_age=600,
         )
     return app

@@ -70,12 +70,15 @@ def _iso(ts: Any) -> str:
         return "unknown"
 
 
-def enforce_policies(user: User, amr: tuple[str, ...], resource: App) -> None:
+def enforce_policies(user: User, amr: tuple[str, ...], resource: App, *, obo: bool = False) -> None:
     """Conditional Access stand-in: flagged users must have done MFA (and so must users
-    whose sessions were revoked with ``require_mfa``)."""
+    whose sessions were revoked with ``require_mfa``). With ``mfa_at_sign_in`` off (the
+    ``/_devtenant/mfa`` switch), the flag counts only for what an OBO asks (Graph, a
+    downstream API), as a policy on those resources alone would."""
     runtime = current()
     revocation = runtime.revocations.get(user.oid)
-    if (user.mfa_required or (revocation and revocation.require_mfa)) and "mfa" not in amr:
+    flagged = user.mfa_required and (obo or runtime.mfa_at_sign_in)
+    if (flagged or (revocation and revocation.require_mfa)) and "mfa" not in amr:
         raise errors.mfa_required(resource.identifier, runtime.directory.mfa_policy_id)
 
 
@@ -180,7 +183,7 @@ class OnBehalfOfGrant(BaseGrant, TokenEndpointMixin):
         granted = scopes.grant_delegated(requested, client, runtime.directory)
         amr = tuple(str(m) for m in claims.get("amr", ()))
         check_revocation(user, float(claims.get("iat", 0)), assertion=True)
-        enforce_policies(user, amr, granted.resource)
+        enforce_policies(user, amr, granted.resource, obo=True)
         note_client_capabilities()
         self.request.user = Principal(user, amr)
         self.request.devtenant_scope = granted

@@ -3,7 +3,8 @@
 They live under ``/_devtenant/`` (and ``/healthz``) so they can never be confused with
 an Entra or Graph URL. Tests use the counters to prove caching (e.g. "the second API
 call did not hit the token endpoint", or which downstream API, Graph or the Tasks API,
-was called) and the switch to exercise both scope forms.
+was called), the switch to exercise both scope forms, and the one that moves MFA from
+sign-in to the OBO (an SPA's claims challenge).
 """
 
 from __future__ import annotations
@@ -72,3 +73,17 @@ def revoke() -> Response | tuple[Response, int]:
         return jsonify({"error": "require_sign_in and require_mfa are booleans"}), 400
     record = revocation.revoke(runtime.paths, user.oid, **flags)
     return jsonify({"user": user.upn, "oid": user.oid, **asdict(record), "claims": record.claims()})
+
+
+@bp.route("/_devtenant/mfa", methods=["GET", "POST"])
+def mfa() -> Response | tuple[Response, int]:
+    """``{"at_sign_in": bool}``: do flagged users (alex) do MFA when they sign in (the
+    default), or only when a claims challenge asks (Conditional Access on Graph alone, as
+    the API's OBO meets it)?"""
+    runtime = current()
+    if request.method == "POST":
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict) or not isinstance(data.get("at_sign_in"), bool):
+            return jsonify({"error": 'expected JSON {"at_sign_in": true|false}'}), 400
+        runtime.mfa_at_sign_in = data["at_sign_in"]
+    return jsonify({"at_sign_in": runtime.mfa_at_sign_in})

@@ -176,6 +176,10 @@ class Runtime:
         self.paths = paths
         self.public_url = public_url.rstrip("/") if public_url else None
         self.short_scopes = short_scopes
+        #: Flagged users (``mfa_required``) do MFA when they sign in. Off (a test switch,
+        #: ``/_devtenant/mfa``), they sign in with a password alone and Conditional Access
+        #: bites later, at the OBO for Graph: the claims challenge an SPA has to answer.
+        self.mfa_at_sign_in = True
         self.directories = Directory.load_all(paths.root)
         self.home = self.directories[0]
         self.keys = KeyStore(paths.signing_keys)

@@ -8,11 +8,13 @@ the parts a browser sees:
 
 * A sign-in page with one button per directory user (its accessible name holds the
   display name, e.g. "Adele Vance"): plain HTML form posts, no JavaScript, no password.
-* MFA step-up: if the user has the ``mfa_required`` flag, or the request carries a
-  claims challenge (``claims`` asking for more than ``xms_cc`` client capabilities, e.g.
-  the ``capolids`` challenge the API relays from a failed OBO), a second page asks to
-  "Approve". Tokens then carry ``amr: ["pwd", "mfa"]`` (else ``["pwd"]``): the SPA's
-  access token for the API carries it, and the OBO grant's MFA policy reads it there.
+* MFA step-up: if the user has the ``mfa_required`` flag (unless the test switch
+  ``/_devtenant/mfa`` turned ``at_sign_in`` off: then only the OBO asks for it), or the
+  request carries a claims challenge (``claims`` asking for more than ``xms_cc`` client
+  capabilities, e.g. the ``capolids`` challenge the API relays from a failed OBO), a
+  second page asks to "Approve". Tokens then carry ``amr: ["pwd", "mfa"]`` (else
+  ``["pwd"]``): the SPA's access token for the API carries it, and the OBO grant's MFA
+  policy reads it there.
 * A session cookie (``devtenant_session``; ``SameSite=None; Secure`` so msal-browser's
   hidden iframe sends it): with one, ``prompt=none`` or no prompt signs in silently
   (unless ``login_hint`` names someone else, or a step-up is needed that the session did
@@ -196,7 +198,7 @@ def _check_request_shape() -> None:
 
 
 def _needs_step_up(user: User, challenge: bool) -> bool:
-    return challenge or user.mfa_required
+    return challenge or (user.mfa_required and current().mfa_at_sign_in)
 
 
 def _hinted_user() -> User | None:

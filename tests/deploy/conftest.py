@@ -2,10 +2,11 @@
 
 The shipped nginx.conf names the compose services (``api-1:8000``), container ports
 (8080, 8443, each with a default server for unknown hosts and the API's server) and
-container paths. ``render_nginx_conf`` rewrites exactly those lines and fails if any of
-them is missing or appears more often than expected, so the tests always run the shipped
-file and notice when it drifts. Host names (``server_name``) are not rewritten: the tests
-reach nginx as ``127.0.0.1`` and ``localhost``, which the shipped file lists.
+container paths (TLS files, the SPA's mount). ``render_nginx_conf`` rewrites exactly
+those lines and fails if any of them is missing or appears more often than expected, so
+the tests always run the shipped file and notice when it drifts. Host names
+(``server_name``) are not rewritten: the tests reach nginx as ``127.0.0.1`` and
+``localhost``, which the shipped file lists.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from tests.support.servers import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = ROOT / "config" / "nginx.conf"
+#: Where compose mounts spa/ in the nginx container (config/nginx.conf's SPA locations).
+SPA_MOUNT = "/usr/share/nginx/spa"
 TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
@@ -64,6 +67,8 @@ def render_nginx_conf(
     _expect(r"^\s*listen\s+\S+.*\bdefault_server;", text, 2, "'listen ... default_server;' lines")
     text = _sub(r"^(\s*ssl_certificate\s+)\S+;", rf"\g<1>{cert};", text, 1, "ssl_certificate lines")
     text = _sub(r"^(\s*ssl_certificate_key\s+)\S+;", rf"\g<1>{key};", text, 1, "ssl_certificate_key lines")
+    # The sample SPA's files: from the checkout's spa/ (root twice, alias once).
+    text = _sub(rf"(?<=\s){re.escape(SPA_MOUNT)}(?=[/;])", str(ROOT / "spa"), text, 3, f"'{SPA_MOUNT}' paths")
     text = _sub(r"^(\s*pid\s+)\S+;", rf"\g<1>{run_dir / 'nginx.pid'};", text, 1, "pid lines")
     text = _sub(r"^(\s*error_log\s+)\S+", rf"\g<1>{log_dir / 'nginx-error.log'}", text, 1, "error_log lines")
     text = _sub(r"^(\s*access_log\s+)(?!off\b)\S+", rf"\g<1>{log_dir / 'nginx-access.log'}", text, 1,

@@ -31,6 +31,7 @@ from devtenant.api import DevTenant
 from tests.deploy.conftest import (
     NGINX_CONF,
     ROOT,
+    SPA_MOUNT,
     nginx_test_config,
     render_nginx_conf,
     world_traversable_dir,
@@ -254,6 +255,49 @@ def test_nginx_service_mounts_the_shipped_config_and_the_certificates(compose: d
     paths = DevTenant("/state").paths
     names = set(re.findall(r"^\s*ssl_certificate(?:_key)?\s+\S+/([^/;]+);", conf, re.M))
     assert names == {paths.server_cert.name, paths.server_key.name}
+
+
+def test_nginx_serves_the_sample_spa_from_its_mount(compose: dict) -> None:
+    """compose mounts spa/ where nginx.conf's SPA locations look, and those locations name
+    files that spa/ has: the page, its script, the compose config and the msal-browser
+    bundle the page loads (from node_modules: `npm ci` in spa/, with the lockfile's version)."""
+    volumes = [v.split(":") for v in compose["services"]["nginx"]["volumes"]]
+    assert ["./spa", SPA_MOUNT, "ro"] in volumes
+    conf = NGINX_CONF.read_text()
+    assert set(re.findall(r"^\s*root\s+(\S+);", conf, re.M)) == {SPA_MOUNT}
+    (alias,) = re.findall(r"^\s*alias\s+(\S+);", conf, re.M)
+    assert alias.startswith(f"{SPA_MOUNT}/")
+    assert (ROOT / "spa" / alias.removeprefix(f"{SPA_MOUNT}/")).is_file()
+    assert re.search(r"try_files /index\.html =404;", conf) and (ROOT / "spa" / "index.html").is_file()
+    (scripts,) = re.findall(r"location ~ \^/\((app.*)\)\$ \{", conf)
+    served = {name.replace("\\.", ".") for name in scripts.split("|")}
+    page = (ROOT / "spa" / "index.html").read_text()
+    loaded = set(re.findall(r'<script[^>]* src="([^"]+)"', page))
+    assert served == loaded, "nginx serves exactly the scripts the page loads"
+    assert (ROOT / "spa" / "app.js").is_file()
+    lock = json.loads((ROOT / "spa" / "package-lock.json").read_text())
+    assert "node_modules/@azure/msal-browser" in lock["packages"]
+
+
+def test_the_compose_spa_config_matches_the_stack(compose: dict) -> None:
+    """spa/config.compose.json: the dev tenant as compose names it (its --public-url), the
+    SPA's client id and a redirect URI the dev tenant has registered for it, on nginx's
+    published TLS port, where the API answers too (same origin)."""
+    from devtenant import API_APP_ID_URI, API_SCOPE, SPA_CLIENT_ID, TENANT_ID
+
+    config = json.loads((ROOT / "spa" / "config.compose.json").read_text())
+    command = compose["services"]["devtenant"]["command"]
+    public_url = command[command.index("--public-url") + 1]
+    assert config["authority"] == f"{public_url}/{TENANT_ID}"
+    assert config["knownAuthorities"] == [public_url.removeprefix("https://")]
+    assert config["clientId"] == SPA_CLIENT_ID
+    assert config["apiScope"] == f"{API_APP_ID_URI}/{API_SCOPE}"
+    published = {str(p).split(":")[-1]: str(p).split(":")[-2] for p in compose["services"]["nginx"]["ports"]}
+    assert config["redirectUri"] == f"https://localhost:{published['8443']}/"
+    assert config["apiBaseUrl"] == config["redirectUri"].rstrip("/")
+    directory = json.loads((ROOT / "devtenant" / "directory.json").read_text())
+    spa_app = next(app for app in directory["applications"] if app["app_id"] == SPA_CLIENT_ID)
+    assert config["redirectUri"] in spa_app["spa"]["redirectUris"]
 
 
 def test_nginx_upstreams_and_ports_match_compose(compose: dict) -> None:

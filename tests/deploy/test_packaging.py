@@ -33,10 +33,12 @@ from tests.deploy.conftest import ROOT
 PROJECT = "flask-obo"
 # What may be in the wheel: the extension alone (the reference API deploys from source).
 API_PACKAGES = {"flask_obo"}
-TEST_TOOLS = {"pytest", "pytest-timeout", "fakeredis", "responses", "ruff", "check-jsonschema", "pyyaml"}
+TEST_TOOLS = {"pytest", "pytest-timeout", "fakeredis", "responses", "ruff", "check-jsonschema", "pyyaml",
+              "playwright"}
 # Not part of a checkout's sources: the VCS, environments, caches, build output.
 NOT_SOURCES = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".devtenant", ".env", "results"
+    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".devtenant", ".env",
+    "results", "node_modules"
 )
 NETWORK_ERRORS = ("NewConnectionError", "Failed to establish", "Temporary failure in name resolution",
                   "No matching distribution found", "Could not find a version")

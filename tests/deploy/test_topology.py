@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from tests.deploy.conftest import NginxProcess, run_nginx
+from tests.deploy.conftest import ROOT, NginxProcess, run_nginx
 from tests.support.servers import redis_server, require_binary, wait_until
 from tests.support.stack import DevTenantProcess, GunicornProcess, api_env, devtenant, gunicorn
 
@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.nginx, pytest.mark.e2e]
 
 TIMEOUT = 30
 UPSTREAM = re.compile(r"upstream=(.*)$")
+SPA_BUNDLE = "node_modules/@azure/msal-browser/lib/msal-browser.min.js"
 
 
 @dataclass
@@ -218,6 +219,27 @@ def test_tls_server_block(stack: Stack) -> None:
     assert unauthenticated.status_code == 401
     assert unauthenticated.headers.get("Strict-Transport-Security") == "max-age=31536000"
     assert "Strict-Transport-Security" not in get(f"{stack.nginx.http_url}/nginx-healthz").headers
+
+
+def test_nginx_serves_the_sample_spa_beside_the_api(stack: Stack) -> None:
+    """The SPA's page at /, its script, its compose config and msal-browser's bundle are
+    files; nothing else of spa/ is, and every other path stays the API's."""
+    ca = str(stack.tenant.state_dir / "ca-bundle.pem")
+    base = stack.nginx.https_url
+    page = get(f"{base}/", verify=ca)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert ">Sign in</button>" in page.text
+    script = get(f"{base}/app.js", verify=ca)
+    assert script.status_code == 200 and script.headers["Content-Type"].startswith("text/javascript")
+    config = get(f"{base}/config.json", verify=ca)
+    assert config.json()["redirectUri"] == "https://localhost:8444/"
+    if (ROOT / "spa" / SPA_BUNDLE).is_file():  # npm ci in spa/ (make test does it)
+        bundle = get(f"{base}/{SPA_BUNDLE}", verify=ca)
+        assert bundle.status_code == 200 and "msal" in bundle.text[:200]
+    for other in ("/package.json", "/config.compose.json", "/node_modules/@azure/msal-common/package.json"):
+        response = get(f"{base}{other}", verify=ca)
+        assert response.status_code == 404 and response.json()["error"], other  # the API's 404
+    assert get(f"{base}/api/whoami", stack.token("adele"), verify=ca).status_code == 200
 
 
 def test_access_logs_hold_no_token_or_query_string(stack: Stack) -> None:

@@ -375,6 +375,22 @@ def test_mfa_user_approves_and_the_apis_obo_succeeds(spa: SignIn, dt_client, dt_
     assert claims_of(refreshed["access_token"])["amr"] == ["pwd", "mfa"]
 
 
+def test_mfa_can_move_from_sign_in_to_the_obo(spa: SignIn, dt_client, dt_token: TokenEndpoint) -> None:
+    """``/_devtenant/mfa`` ``at_sign_in: false``: alex signs in with a password alone, and
+    the OBO (Conditional Access on Graph) answers the claims challenge an SPA must meet."""
+    assert dt_client.post("/_devtenant/mfa", json={"at_sign_in": "no"}).status_code == 400
+    assert dt_client.post("/_devtenant/mfa", json={"at_sign_in": False}).get_json() == {"at_sign_in": False}
+    access_token = spa.redeem(spa.sign_in("Alex Wilber")).get_json()["access_token"]
+    assert claims_of(access_token)["amr"] == ["pwd"]
+    obo = dt_token.obo(access_token)
+    assert obo.status_code == 400 and "capolids" in obo.get_json()["claims"]
+    approve = page_form(spa.start(claims=CAPOLIDS))  # the challenge: the session steps up
+    assert [b.text for b in approve.buttons] == ["Approve"]
+    stepped_up = spa.redeem(spa.code_from(press(dt_client, approve, "Approve"))).get_json()
+    assert dt_token.obo(stepped_up["access_token"]).status_code == 200
+    assert dt_client.get("/_devtenant/mfa").get_json() == {"at_sign_in": False}
+
+
 def test_claims_challenge_steps_up_any_user(spa: SignIn, dt_client: FlaskClient) -> None:
     approve = page_form(press(dt_client, page_form(spa.start(claims=CAPOLIDS)), "Adele Vance"))
     assert [b.text for b in approve.buttons] == ["Approve"]

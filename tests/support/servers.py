@@ -19,6 +19,7 @@ import redis
 INSTALL_HINTS = {
     "redis-server": "apt-get install redis-server",
     "nginx": "apt-get install nginx",
+    "chromium": "apt-get install chromium",
 }
 
 

@@ -193,6 +193,18 @@ def test_a_preflight_from_the_allowed_origin_succeeds_without_a_token(cors_clien
     assert entra.jwks_fetches == 0
 
 
+def test_the_sign_out_delete_is_allowed_cross_origin(cors_client):
+    """The SPA's sign-out calls DELETE /api/me/token-cache from its own origin."""
+    response = cors_client.options("/api/me/token-cache", headers={
+        "Origin": SPA,
+        "Access-Control-Request-Method": "DELETE",
+        "Access-Control-Request-Headers": "authorization",
+    })
+
+    assert response.headers["Access-Control-Allow-Origin"] == SPA
+    assert "DELETE" in response.headers["Access-Control-Allow-Methods"]
+
+
 def test_a_preflight_from_another_origin_gets_no_cors_grant(cors_client):
     response = preflight(cors_client, "https://evil.example")
 
