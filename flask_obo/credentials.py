@@ -150,9 +150,14 @@ class FederatedTokenFile(_RotatingAssertion):
             return self._token
 
     def reload(self) -> bool:
+        """Read the file again: True only if it now holds another token (an expired or
+        untrusted token still in the file is not worth a second exchange)."""
         with self._lock:
-            self._token = None
-        return True
+            previous, self._token = self._token, None
+        try:
+            return self.assertion() != previous
+        except IdentityProviderUnavailable:
+            return False
 
 
 class ManagedIdentityAssertion(_RotatingAssertion):
