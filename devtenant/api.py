@@ -303,6 +303,7 @@ class DevTenant:
         if federated:
             values["AZURE_FEDERATED_TOKEN_FILE"] = str(self.write_federated_token())
         elif managed_identity or user_assigned:
+            values["AZURE_CLIENT_ASSERTION"] = "managed_identity"
             values.update(self.managed_identity_env(user_assigned))
         elif certificate:
             values["AZURE_CLIENT_CERTIFICATE_PATH"] = str(self.client_certificate_path)

@@ -176,6 +176,7 @@ class CertificateAssertion(JWTBearerClientAssertion):
         sent_sha1 = str(headers.get("x5t", "")).rstrip("=")
         for cert in client.certificates:
             if sent_sha256 == pki.thumbprint(cert, "sha256") or sent_sha1 == pki.thumbprint(cert, "sha1"):
+                g.devtenant_certificate = pki.thumbprint(cert, "sha256")  # counted once accepted
                 return RSAKey.import_key(pki.cert_pem(cert))
         raise self._bad(
             "The certificate with identifier used to sign the client assertion is not "
@@ -200,6 +201,7 @@ class CertificateAssertion(JWTBearerClientAssertion):
                 f"{getattr(exc, 'description', exc)} (aud must be the token endpoint, "
                 "iss and sub the client id)."
             ) from exc
+        current().counters.count_certificate(g.devtenant_certificate)
         return dict(token.claims)
 
 

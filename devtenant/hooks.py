@@ -3,8 +3,9 @@
 They live under ``/_devtenant/`` (and ``/healthz``) so they can never be confused with
 an Entra or Graph URL. Tests use the counters to prove caching (e.g. "the second API
 call did not hit the token endpoint", or which downstream API, Graph or the Tasks API,
-was called), the switch to exercise both scope forms, and the one that moves MFA from
-sign-in to the OBO (an SPA's claims challenge).
+was called, or which client certificate signed the API's assertions), the switch to
+exercise both scope forms, the one that moves MFA from sign-in to the OBO (an SPA's claims
+challenge), and certificate (un)registration to rotate the API's certificate.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import asdict
 
 from flask import Blueprint, Response, jsonify, request
 
+from devtenant import pki
 from devtenant.runtime import current
 
 bp = Blueprint("hooks", __name__)
@@ -87,3 +89,29 @@ def mfa() -> Response | tuple[Response, int]:
             return jsonify({"error": 'expected JSON {"at_sign_in": true|false}'}), 400
         runtime.mfa_at_sign_in = data["at_sign_in"]
     return jsonify({"at_sign_in": runtime.mfa_at_sign_in})
+
+
+@bp.post("/_devtenant/apps/<client_id>/certificates")
+def add_certificate(client_id: str) -> Response | tuple[Response, int]:
+    """Register one more certificate on an app (body: the PEM certificate, as uploaded to
+    an app registration); the app's certificates from ``certificate_file`` stay. Entra
+    accepts an assertion signed with any registered certificate, which is how a
+    certificate is rotated without downtime: register the new one, roll it out,
+    un-register the old one (DELETE). Answers the SHA-256 thumbprint (base64url)."""
+    try:
+        certificates = pki.load_pem_certs(request.get_data())
+    except ValueError:
+        certificates = []
+    if len(certificates) != 1:
+        return jsonify({"error": "expected one PEM certificate as the body"}), 400
+    if not current().add_certificate(client_id.lower(), certificates[0]):
+        return jsonify({"error": f"unknown app {client_id!r}"}), 404
+    return jsonify({"thumbprint": pki.thumbprint(certificates[0], "sha256")}), 201
+
+
+@bp.delete("/_devtenant/apps/<client_id>/certificates/<thumbprint>")
+def remove_certificate(client_id: str, thumbprint: str) -> Response | tuple[Response, int]:
+    """Un-register the certificate with this thumbprint (SHA-256 or SHA-1, base64url)."""
+    if not current().remove_certificate(client_id.lower(), thumbprint.rstrip("=")):
+        return jsonify({"error": "no such certificate on that app"}), 404
+    return jsonify({"removed": thumbprint.rstrip("=")})

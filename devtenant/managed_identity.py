@@ -13,7 +13,8 @@ means the system-assigned one, ``client_id`` (AZURE_MANAGED_IDENTITY_CLIENT_ID) 
 tenant; for ``api://AzureADTokenExchange`` they are the assertion the API's federated
 identity credentials (subject = the identity's object id) accept. Errors are App
 Service's: a missing or wrong header 401, an unknown identity 400, an unknown
-resource 500 (msal reports these as ``{"statusCode", "message"}``).
+resource 500 (msal reports these as ``{"statusCode", "message"}``). Each token issued
+counts in ``/_devtenant/counters`` under ``managed_identity`` by the identity's client id.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def token() -> Response:
     access_token = runtime.minter.managed_identity_token(
         issuer=issuer(), audience=app.audience, identity=identity, lifetime=lifetime
     )
+    runtime.counters.count_managed_identity(identity.client_id)
     return jsonify(
         {
             "access_token": access_token,

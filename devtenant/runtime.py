@@ -15,8 +15,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
 from flask import current_app, g, has_app_context, request
 
+from devtenant import pki
 from devtenant.directory import App, Directory, User
 from devtenant.keys import KeyStore
 from devtenant.revocation import RevocationStore
@@ -123,6 +125,18 @@ class Counters:
     graph_errors: Counter[str] = field(default_factory=Counter)
     tasks_api: Counter[str] = field(default_factory=Counter)
     tasks_api_errors: Counter[str] = field(default_factory=Counter)
+    #: Client certificates that signed an accepted assertion, by SHA-256 thumbprint.
+    certificates: Counter[str] = field(default_factory=Counter)
+    #: Tokens the managed identity endpoint issued, by the identity's client id.
+    managed_identity: Counter[str] = field(default_factory=Counter)
+
+    def count_managed_identity(self, client_id: str) -> None:
+        with self._lock:
+            self.managed_identity[client_id] += 1
+
+    def count_certificate(self, thumbprint: str) -> None:
+        with self._lock:
+            self.certificates[thumbprint] += 1
 
     def count_token(self, kind: str, error: str | None = None) -> None:
         with self._lock:
@@ -161,6 +175,8 @@ class Counters:
                     "errors": sum(self.tasks_api_errors.values()),
                 },
                 "tasks_api_errors": dict(self.tasks_api_errors),
+                "certificates": dict(self.certificates),
+                "managed_identity": dict(self.managed_identity),
             }
 
     def reset(self) -> None:
@@ -218,6 +234,31 @@ class Runtime:
     @property
     def tenant_ids(self) -> list[str]:
         return [d.tenant_id for d in self.directories]
+
+    def apps(self, client_id: str) -> list[App]:
+        """The app ``client_id`` in every hosted tenant (each has its own copy)."""
+        return [app for d in self.directories if (app := d.client(client_id)) is not None]
+
+    def add_certificate(self, client_id: str, certificate: x509.Certificate) -> bool:
+        """Register one more certificate on the app (as uploading one to the app
+        registration does; Entra accepts any registered one). False: unknown app."""
+        apps = self.apps(client_id)
+        with self._lock:
+            for app in apps:
+                if certificate not in app.certificates:  # a new list: readers iterate the old one
+                    app.certificates = [*app.certificates, certificate]
+        return bool(apps)
+
+    def remove_certificate(self, client_id: str, thumbprint: str) -> bool:
+        """Un-register the certificate with this SHA-256 (or SHA-1) thumbprint."""
+        removed = False
+        with self._lock:
+            for app in self.apps(client_id):
+                kept = [c for c in app.certificates
+                        if thumbprint not in {pki.thumbprint(c, "sha256"), pki.thumbprint(c, "sha1")}]
+                removed |= len(kept) != len(app.certificates)
+                app.certificates = kept
+        return removed
 
     @staticmethod
     def use_tenant(tenant_id: str) -> None:

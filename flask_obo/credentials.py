@@ -105,11 +105,7 @@ class CertificateFile:
             return True
 
     def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            stat = os.stat(self._path)
-        except OSError:
-            return None
-        return stat.st_ino, stat.st_size, stat.st_mtime_ns
+        return _file_stamp(self._path)
 
 
 class _RotatingAssertion:
@@ -136,31 +132,32 @@ class FederatedTokenFile(_RotatingAssertion):
         self._lock = threading.Lock()
         self._token: str | None = None
         self._good_until = 0.0
-        self._mtime = -1
+        self._stamp: tuple[int, int, int] | None = None
 
     def assertion(self) -> str:
         with self._lock:
-            mtime = self._mtime_ns()
-            if self._token is None or time.time() >= self._good_until or mtime != self._mtime:
+            # The file's identity, size and mtime: the kubelet swaps in a new file (a new
+            # inode) whose mtime may equal the last one's at the clock's granularity.
+            stamp = _file_stamp(str(self._path))
+            if self._token is None or time.time() >= self._good_until or stamp != self._stamp:
                 try:
                     token = self._path.read_text().strip()
                 except OSError:
                     log.warning("cannot read AZURE_FEDERATED_TOKEN_FILE")
                     raise IdentityProviderUnavailable() from None
-                self._token, self._mtime = token, mtime
+                self._token, self._stamp = token, stamp
                 self._good_until = _expiry(token) - _EXPIRY_MARGIN_SECONDS
             return self._token
 
     def reload(self) -> bool:
+        """Read the file again: True only if it now holds another token (an expired or
+        untrusted token still in the file is not worth a second exchange)."""
         with self._lock:
-            self._token = None
-        return True
-
-    def _mtime_ns(self) -> int:
+            previous, self._token = self._token, None
         try:
-            return self._path.stat().st_mtime_ns
-        except OSError:
-            return -1
+            return self.assertion() != previous
+        except IdentityProviderUnavailable:
+            return False
 
 
 class ManagedIdentityAssertion(_RotatingAssertion):
@@ -196,6 +193,15 @@ def client_credential(settings: Settings, session: requests.Session) -> ClientCr
                                settings.client_certificate)
     assert settings.client_secret is not None
     return ClientSecret(settings.client_secret)
+
+
+def _file_stamp(path: str) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced or rewritten (None: unreadable)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _expiry(token: str) -> float:

@@ -140,6 +140,9 @@ class Server:
     def post(self, path: str, **kwargs) -> requests.Response:
         return requests.post(self.url + path, verify=str(self.tenant.ca_bundle_path), **kwargs)
 
+    def delete(self, path: str, **kwargs) -> requests.Response:
+        return requests.delete(self.url + path, verify=str(self.tenant.ca_bundle_path), **kwargs)
+
     def counters(self) -> dict:
         return self.get("/_devtenant/counters").json()
 

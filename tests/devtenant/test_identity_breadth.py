@@ -175,8 +175,10 @@ def test_obo_with_managed_identity_assertion(
     assert app_service_env["IDENTITY_ENDPOINT"] == f"{dt_server.url}/msi/token"
     mi = msal.ManagedIdentityClient(identity, http_client=requests.Session())
     assert get_managed_identity_source() == APP_SERVICE
+    dt_server.post("/_devtenant/counters/reset")
     minted = mi.acquire_token_for_client(resource=TOKEN_EXCHANGE_AUDIENCE)
     assert "access_token" in minted, minted
+    assert dt_server.counters()["managed_identity"] == {client_id: 1}
     claims = claims_of(minted["access_token"])
     assert claims["aud"] == TOKEN_EXCHANGE_AUDIENCE and claims["sub"] == object_id
     assert claims["azp"] == client_id and claims["iss"] == dt_server.tenant.issuer

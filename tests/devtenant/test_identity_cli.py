@@ -98,6 +98,7 @@ def test_cli_env_credentials(tmp_path: Path) -> None:
     managed = env("--managed-identity", "--user-assigned")
     assert managed["IDENTITY_ENDPOINT"] == "https://devtenant:8443/msi/token"
     assert managed["IDENTITY_HEADER"] and "AZURE_CLIENT_SECRET" not in managed
+    assert managed["AZURE_CLIENT_ASSERTION"] == "managed_identity"  # what the API reads
     assert managed["AZURE_MANAGED_IDENTITY_CLIENT_ID"] == devtenant.USER_ASSIGNED_IDENTITY_CLIENT_ID
     assert "AZURE_MANAGED_IDENTITY_CLIENT_ID" not in env("--managed-identity")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import requests
 
-from devtenant import GRAPH_RESOURCE, TENANT_ID
+from devtenant import API_CLIENT_ID, GRAPH_RESOURCE, SECOND_TENANT_ID, TENANT_ID, pki
 from devtenant.api import DevTenant
 from tests.devtenant.conftest import Server, claims_of, header_of
 
@@ -57,6 +57,47 @@ def test_msal_obo_with_certificate(dt_server: Server, msal_app) -> None:
         headers={"Authorization": f"Bearer {result['access_token']}"},
     )
     assert boss.status_code == 200 and boss.json()["displayName"] == "Nestor Wilke"
+
+
+def test_a_second_certificate_registered_at_runtime_rotates_the_credential(dt_server: Server, msal_app
+                                                                         ) -> None:
+    """POST /_devtenant/apps/<id>/certificates registers one more certificate; both are
+    accepted until DELETE un-registers one; the counters name the thumbprint that signed."""
+    old_pem = dt_server.tenant.client_certificate_path.read_text()
+    key = pki.new_rsa_key()
+    cert = pki.make_client_cert(key, "flask-obo API (rotated)")
+    new_pem = (pki.key_pem(key) + pki.cert_pem(cert)).decode()
+    url = f"/_devtenant/apps/{API_CLIENT_ID}/certificates"
+    new_app = msal_app({"private_key": new_pem, "public_certificate": new_pem})
+    old_app = msal_app({"private_key": old_pem, "public_certificate": old_pem})
+    refused = new_app.acquire_token_on_behalf_of(dt_server.tenant.api_token("adele"), GRAPH_DEFAULT)
+    assert refused["error"] == "invalid_client" and 700027 in refused["error_codes"]
+
+    added = dt_server.post(url, data=pki.cert_pem(cert))
+    assert added.status_code == 201
+    new_thumbprint = added.json()["thumbprint"]
+    assert new_thumbprint == pki.thumbprint(cert, "sha256")
+    dt_server.post("/_devtenant/counters/reset")
+    for app in (new_app, old_app):  # both registered: both accepted
+        result = app.acquire_token_on_behalf_of(dt_server.tenant.api_token("adele"), GRAPH_DEFAULT)
+        assert "access_token" in result, result
+    old_thumbprint = pki.thumbprint(pki.load_pem_certs(old_pem.encode())[0], "sha256")
+    assert dt_server.counters()["certificates"] == {new_thumbprint: 1, old_thumbprint: 1}
+
+    assert dt_server.delete(f"{url}/{old_thumbprint}").status_code == 200
+    assert dt_server.delete(f"{url}/{old_thumbprint}").status_code == 404
+    gone = old_app.acquire_token_on_behalf_of(dt_server.tenant.api_token("adele"), GRAPH_DEFAULT)
+    assert gone["error"] == "invalid_client" and 700027 in gone["error_codes"]
+    second_tenant = msal_app({"private_key": new_pem, "public_certificate": new_pem},
+                             tenant=SECOND_TENANT_ID)  # the registration is the app's, in every tenant
+    result = second_tenant.acquire_token_on_behalf_of(
+        dt_server.tenant.api_token("megan", tenant=SECOND_TENANT_ID), GRAPH_DEFAULT)
+    assert "access_token" in result, result
+    assert dt_server.post(url, data=b"not a certificate").status_code == 400
+    assert dt_server.post("/_devtenant/apps/nope/certificates", data=pki.cert_pem(cert)).status_code == 404
+    # put the old one back for the other tests of the module
+    assert dt_server.post(url, data=old_pem.split("-----END PRIVATE KEY-----")[1].strip().encode()
+                          ).status_code == 201
 
 
 def test_msal_sees_entra_errors(dt_server: Server, msal_app) -> None:

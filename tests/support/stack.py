@@ -52,6 +52,11 @@ class DevTenantProcess:
         with _trusting(self.state_dir):
             requests.post(f"{self.url}/_devtenant/counters/reset", timeout=5).raise_for_status()
 
+    def request(self, method: str, path: str, **kwargs) -> requests.Response:
+        """A request to the dev tenant's own hooks (``/_devtenant/...``)."""
+        with _trusting(self.state_dir):
+            return requests.request(method, f"{self.url}{path}", timeout=5, **kwargs)
+
     def obo_calls(self) -> int:
         return int(self.counters()["token"].get("on_behalf_of", 0))
 

@@ -125,6 +125,39 @@ def test_a_federated_token_is_read_again_past_its_exp_or_when_the_file_changes(t
     assert "four" in base64.urlsafe_b64decode(expiring.assertion().split(".")[1] + "==").decode()
 
 
+def test_a_federated_token_file_swapped_in_within_the_same_mtime_is_read_again(tmp_path):
+    """Regression: only the mtime was compared, so a file the kubelet swapped in (a new
+    inode, the same size) within the clock's granularity of the last write kept the old,
+    possibly refused, token until its exp: a failure that stuck for up to an hour."""
+    path = tmp_path / "azure-identity-token"
+    path.write_text(jwt_with_exp(time.time() + 3600, "bad1"))
+    credential = FederatedTokenFile(str(path))
+    assert "bad1" in base64.urlsafe_b64decode(credential.assertion().split(".")[1] + "==").decode()
+    stamp = path.stat().st_mtime_ns
+    staged = tmp_path / "staged"
+    staged.write_text(jwt_with_exp(time.time() + 3600, "good"))
+    assert staged.stat().st_size == path.stat().st_size
+    os.utime(staged, ns=(stamp, stamp))
+    os.replace(staged, path)
+    assert "good" in base64.urlsafe_b64decode(credential.assertion().split(".")[1] + "==").decode()
+
+
+def test_a_refused_federated_token_is_retried_only_if_the_file_holds_another(tmp_path):
+    """Regression: ``reload`` always said "changed", so while the file held an expired
+    token every request exchanged twice with Entra ID, both refused (AADSTS700024)."""
+    path = tmp_path / "azure-identity-token"
+    path.write_text(jwt_with_exp(time.time() - 600, "old"))
+    credential = FederatedTokenFile(str(path))
+    sent = credential.assertion()
+    assert credential.reload() is False  # the same token: no retry
+    assert credential.assertion() == sent
+    path.write_text(jwt_with_exp(time.time() + 3600, "new"))
+    assert credential.reload() is True
+    assert credential.assertion() != sent
+    path.unlink()
+    assert credential.reload() is False  # nothing to retry with (the request gets a 503)
+
+
 def test_an_unreadable_federated_token_file_is_a_503_not_a_500(tmp_path):
     path = tmp_path / "token"
     path.write_text(jwt_with_exp(time.time() + 3600))
