@@ -74,6 +74,7 @@ def example_api(tenant: DevTenantProcess, workdir: Path, **settings: str) -> Ite
         **settings,
     )
     env["PYTHONPATH"] = str(ROOT)  # flask_obo from the checkout, as `pip install .` would give
+    env.setdefault("AUTHORITY_CACHE_DIR", str(workdir / "authority"))  # no other test's keys
     port = free_port()
     log = workdir / "flask.log"
     with open(log, "wb") as output:

@@ -142,7 +142,12 @@ def gunicorn(env: dict[str, str], workers: int = 2, threads: int = 4) -> Iterato
             [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "config/gunicorn.conf.py"),
              "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads),
              "wsgi:app"],
-            cwd=cwd, env={**env, "PYTHONPATH": str(ROOT), "GUNICORN_WORKER_TMP_DIR": str(cwd)},
+            # Its own disk copies of the authority's documents unless the test shares some: the
+            # default directory is per uid, and a dev tenant of another test that got the
+            # same port would hand this one its keys (then a key rotation's refetch is
+            # throttled away as a second unknown kid).
+            cwd=cwd, env={"AUTHORITY_CACHE_DIR": str(cwd / "authority"), **env,
+                          "PYTHONPATH": str(ROOT), "GUNICORN_WORKER_TMP_DIR": str(cwd)},
             stdout=subprocess.DEVNULL, stderr=stderr,
         )
     base = f"http://127.0.0.1:{port}"
