@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -96,6 +97,11 @@ def stats(as_json: bool) -> None:
 def evict(oid: str, tid: str) -> None:
     """Remove one user's cached tokens, as their sign-out does: every worker and instance
     drops its copy within a second, and their next call makes a new OBO."""
+    for name, value in (("--oid", oid), ("--tid", tid)):
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            raise click.BadParameter("must be a GUID (the token's claim)", param_hint=name) from None
     _redis_store()
     partition = partition_key(oid, tid)
     with _redis_errors():

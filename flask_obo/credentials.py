@@ -36,6 +36,7 @@ import msal
 import requests
 
 from .errors import IdentityProviderUnavailable
+from .msal_http import EntraUnavailable, bounded_timeout
 from .settings import ClientCertificate, Settings, SettingsError, load_certificate
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,9 @@ class CertificateFile:
             try:
                 certificate = load_certificate(self._path, self._password)
             except SettingsError as error:  # mid-rotation, or a bad file: keep the last good one
-                log.warning("client certificate not reloaded: %s", error)
+                if stamp != self._stamp:  # once per change of the file, not per request
+                    log.warning("client certificate not reloaded: %s", error)
+                self._stamp = stamp
                 return False
             self._stamp = stamp
             if certificate == self._certificate:
@@ -142,7 +145,7 @@ class FederatedTokenFile(_RotatingAssertion):
             if self._token is None or time.time() >= self._good_until or stamp != self._stamp:
                 try:
                     token = self._path.read_text().strip()
-                except OSError:
+                except (OSError, UnicodeDecodeError):
                     log.warning("cannot read AZURE_FEDERATED_TOKEN_FILE")
                     raise IdentityProviderUnavailable() from None
                 self._token, self._stamp = token, stamp
@@ -163,15 +166,15 @@ class FederatedTokenFile(_RotatingAssertion):
 class ManagedIdentityAssertion(_RotatingAssertion):
     """A managed identity's token for ``api://AzureADTokenExchange`` as the assertion."""
 
-    def __init__(self, client_id: str | None, session: requests.Session) -> None:
+    def __init__(self, client_id: str | None, timeout: tuple[float, float]) -> None:
         identity: Any = (msal.UserAssignedManagedIdentity(client_id=client_id) if client_id
                          else msal.SystemAssignedManagedIdentity())
-        self._client = msal.ManagedIdentityClient(identity, http_client=session)
+        self._client = msal.ManagedIdentityClient(identity, http_client=_BoundedSession(timeout))
 
     def assertion(self) -> str:
         try:
             result = self._client.acquire_token_for_client(resource=TOKEN_EXCHANGE_RESOURCE)
-        except (requests.RequestException, msal.ManagedIdentityError, ValueError) as exc:
+        except (requests.RequestException, msal.ManagedIdentityError, ValueError, EntraUnavailable) as exc:
             log.warning("managed identity endpoint failed: %s", type(exc).__name__)
             raise IdentityProviderUnavailable() from None
         token = result.get("access_token")
@@ -181,12 +184,29 @@ class ManagedIdentityAssertion(_RotatingAssertion):
         return token
 
 
+class _BoundedSession(requests.Session):
+    """msal's HTTP client for the managed identity endpoint. msal sends those requests with
+    no timeout, so each gets the Entra ID timeouts, capped by the request's deadline: a
+    hung IMDS must not hold the user's locks and a waiting-room seat past it. A
+    ``requests.Session`` (msal's Service Fabric path requires one)."""
+
+    def __init__(self, timeout: tuple[float, float]) -> None:
+        super().__init__()
+        self._timeout = timeout
+
+    def request(self, method: str, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = bounded_timeout(self._timeout)
+        return super().request(method, url, *args, **kwargs)
+
+
 def client_credential(settings: Settings, session: requests.Session) -> ClientCredential:
     """The credential the settings name (``Settings`` checked there is exactly one)."""
     if settings.federated_token_file:
         return FederatedTokenFile(settings.federated_token_file)
     if settings.client_assertion == "managed_identity":
-        return ManagedIdentityAssertion(settings.managed_identity_client_id, session)
+        return ManagedIdentityAssertion(settings.managed_identity_client_id,
+                                        (settings.entra_connect_timeout, settings.entra_read_timeout))
     if settings.client_certificate is not None:
         assert settings.client_certificate_path is not None
         return CertificateFile(settings.client_certificate_path, settings.client_certificate_password,

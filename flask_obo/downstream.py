@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import requests
 
@@ -86,7 +86,7 @@ class DownstreamApi:
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """Send ``method path`` (relative to the base URL) as the user; ``kwargs`` go to
         ``requests`` (``params``, ``json``, ``headers``, ``timeout``...)."""
-        if not path.startswith("/") or "://" in path:
+        if not path.startswith("/") or "://" in path or _climbs(path):
             raise ValueError("path must be relative to the downstream API's base URL, e.g. /me")
         response = self._send(method, path, self._tokens(self.scopes, None), kwargs)
         claims = _claims_challenge(response)
@@ -152,6 +152,12 @@ def claims_from_challenge(header: str) -> str | None:
     except (binascii.Error, UnicodeDecodeError):
         return None
     return claims if InsufficientClaims.is_claims_json(claims) else None
+
+
+def _climbs(path: str) -> bool:
+    """Does ``path`` have a ``.`` or ``..`` segment (percent-encoded too)? The server would
+    resolve it out of the base URL's path, and the user's token would go along."""
+    return any(segment in (".", "..") for segment in unquote(urlsplit(path).path).split("/"))
 
 
 def _path(path: str) -> str:

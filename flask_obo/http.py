@@ -10,6 +10,7 @@ override it anyway, so that variable is the one place to trust a private CA.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from http.cookiejar import DefaultCookiePolicy
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -34,6 +35,9 @@ DOWNSTREAM_RETRIES = Retry(
 def build_session(downstream_base_urls: Iterable[str]) -> requests.Session:
     session = requests.Session()
     session.headers["User-Agent"] = "flask-obo"
+    # One session serves every user: a cookie one user's downstream answer set (a session
+    # cookie, a load balancer's) must never ride along on another user's requests.
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     plain = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
     session.mount("https://", plain)
     session.mount("http://", plain)

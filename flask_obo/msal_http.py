@@ -75,6 +75,20 @@ def within(deadline: Deadline) -> Iterator[None]:
         _deadline.reset(reset)
 
 
+def bounded_timeout(timeout: tuple[float, float]) -> tuple[float, float]:
+    """``(connect, read)`` capped by the current request's deadline (``within``); raises
+    ``EntraUnavailable`` when none of it is left."""
+    connect, read = timeout
+    deadline = _deadline.get()
+    if deadline is None:
+        return connect, read
+    left = deadline.remaining()
+    if left < 0.05:
+        log.warning("no time left for a call to the identity provider")
+        raise EntraUnavailable(retry_after=1)
+    return min(connect, left), min(read, left)
+
+
 class _CachedResponse:
     def __init__(self, text: str) -> None:
         self.status_code, self.text = 200, text
@@ -120,19 +134,8 @@ class MsalHttpClient:
             raise EntraUnavailable(retry_after=int(wait) + 1)
         return self._send("POST", url, params=params, data=data, headers=headers)
 
-    def _bounded_timeout(self) -> tuple[float, float]:
-        connect, read = self._timeout
-        deadline = _deadline.get()
-        if deadline is None:
-            return connect, read
-        left = deadline.remaining()
-        if left < 0.05:
-            log.warning("no time left for a call to the token endpoint")
-            raise EntraUnavailable(retry_after=1)
-        return min(connect, left), min(read, left)
-
     def _send(self, method: str, url: str, headers: Any = None, **kwargs: Any) -> requests.Response:
-        timeout = self._bounded_timeout()
+        timeout = bounded_timeout(self._timeout)
         request_id = current_request_id()
         if request_id:  # msal's correlation id is this request's id
             headers = {**(headers or {}), CLIENT_REQUEST_ID_HEADER: request_id}

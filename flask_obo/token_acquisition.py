@@ -218,7 +218,8 @@ class OnBehalfOfTokenProvider:
         result: dict[str, Any] = self._app(session, user).acquire_token_on_behalf_of(
             user.raw, scopes, claims_challenge=claims_challenge)
         codes = set(result.get("error_codes") or ())
-        if codes & CREDENTIAL_ERROR_CODES and self._credential.reload():
+        if codes & CREDENTIAL_ERROR_CODES and (
+                self._credential.reload() or session.credential_version != self._credential.version):
             log.warning("Entra ID refused the API's credential (%s); retrying with the reloaded one",
                         sorted(codes & CREDENTIAL_ERROR_CODES))
             result = self._app(session, user).acquire_token_on_behalf_of(
@@ -285,7 +286,8 @@ class OnBehalfOfTokenProvider:
     def _app(self, session: UserSession, user: EntraAccessToken) -> msal.ConfidentialClientApplication:
         """The user's msal application, built again when the API's credential changed. A
         multi-tenant API exchanges tokens in the user's own tenant."""
-        credential = self._credential.for_msal()  # first: it may find a rotated file
+        version = self._credential.version  # before for_msal(), which may find a rotated file:
+        credential = self._credential.for_msal()  # then the next call builds again, never too few
         if session.app is None or session.credential_version != self._credential.version:
             try:
                 session.app = msal.ConfidentialClientApplication(
@@ -300,7 +302,7 @@ class OnBehalfOfTokenProvider:
                 )
             except AuthorityUnavailable:
                 raise IdentityProviderUnavailable() from None
-            session.credential_version = self._credential.version
+            session.credential_version = version
         return session.app
 
     def _reload(self, session: UserSession, partition: str, user: EntraAccessToken) -> None:

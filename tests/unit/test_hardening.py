@@ -1,0 +1,115 @@
+"""Defects a hostile review found, each kept fixed: one user's downstream cookie never
+reaches another; a certificate rotated mid-build is not lost; a downstream path cannot
+climb out of its base URL; credential files that cannot be read are a 503, logged once;
+the managed identity endpoint has a timeout; evict takes GUIDs only."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import requests
+import responses
+
+from app import create_app
+from flask_obo import Settings
+from flask_obo.credentials import CertificateFile, FederatedTokenFile, _BoundedSession
+from flask_obo.downstream import DownstreamApi
+from flask_obo.errors import IdentityProviderUnavailable
+from flask_obo.extension import services_of
+from flask_obo.http import build_session
+from flask_obo.protector import EntraAccessToken
+from flask_obo.settings import DownstreamApiSettings, load_certificate
+from tests.support.fake_entra import ADELE, TENANT_ID, settings_env
+from tests.unit.test_credentials import jwt_with_exp, pem_file
+
+API = "https://gw.contoso.com/tasks-api"
+
+
+def test_a_cookie_set_for_one_user_never_goes_out_with_another_users_request():
+    session = build_session([API])
+    with responses.RequestsMock() as rsps:
+        rsps.get(f"{API}/me", headers={"Set-Cookie": "session=alice-session; Path=/"})
+        tokens = iter(["ALICE", "BOB"])
+        api = DownstreamApi("tasks", DownstreamApiSettings(API, ("api://tasks/.default",)), session,
+                            lambda scopes, claims: next(tokens))
+        api.get("/me")
+        api.get("/me")
+        bob = rsps.calls[1].request
+    assert bob.headers["Authorization"] == "Bearer BOB"
+    assert "Cookie" not in bob.headers
+
+
+@pytest.mark.parametrize("path", ["/../admin-api/secrets", "/%2e%2e/admin-api", "/a/./b", "/a/%2E/b",
+                                  "/me/..", "https://evil.example/me", "me"])
+def test_a_path_cannot_leave_the_base_url(path):
+    api = DownstreamApi("tasks", DownstreamApiSettings(API, ("api://tasks/.default",)), requests.Session(),
+                        lambda scopes, claims: "TOKEN")
+    with pytest.raises(ValueError, match="relative to the downstream API's base URL"):
+        api.get(path)
+
+
+def test_a_certificate_rotated_while_an_app_is_built_is_picked_up_by_the_next_build(tmp_path, store, entra):
+    path = pem_file(tmp_path / "api.pem")
+    env = settings_env(AZURE_CLIENT_CERTIFICATE_PATH=str(path))
+    del env["AZURE_CLIENT_SECRET"]
+    app = create_app(Settings.from_env(env), store=store)
+    tokens = services_of(app).tokens
+    credential = tokens._credential
+    assert isinstance(credential, CertificateFile)
+    built: list[int] = []
+    original = credential.for_msal
+
+    def rotating_for_msal():  # another thread reloads the rotated file right after the version was read
+        value = original()
+        if not built:
+            pem_file(tmp_path / "next.pem").replace(path)
+            credential.reload()
+        built.append(credential.version)
+        return value
+
+    credential.for_msal = rotating_for_msal  # type: ignore[method-assign]
+    session = tokens.memory.session("0" * 64)
+    user = EntraAccessToken({"oid": ADELE, "tid": TENANT_ID}, "raw")
+    first = tokens._app(session, user)
+    assert session.credential_version == 0 and credential.version == 1  # stamped with what it read
+    assert tokens._app(session, user) is not first  # so the next build uses the new certificate
+
+
+def test_an_unreadable_federated_token_is_a_503(tmp_path):
+    path = tmp_path / "token"
+    path.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(IdentityProviderUnavailable):
+        FederatedTokenFile(str(path)).assertion()
+
+
+def test_a_bad_certificate_file_is_reported_once_per_change(tmp_path, caplog):
+    path = pem_file(tmp_path / "api.pem")
+    credential = CertificateFile(str(path), None, load_certificate(str(path), None))
+    path.write_text("half-written")
+    caplog.set_level(logging.WARNING)
+    for _ in range(3):
+        credential.for_msal()
+    assert sum("not reloaded" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_managed_identity_endpoint_gets_a_timeout():
+    with responses.RequestsMock() as rsps:
+        rsps.get("http://169.254.169.254/metadata/identity/oauth2/token", json={})
+        _BoundedSession((3.0, 10.0)).get("http://169.254.169.254/metadata/identity/oauth2/token")
+        assert rsps.calls[0].request.req_kwargs["timeout"] == (3.0, 10.0)
+
+
+def test_evict_takes_guids_only(app):
+    result = app.test_cli_runner().invoke(args=["token-cache", "evict", "--oid", "adele", "--tid", "x"])
+    assert result.exit_code == 2 and "must be a GUID" in result.output
+
+
+def test_a_federated_token_is_never_used_past_its_exp(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(jwt_with_exp(time.time() + 30))  # inside the one-minute margin
+    credential = FederatedTokenFile(str(path))
+    first = credential.assertion()
+    path.write_text(jwt_with_exp(time.time() + 3600, "fresh"))
+    assert credential.assertion() != first
