@@ -173,6 +173,15 @@ class OnBehalfOfTokenProvider:
         result = self._silent(session, user, scopes, offline_only=True)
         if not result:
             return None
+        return self._remember(session, key, result, asked_at)
+
+    @staticmethod
+    def _remember(session: UserSession, key: tuple[str, ...], result: dict[str, Any],
+                  asked_at: float) -> str:
+        """Keep ``result``'s token as the session's ``HotToken`` for ``key``, until msal
+        would stop answering it from this cache: 5 minutes before it expires, or its
+        ``refresh_on`` (``refresh_in`` in an answer from Entra ID), whichever is first.
+        Only while the session holds a sealed blob: the memo is tied to that object."""
         token = str(result["access_token"])
         expires_in = result.get("expires_in")
         if session.blob is not None and isinstance(expires_in, int):
@@ -180,6 +189,9 @@ class OnBehalfOfTokenProvider:
             refresh_on = result.get("refresh_on")
             if isinstance(refresh_on, int | float):
                 good_until = min(good_until, refresh_on)
+            refresh_in = result.get("refresh_in")
+            if isinstance(refresh_in, int | float):
+                good_until = min(good_until, asked_at + refresh_in)
             session.hot[key] = HotToken(session.blob, key, token, good_until)
         return token
 
@@ -188,7 +200,7 @@ class OnBehalfOfTokenProvider:
         """The token and how it was served (``flask_obo.metrics``' outcomes)."""
         session = self.memory.session(partition)
         with held(session.lock, deadline.remaining()):
-            session.hot.clear()  # whatever happens here, the next lookup asks msal
+            session.hot.clear()  # whatever happens here, the old memo is not the answer
             if claims_challenge is None and session.is_current(self._store.coherence()):
                 # The leader that held the session may have just filled it.
                 result = self._silent(session, user, scopes, offline_only=True)
@@ -201,6 +213,7 @@ class OnBehalfOfTokenProvider:
                     with suppress(CacheUnavailable):  # another worker may have filled it
                         self._reload(session, partition, user)
                         outcome = CACHE_HIT
+                asked_at = time.time()
                 result = None if claims_challenge else self._silent(session, user, scopes)
                 if result and result.get("token_source") == "identity_provider":
                     outcome = REFRESH  # msal redeemed the refresh token
@@ -208,6 +221,8 @@ class OnBehalfOfTokenProvider:
                     outcome = OBO
                     result = self._on_behalf_of(session, partition, user, scopes, claims_challenge)
                 self._save_if_changed(session, partition, guard)
+                if isinstance(result.get("access_token"), str):  # the next request needs no msal
+                    self._remember(session, tuple(scopes), result, asked_at)
         return _access_token_or_raise(result, partition), outcome
 
     def _on_behalf_of(self, session: UserSession, partition: str, user: EntraAccessToken,
