@@ -24,7 +24,7 @@ from flask_obo import tracing
 from flask_obo.metrics import FAILED, OUTCOMES
 from flask_obo.settings import Settings
 from flask_obo.tracing import DISABLED_VARIABLE, ENDPOINT_VARIABLES, scrubbed
-from tests.support.fake_entra import ADELE, CLIENT_SECRET, TOKEN_URL, Behaviour, FakeEntra
+from tests.support.fake_entra import ADELE, CLIENT_SECRET, TOKEN_URL, Behaviour, FakeEntra, settings_env
 
 OTEL_VARIABLES = (*ENDPOINT_VARIABLES, DISABLED_VARIABLE)
 
@@ -212,6 +212,18 @@ def test_a_failed_acquisition_is_marked_with_its_error_type_only(exporter, entra
 def test_every_outcome_but_failure_has_a_source():
     assert set(tracing.SOURCES) == set(OUTCOMES) - {FAILED}
     assert sorted(tracing.SOURCES.values()) == ["memory", "obo", "redis", "refresh"]
+
+
+def test_an_spa_may_send_its_trace_context_cross_origin(store):
+    spa = "https://spa.example"
+    client = create_app(Settings.from_env(settings_env(CORS_ALLOWED_ORIGINS=spa)), store=store).test_client()
+    response = client.options("/api/me", headers={
+        "Origin": spa, "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization,traceparent,tracestate"})
+
+    assert response.headers["Access-Control-Allow-Origin"] == spa
+    allowed = {h.strip().lower() for h in response.headers["Access-Control-Allow-Headers"].split(",")}
+    assert {"authorization", "traceparent", "tracestate"} <= allowed
 
 
 # --- what leaves the process ------------------------------------------------------------------
