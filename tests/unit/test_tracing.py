@@ -8,19 +8,22 @@ import io
 import json
 import logging
 import logging.config
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import requests
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
 
 from app import create_app
 from app.logging_setup import logging_config
 from flask_obo import tracing
+from flask_obo.bulkhead import Deadline, SingleFlight
 from flask_obo.metrics import FAILED, OUTCOMES
 from flask_obo.settings import Settings
 from flask_obo.tracing import DISABLED_VARIABLE, ENDPOINT_VARIABLES, scrubbed
@@ -207,6 +210,36 @@ def test_a_failed_acquisition_is_marked_with_its_error_type_only(exporter, entra
     assert acquire.status.status_code is StatusCode.ERROR and not acquire.status.description
     assert acquire.attributes["error.type"] == "AssertionRejected"
     assert "flask_obo.token.source" not in acquire.attributes and not acquire.events
+
+
+def test_a_follower_records_its_wait_for_the_leaders_exchange(exporter):
+    """Single flight: the follower's ``flask_obo.token.wait`` spans its wait for the leader."""
+    flights: SingleFlight[str] = SingleFlight()
+    waiting = threading.Event()
+
+    class WaitStarted(SpanProcessor):  # the leader finishes only once the follower waits
+        def on_start(self, span, parent_context=None):
+            if span.name == tracing.WAIT_SPAN:
+                waiting.set()
+
+    tracing._provider.add_span_processor(WaitStarted())
+    leader_started = threading.Event()
+
+    def exchange() -> str:
+        leader_started.set()
+        assert waiting.wait(10)
+        return "the leader's token"
+
+    with ThreadPoolExecutor(1) as pool:
+        leader = pool.submit(flights.run, "adele", exchange, Deadline(10))
+        assert leader_started.wait(10)
+        with tracing.span(tracing.ACQUIRE_SPAN):
+            followed = flights.run("adele", lambda: "a token of its own", Deadline(10))
+        assert leader.result(10) == followed == "the leader's token"
+    spans = {one.name: one for one in finished(exporter)}
+
+    wait, acquire = spans[tracing.WAIT_SPAN], spans[tracing.ACQUIRE_SPAN]
+    assert wait.parent.span_id == acquire.context.span_id and wait.status.is_ok
 
 
 def test_every_outcome_but_failure_has_a_source():
