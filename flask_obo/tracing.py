@@ -7,7 +7,7 @@ OpenTelemetry SDK reads itself (sampler, headers, timeout, batching, resource
 attributes); ``OTEL_SERVICE_NAME`` defaults to ``flask-obo``. The SDK, the exporter and
 the Flask, requests and redis instrumentations come with the optional extra
 ``flask-obo[otel]`` and are imported only then: without them, or switched off, flask_obo
-imports none of OpenTelemetry.
+itself imports nothing of OpenTelemetry.
 
 A request's trace: the server span (Flask instrumentation; an incoming ``traceparent``
 continues the caller's trace; the request id is its ``flask_obo.request_id``), under it
@@ -82,10 +82,13 @@ _missing_packages_reported = False
 
 
 def enabled(environ: Mapping[str, str] = os.environ) -> bool:
-    """Does the environment ask for traces? An OTLP endpoint is set, the SDK not disabled."""
-    if environ.get(DISABLED_VARIABLE, "").strip().lower() == "true":
-        return False
-    return any(environ.get(name, "").strip() for name in ENDPOINT_VARIABLES)
+    """Does the environment ask for traces? An OTLP endpoint is set, the SDK not disabled.
+    (The process environment: the SDK reads its ``OTEL_*`` variables there, not in ``.env``.)"""
+    return not _sdk_disabled(environ) and any(environ.get(name, "").strip() for name in ENDPOINT_VARIABLES)
+
+
+def _sdk_disabled(environ: Mapping[str, str]) -> bool:
+    return environ.get(DISABLED_VARIABLE, "").strip().lower() == "true"
 
 
 def active() -> bool:
@@ -104,9 +107,7 @@ def configure(exporter: SpanExporter | None = None) -> bool:
     with _lock:
         if _tracer is not None:
             return True
-        if exporter is None and not enabled():
-            return False
-        if os.environ.get(DISABLED_VARIABLE, "").strip().lower() == "true":
+        if _sdk_disabled(os.environ) or (exporter is None and not enabled()):
             return False
         try:
             _provider = _start_provider(exporter)
@@ -115,7 +116,7 @@ def configure(exporter: SpanExporter | None = None) -> bool:
             return False
         _instrument_libraries(_provider)
         _tracer = _provider.get_tracer(INSTRUMENTATION_NAME)
-        log.info("OpenTelemetry tracing on: spans are exported over OTLP/HTTP")
+        log.info("OpenTelemetry tracing is on in process %d", os.getpid())
         return True
 
 
