@@ -21,12 +21,12 @@ import stat
 import tempfile
 import threading
 import time
-from urllib.parse import urlsplit
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import requests
 from joserfc.errors import JoseError

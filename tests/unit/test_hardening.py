@@ -68,8 +68,8 @@ def test_a_path_cannot_leave_the_base_url(path):
 def test_ordinary_paths_still_go_out(path):
     with responses.RequestsMock() as rsps:
         rsps.get(f"{API}{path.split('?')[0]}", json={})
-        api = DownstreamApi("tasks", DownstreamApiSettings(API, ("api://tasks/.default",)), build_session([API]),
-                            lambda scopes, claims: "TOKEN")
+        api = DownstreamApi("tasks", DownstreamApiSettings(API, ("api://tasks/.default",)),
+                            build_session([API]), lambda scopes, claims: "TOKEN")
         assert api.get(path).status_code == 200
 
 
