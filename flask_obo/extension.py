@@ -82,7 +82,8 @@ class FlaskOBO:
             settings = Settings.from_app_config(app.config)
         elif not isinstance(settings, Settings):
             settings = Settings.from_env(settings)
-        session = build_session([api.base_url for api in settings.downstream_apis.values()])
+        session = build_session([api.base_url for api in settings.downstream_apis.values()],
+                                [settings.authority_host])
         # The last good metadata and keys on disk: a recycled worker validates during an outage.
         disk = AuthorityDiskCache(settings.authority_cache_dir)
         entra_timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
