@@ -279,9 +279,16 @@ def _is_cors_preflight() -> bool:
 
 
 def _private(response: Response) -> Response:
-    """No shared cache (CDN, proxy) may keep a protected answer, whichever origin asked."""
-    response.headers["Cache-Control"] = "no-store"
-    response.vary.add("Origin")
+    """No shared cache (CDN, proxy) may keep a protected answer, whichever origin asked.
+    (The header is edited as a string: ``response.vary`` builds a ``HeaderSet`` with an
+    update callback, several times the cost, on every protected request.)"""
+    headers = response.headers
+    headers["Cache-Control"] = "no-store"
+    vary = headers.get("Vary")
+    if not vary:
+        headers["Vary"] = "Origin"
+    elif "origin" not in {value.strip().lower() for value in vary.split(",")}:
+        headers["Vary"] = f"{vary}, Origin"
     return response
 
 
