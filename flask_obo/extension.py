@@ -69,15 +69,21 @@ class FlaskOBO:
 
     def init_app(self, app: Flask, settings: Settings | Mapping[str, str] | None = None,
                  store: TokenCacheStore | None = None) -> None:
-        """Build ``app``'s services, register the JSON error handlers and the
-        ``flask token-cache`` commands, and count every request in the application's
-        metrics (``metrics_view`` serves them).
+        """Build ``app``'s services, register the JSON rendering of flask-obo's own errors
+        (``ApiError``; the application's other errors stay its own) and the ``flask
+        token-cache`` commands, and count every request in the application's metrics
+        (``metrics_view`` serves them). Once per application: a second call raises
+        ``RuntimeError``.
 
         ``settings``: a ``Settings``, a mapping of setting names to values (used alone),
         or None for ``app.config`` overlaid on the environment (``Settings.from_app_config``).
         ``store``: the token cache store; by default Redis when ``REDIS_URL`` is set,
         else this process's memory. Raises ``SettingsError`` naming a bad setting.
         """
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                f"FlaskOBO.init_app has already been called for the application {app.name!r}: "
+                "its hooks and commands would be registered twice")
         if settings is None:
             settings = Settings.from_app_config(app.config)
         elif not isinstance(settings, Settings):
