@@ -218,3 +218,33 @@ def test_the_site_builds_offline() -> None:
     assert config["theme"]["font"] == "false"
     plugins = {next(iter(p)) if isinstance(p, dict) else p for p in config["plugins"]}
     assert plugins <= {"search", "mkdocstrings"}
+
+
+# --- the tutorial ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", ["dev-tenant.md", "real-tenant.md"])
+def test_each_tutorial_takes_at_most_five_steps(page: str) -> None:
+    steps = re.findall(r"^## (\d+)\. ", (DOCS / "tutorial" / page).read_text(), re.M)
+    assert steps == [str(n) for n in range(1, len(steps) + 1)] and 3 <= len(steps) <= 5
+
+
+def test_the_tutorial_gives_the_dev_tenants_tasks_api_as_the_code_serves_it() -> None:
+    """Its URL and scope were in the source only; the tutorial and the README name them."""
+    from devtenant import TASKS_API_RESOURCE
+    from devtenant.tasks_api import bp
+
+    tutorial = (DOCS / "tutorial" / "dev-tenant.md").read_text()
+    assert f"DOWNSTREAM_APIS__TASKS__SCOPES={TASKS_API_RESOURCE}/.default" in tutorial
+    assert f"DOWNSTREAM_APIS__TASKS__BASE_URL=https://localhost:8443{bp.url_prefix}" in tutorial
+    readme = (ROOT / "README.md").read_text()
+    assert f"{TASKS_API_RESOURCE}/.default" in readme and bp.url_prefix in readme
+
+
+def test_the_tutorial_shows_the_readmes_tested_example() -> None:
+    """The tutorial includes the README's example (the one tests/e2e/test_readme_example.py
+    runs) through a snippet, so there is one copy of it."""
+    assert '--8<-- "README.md:example"' in (DOCS / "tutorial" / "dev-tenant.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("--8<-- [start:example]"):readme.index("--8<-- [end:example]")]
+    assert "obo.downstream(\"tasks\")" in section and "```python" in section
