@@ -38,6 +38,7 @@ NAME_PLACEHOLDER = "<NAME>"
 _SAMPLE_API = "DOCSAMPLE"
 _SAMPLE_GUID = "00000000-0000-4000-8000-000000000001"
 UNSET = "—"
+OPTIONAL_PREFIX = "OBO_"  # the settings' optional namespace in app.config (issue 19)
 
 
 class SettingsDocError(ValueError):
@@ -92,7 +93,9 @@ def settings_read_by_code() -> list[str]:
         name = name.replace(sample, f"{DOWNSTREAM_PREFIX}{NAME_PLACEHOLDER}__")
         if name not in names:
             names.append(name)
-    return names
+    # A prefixed spelling of a setting (OBO_REDIS_URL for REDIS_URL) is that setting.
+    return [name for name in names
+            if not (name.startswith(OPTIONAL_PREFIX) and name[len(OPTIONAL_PREFIX):] in names)]
 
 
 def _accessor_calls() -> dict[str, tuple[str, list[ast.expr]]]:
@@ -180,6 +183,10 @@ def settings_table(block: str) -> str:
     if problems:
         raise SettingsDocError("docs/reference/settings.md: " + "; ".join(problems))
     defaults = setting_defaults()
+    unfound = [name for name in read if name not in defaults and NAME_PLACEHOLDER not in name]
+    if unfound:  # read through a call this generator does not parse: say so, show no guess
+        raise SettingsDocError(f"{SETTINGS_SOURCE.name}: no env.<accessor>(\"NAME\", ...) call "
+                               f"found for {', '.join(unfound)}, so their defaults are unknown")
     lines = ["| variable | default | meaning |", "|---|---|---|"]
     for name in documented:  # in the page's order, which groups them by concern
         default = defaults.get(name, "required" if NAME_PLACEHOLDER in name else UNSET)
