@@ -114,6 +114,9 @@ _SETTING_PREFIXES = ("AZURE_", "API_", "GRAPH_", "DOWNSTREAM_APIS__", "REDIS_", 
 _NAME = re.compile(r"(?<![A-Za-z0-9_])([A-Z][A-Z0-9]*(?:__<NAME>__[A-Z0-9_]+|_[A-Z0-9]+)+)(?![A-Za-z0-9_])")
 
 
+_ON_PURPOSE = re.compile(r"misspel|mistyp|typo", re.I)
+
+
 def names_the_code_knows(gen: ModuleType) -> set[str]:
     """Settings.from_env's names, and the upper-case string constants of the other code
     that reads the environment: gunicorn's config, make run, the compose file, the
@@ -132,6 +135,9 @@ def names_the_code_knows(gen: ModuleType) -> set[str]:
 
 
 def setting_names_in(markdown: str) -> set[str]:
+    """The setting names in a page's code spans and blocks; a line that says it shows a
+    misspelt (or mistyped) name on purpose is left out."""
+    markdown = "\n".join(line for line in markdown.splitlines() if not _ON_PURPOSE.search(line))
     names = set()
     for code in re.findall(r"`([^`\n]+)`", markdown) + re.findall(r"```\w*\n(.*?)```", markdown, re.S):
         for name in _NAME.findall(code):
@@ -147,6 +153,7 @@ def test_the_name_scan_finds_setting_names(gen: ModuleType) -> None:
     assert setting_names_in(text) == {"REDIS_URL", "TOKEN_CACHE_KEYS", "DOWNSTREAM_APIS__<NAME>__SCOPES",
                                       "AZURE_TENANT_ID"}
     assert "REDIS_URL_TYPO" not in names_the_code_knows(gen)
+    assert setting_names_in("a misspelt `REDIS_URLS` would be ignored") == set()
 
 
 def test_the_hand_written_docs_name_only_settings_the_code_knows(gen: ModuleType) -> None:
