@@ -119,6 +119,8 @@ class InvalidAccessToken(ApiError):
 
 
 class InsufficientScope(ApiError):
+    """The token lacks the scope the route requires (an app-only token has no scope at all)."""
+
     status = 403
     error = "insufficient_scope"
 

@@ -260,7 +260,8 @@ def _request_hooks(metrics: Metrics) -> tuple[Callable[[], None], Callable[[Resp
     a client cannot make up label values; unmatched requests (404, 405) share one.
     ``after_request`` functions run in reverse order of registration, so those an app
     registers after ``init_app`` (CORS, say) have run by then. Bound to ``metrics`` and
-    touching Flask's context proxies once each: they are the costly part (see README)."""
+    touching Flask's context proxies once each: they are the costly part (see
+    docs/how-to/metrics-and-logs.md)."""
 
     def start_timer() -> None:
         request.environ[_STARTED] = time.perf_counter()
