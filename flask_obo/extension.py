@@ -36,6 +36,7 @@ from .request_ids import REQUEST_ID_HEADER, begin_request, end_request
 from .settings import Settings
 from .token_acquisition import OnBehalfOfTokenProvider
 from .token_cache import TokenCacheCodec, partition_key
+from .tracing import VALIDATE_SPAN, instrument_app, span
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class FlaskOBO:
         start_timer, count_request = _request_hooks(metrics)
         app.before_request(start_timer)
         app.after_request(count_request)
+        instrument_app(app)  # OpenTelemetry, when OTEL_EXPORTER_OTLP_*ENDPOINT asks (flask_obo.tracing)
 
     # --- protecting the API ----------------------------------------------------------------------
     def require_scope(self, scope: str | None = None) -> Callable[[View], View]:
@@ -163,7 +165,8 @@ class FlaskOBO:
         """Validate the current request's token for ``scope`` (default: ``API_REQUIRED_SCOPE``);
         then ``current_token`` holds it. Raises the ``ApiError`` to answer with."""
         services = self._services()
-        services.protector.authenticate(scope or services.settings.required_scope)
+        with span(VALIDATE_SPAN):
+            services.protector.authenticate(scope or services.settings.required_scope)
 
     # --- acquiring tokens and calling downstream APIs --------------------------------------------
     def acquire_token(self, scopes: Sequence[str], claims_challenge: str | None = None) -> str:
