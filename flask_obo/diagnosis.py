@@ -239,34 +239,3 @@ class Diagnosis:
         with self._lock:
             return dict(self._findings)
 
-
-class BackgroundProbe:
-    """Runs ``probe`` on a daemon thread, one at a time and at most once per ``interval``.
-
-    ``/readyz`` pokes it while nothing has been loaded from the authority, so a wrong
-    tenant or an untrusted CA is named before the first user's request, while the probe
-    itself never waits on Entra ID."""
-
-    def __init__(self, probe: Callable[[], object], interval: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._probe, self._interval, self._clock = probe, interval, clock
-        self._last = float("-inf")
-        self._running = False
-        self._lock = threading.Lock()
-
-    def poke(self) -> None:
-        with self._lock:
-            now = self._clock()
-            if self._running or now - self._last < self._interval:
-                return
-            self._running, self._last = True, now
-        threading.Thread(target=self._run, name="flask-obo-probe", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            self._probe()
-        except Exception as exc:  # the failure is the Diagnosis's to name, if it names one
-            log.debug("background probe failed: %s", type(exc).__name__)
-        finally:
-            with self._lock:
-                self._running = False

@@ -27,7 +27,7 @@ from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys, Ten
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
 from .cli import register_commands
 from .credentials import client_credential
-from .diagnosis import REDIS, STATUS, BackgroundProbe, Diagnosis
+from .diagnosis import REDIS, STATUS, Diagnosis
 from .downstream import DownstreamApi
 from .errors import DownstreamNotConfigured, register_error_handlers
 from .http import build_session
@@ -57,7 +57,6 @@ class OboServices:
     downstream_apis: Mapping[str, DownstreamApi]
     metrics: Metrics
     diagnosis: Diagnosis  # misconfigurations met at run time (/readyz, the log)
-    authority_probe: BackgroundProbe  # loads the keys off the request path while none are
 
 
 class FlaskOBO:
@@ -120,7 +119,6 @@ class FlaskOBO:
             },
             metrics=metrics,
             diagnosis=diagnosis,
-            authority_probe=BackgroundProbe(lambda: keys.get("")),
         )
         register_error_handlers(app)
         app.before_request(_begin_request)
@@ -223,8 +221,6 @@ class FlaskOBO:
         credential or does not know its client id). ``misconfiguration`` says why."""
         services = self._services()
         checks = {"redis": services.store.status(), "authority": services.keys.status()}
-        if checks["authority"] == "unavailable":  # learn why, off this request
-            services.authority_probe.poke()
         if checks["redis"] == "ok":
             services.diagnosis.clear(REDIS)  # it answered: a fixed password is not a sticky failure
         for component in services.diagnosis.findings():
