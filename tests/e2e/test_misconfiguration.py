@@ -18,6 +18,7 @@ import pytest
 import redis
 import requests
 
+from devtenant import pki
 from tests.support.servers import redis_server
 from tests.support.stack import DevTenantProcess, api_env, devtenant, gunicorn
 
@@ -86,3 +87,31 @@ def test_a_refused_redis_password_is_misconfigured_and_warm_users_keep_200(tenan
     named = error_lines(log, "redis_auth")
     assert len(named) == 1, named
     assert "REDIS_URL" in named[0] and "first-password" not in log and "rotated-password" not in log
+
+
+@pytest.mark.parametrize(("change", "status", "component", "reason"), [
+    ({"AZURE_CLIENT_SECRET": "a-wrong-secret-value"}, 502, "credential", "AADSTS7000215"),
+    ({"REQUESTS_CA_BUNDLE": "<other CA>"}, 503, "authority", "untrusted_ca"),
+], ids=["rejected-secret", "untrusted-ca"])
+def test_a_rejected_credential_or_an_untrusted_ca_is_named(tenant, tmp_path, change, status, component,
+                                                           reason):
+    if change.get("REQUESTS_CA_BUNDLE"):  # a CA of our own, which did not sign the dev tenant's
+        other_ca = tmp_path / "other-ca.pem"
+        other_ca.write_bytes(pki.cert_pem(pki.make_ca(pki.new_rsa_key())))
+        change = {"REQUESTS_CA_BUNDLE": str(other_ca)}
+    with gunicorn(api_env(tenant, **change), workers=1, threads=4) as api:
+        token = tenant.tenant.api_token("adele")
+        statuses = [requests.get(f"{api.url}/api/me", headers={"Authorization": f"Bearer {token}"},
+                                 timeout=15).status_code for _ in range(10)]
+        assert set(statuses) == {status}, statuses  # never a 500
+        ready = requests.get(f"{api.url}/readyz", timeout=5)
+        assert ready.status_code == 503, ready.text
+        expected = "rejected" if component == "credential" else "misconfigured"
+        assert ready.json()["checks"][component] == expected
+        assert ready.json()["reasons"] == {component: reason}
+        log = api.log.read_text()
+    named = error_lines(log, reason)
+    assert len(named) == 1, named
+    if reason == "untrusted_ca":
+        assert "REQUESTS_CA_BUNDLE" in named[0] and str(tmp_path / "other-ca.pem") in named[0]
+    assert "a-wrong-secret-value" not in log
