@@ -54,7 +54,7 @@ from .diagnosis import (
     untrusted_cause,
 )
 from .redis_topology import redis_client
-from .settings import MULTI_TENANT_IDS, Settings, SettingsError
+from .settings import MULTI_TENANT_IDS, Settings, SettingsError, default_environ, unknown_setting_warnings
 from .token_cache import TokenCacheCodec
 
 OK, FAIL, WARN, SKIP = "ok", "FAIL", "warn", "skip"
@@ -126,12 +126,17 @@ def run_checks(settings: Settings | SettingsError) -> Iterator[Line]:
         for error in settings.errors:
             name, _, problem = error.partition(": ")
             yield Line(FAIL, "settings", name, problem, "fix this setting (its value is not shown)")
+        for warning in unknown_setting_warnings(default_environ()):
+            name, _, problem = warning.partition(": ")
+            yield Line(WARN, "settings", name, problem)
         try:  # Redis needs only its own settings: check it all the same
             cache_settings: Settings | None = Settings.for_token_cache()
         except SettingsError:
             cache_settings = None
         yield Line(SKIP, "authority", "AZURE_*", "not checked until the settings above are fixed")
-        if cache_settings is not None and cache_settings.redis_url:
+        if cache_settings is None:
+            yield Line(SKIP, "redis", "REDIS_URL", "not checked until the settings above are fixed")
+        elif cache_settings.redis_url:
             yield from check_redis(cache_settings)
         return
     yield Line(OK, "settings", "environment", "every setting is valid")
@@ -253,11 +258,11 @@ def check_credential(settings: Settings) -> Line:
     cause = cause_of_answer(result)
     if cause is not None:
         return failed("credential", subject, cause)
-    codes = result.get("error_codes") or []
+    codes = [code for code in result.get("error_codes") or [] if isinstance(code, int)]
+    where = f"{settings.authority_host}/error?code={codes[0]}" if codes else "the error above"
     return Line(FAIL, "credential", subject,
                 f"{result.get('error')} {' '.join(f'AADSTS{c}' for c in codes)} for {scope}".strip(),
-                f"grant the app registration an application permission of {scope.rsplit('/', 1)[0]} "
-                "if the API needs none, ignore this line")
+                f"see {where}")
 
 
 def _credential_name(settings: Settings) -> str:

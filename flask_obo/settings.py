@@ -216,7 +216,7 @@ class Settings:
         """Build settings from ``environ`` (default: ``.env`` overlaid by ``os.environ``).
 
         Raises one ``SettingsError`` listing every bad setting, one line each."""
-        environ = _default_environ() if environ is None else environ
+        environ = default_environ() if environ is None else environ
         env = Env(environ, collect=True)
         client_id = env.guid("AZURE_CLIENT_ID")
         app_id_uri = env.app_id_uri("AZURE_APP_ID_URI") or f"api://{client_id}"
@@ -294,7 +294,7 @@ class Settings:
         and ``TOKEN_ACQUISITION_TIMEOUT_SECONDS`` (how long ``evict`` waits for a user's
         lock). The Entra ID settings may be missing: they are placeholders here, so these
         settings must never serve requests."""
-        environ = _default_environ() if environ is None else environ
+        environ = default_environ() if environ is None else environ
         env = Env(environ, collect=True)
         cache = _cache_values(env)
         if env.errors:
@@ -331,7 +331,8 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def _default_environ() -> dict[str, str]:
+def default_environ() -> dict[str, str]:
+    """What settings are read from by default: ``.env`` overlaid by ``os.environ``."""
     from dotenv import dotenv_values
 
     dotenv = {k: v for k, v in dotenv_values(".env").items() if v is not None}
