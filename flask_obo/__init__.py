@@ -17,6 +17,7 @@ memory tier) and downstream APIs (``downstream``). Errors are ``flask_obo.errors
 """
 
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
+from .cli import loading_for_a_command, operator_app, settings_error_lines
 from .downstream import DownstreamApi
 from .extension import FlaskOBO
 from .protector import EntraAccessToken, current_token
@@ -39,4 +40,7 @@ __all__ = [
     "TraceContextFilter",
     "current_request_id",
     "current_token",
+    "loading_for_a_command",
+    "operator_app",
+    "settings_error_lines",
 ]
