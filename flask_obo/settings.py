@@ -38,6 +38,10 @@ _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _APP_ID_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+(/[^\s?#]*)?|urn:[^\s?#]+")
 LOG_FORMATS = ("text", "json")  # the first is the default
 DOWNSTREAM_PREFIX = "DOWNSTREAM_APIS__"
+#: ``OBO_<NAME>`` is ``<NAME>`` meant for flask-obo alone, and wins over ``<NAME>`` (in
+#: ``app.config`` and in the environment alike): ``OBO_REDIS_URL`` points the token cache at
+#: another Redis than the application's own ``REDIS_URL`` (RQ, Celery).
+OBO_PREFIX = "OBO_"
 # AZURE_TENANT_ID values that make the API multi-tenant (with AZURE_ALLOWED_TENANTS)
 MULTI_TENANT_IDS = ("organizations", "common")
 DOWNSTREAM_FIELDS = ("BASE_URL", "SCOPES")
@@ -80,16 +84,20 @@ KNOWN_SETTINGS = frozenset(API_SETTINGS + GUNICORN_SETTINGS + OTHER_KNOWN_SETTIN
 
 
 def unknown_setting_warnings(names: Iterable[str]) -> tuple[str, ...]:
-    """One warning per name under ``SETTING_PREFIXES`` that this package does not read,
-    with the closest known name (``LOG_FROMAT`` → ``LOG_FORMAT``). ``DOWNSTREAM_APIS__*``
-    names are checked where they are read (an unknown field is an error there)."""
+    """One warning per name under ``SETTING_PREFIXES`` (or ``OBO_``, which is flask-obo's
+    alone) that this package does not read, with the closest known name, spelled as the
+    name was (``LOG_FROMAT`` → ``LOG_FORMAT``, ``OBO_REDIS_URLL`` → ``OBO_REDIS_URL``).
+    ``DOWNSTREAM_APIS__*`` names are checked where they are read (an unknown field is an
+    error there)."""
     warnings = []
     for name in sorted(set(names)):
-        if (not name.startswith(SETTING_PREFIXES) or name in KNOWN_SETTINGS
-                or name.startswith(DOWNSTREAM_PREFIX)):
+        prefix = OBO_PREFIX if name.startswith(OBO_PREFIX) else ""
+        bare = name[len(prefix):]
+        if ((not prefix and not bare.startswith(SETTING_PREFIXES)) or bare in KNOWN_SETTINGS
+                or bare.startswith(DOWNSTREAM_PREFIX)):
             continue
-        close = difflib.get_close_matches(name, sorted(KNOWN_SETTINGS), n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}?" if close else "flask-obo reads no similar name"
+        close = difflib.get_close_matches(bare, sorted(KNOWN_SETTINGS), n=1, cutoff=0.6)
+        hint = f"did you mean {prefix}{close[0]}?" if close else "flask-obo reads no similar name"
         warnings.append(f"{name}: not a setting of flask-obo, ignored; {hint}")
     return tuple(warnings)
 
@@ -307,16 +315,21 @@ class Settings:
         """Settings from a Flask app's ``config`` overlaid on ``environ`` (default:
         ``os.environ``), under the same names.
 
+        Each name may carry the prefix ``OBO_`` (``OBO_REDIS_URL``), which wins over the
+        bare name: for one setting, the first set of ``app.config["OBO_<NAME>"]``, the
+        environment's ``OBO_<NAME>``, ``app.config["<NAME>"]``, the environment's ``<NAME>``.
+
         ``app.config.from_prefixed_env()`` fills the config from ``FLASK_<NAME>``, parsing
         values as JSON and nesting on ``__``; both are undone here, so
         ``FLASK_DOWNSTREAM_APIS__TASKS__SCOPES`` means ``DOWNSTREAM_APIS__TASKS__SCOPES``.
         """
         merged = dict(os.environ if environ is None else environ)
         for name, value in config.items():
-            if name == DOWNSTREAM_PREFIX.rstrip("_") and isinstance(value, Mapping):
+            prefix = OBO_PREFIX if name.startswith(OBO_PREFIX) else ""
+            if name[len(prefix):] == DOWNSTREAM_PREFIX.rstrip("_") and isinstance(value, Mapping):
                 for api, fields in value.items():
                     for field_name, field_value in (fields.items() if isinstance(fields, Mapping) else ()):
-                        merged[f"{DOWNSTREAM_PREFIX}{api}__{field_name}"] = _as_text(field_value)
+                        merged[f"{prefix}{DOWNSTREAM_PREFIX}{api}__{field_name}"] = _as_text(field_value)
             elif isinstance(value, (str, bool, int, float, list, tuple)):
                 merged[name] = _as_text(value)
         return cls.from_env(merged)
@@ -383,7 +396,7 @@ def _or(fallback: Callable[..., Any]) -> Callable[[_Accessor], _Accessor]:
                 return accessor(self, name, *args, **kwargs)
             except SettingsError as error:
                 if not self.collect:
-                    raise
+                    raise SettingsError(*(self.as_set(line) for line in error.errors)) from None
                 for line in error.errors:
                     self.error(line)
                 return fallback(*args, **kwargs)
@@ -403,6 +416,8 @@ class Env:
 
     def __init__(self, environ: Mapping[str, str], collect: bool = False) -> None:
         self._environ = environ
+        # <NAME> -> OBO_<NAME> for the settings read under their prefixed name (errors name it).
+        self._spelled: dict[str, str] = {}
         self.collect = collect
         self._errors: dict[str, str] = {}
         self.read: set[str] = set()  # the names asked for (a test checks KNOWN_SETTINGS)
@@ -416,8 +431,13 @@ class Env:
         """``message`` (``"NAME: what is wrong"``): raised, or kept when collecting (the
         first error of each variable: any other follows from it)."""
         if not self.collect:
-            raise SettingsError(message)
-        self._errors.setdefault(message.partition(":")[0], message)
+            raise SettingsError(self.as_set(message))
+        self._errors.setdefault(message.partition(":")[0], self.as_set(message))
+
+    def as_set(self, message: str) -> str:
+        """``message`` naming its variable as it was set (``OBO_REDIS_URL: ...``)."""
+        name, colon, rest = message.partition(":")
+        return f"{self._spelled[name]}{colon}{rest}" if colon and name in self._spelled else message
 
     def failed(self, *names: str) -> bool:
         """Has one of ``names`` already been found bad?"""
@@ -435,9 +455,14 @@ class Env:
             return None
 
     def optional(self, name: str) -> str | None:
+        """``OBO_<name>`` if set (even empty: see ``OBO_PREFIX``), else ``name``; blank is None."""
         self.read.add(name)
-        value = self._environ.get(name, "").strip()
-        return value or None
+        value = self._environ.get(OBO_PREFIX + name)
+        if value is None:
+            value = self._environ.get(name)
+        else:
+            self._spelled[name] = OBO_PREFIX + name
+        return (value or "").strip() or None
 
     @_or(lambda: "")
     def required(self, name: str) -> str:
@@ -540,13 +565,15 @@ class Env:
 
     def downstream_apis(self) -> dict[str, DownstreamApiSettings]:
         """``DOWNSTREAM_APIS__<NAME>__BASE_URL`` and ``DOWNSTREAM_APIS__<NAME>__SCOPES`` (both
-        required) for each ``<NAME>``: letters, digits and ``_``, used lower-case."""
+        required) for each ``<NAME>``: letters, digits and ``_``, used lower-case (each
+        name may carry ``OBO_`` too)."""
         names: set[str] = set()
         for variable in self._environ:
-            if not variable.startswith(DOWNSTREAM_PREFIX):
+            bare = variable.removeprefix(OBO_PREFIX)
+            if not bare.startswith(DOWNSTREAM_PREFIX):
                 continue
-            self.read.add(variable)
-            name, _, field_name = variable[len(DOWNSTREAM_PREFIX):].partition("__")
+            self.read.add(bare)
+            name, _, field_name = bare[len(DOWNSTREAM_PREFIX):].partition("__")
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", name) or name.endswith("_"):
                 self.error(f"{variable}: the API's name must be letters, digits and _")
             elif field_name not in DOWNSTREAM_FIELDS:
