@@ -38,6 +38,7 @@ from .errors import (
     InsufficientClaims,
     UnsafeDownstreamPath,
 )
+from .http import retry_after_seconds
 from .metrics import NO_ANSWER, Metrics
 from .request_ids import CLIENT_REQUEST_ID_HEADER, current_request_id
 from .settings import DownstreamApiSettings
@@ -131,7 +132,7 @@ class DownstreamApi:
         if status == 404:
             raise DownstreamNotFound()  # the path is logged above, never echoed to the caller
         if status in (429, 503):
-            raise DownstreamThrottled(retry_after=_seconds(response.headers.get("Retry-After")))
+            raise DownstreamThrottled(retry_after=retry_after_seconds(response.headers.get("Retry-After")))
         if status == 504:
             raise DownstreamTimeout()
         raise DownstreamError()
@@ -184,6 +185,3 @@ def _path(path: str) -> str:
     """The path without its query, for logs: a query may carry a user's data."""
     return urlsplit(path).path
 
-
-def _seconds(value: str | None) -> int:
-    return int(value) if value and value.isdigit() else 5
