@@ -208,7 +208,7 @@ def client_credential(settings: Settings, session: requests.Session) -> ClientCr
         return FederatedTokenFile(settings.federated_token_file)
     if settings.client_assertion == "managed_identity":
         return ManagedIdentityAssertion(settings.managed_identity_client_id,
-                                        (settings.entra_connect_timeout, settings.entra_read_timeout))
+                                        settings.entra_timeout)
     if settings.client_certificate is not None:
         assert settings.client_certificate_path is not None
         return CertificateFile(settings.client_certificate_path, settings.client_certificate_password,

@@ -45,8 +45,6 @@ from .settings import DownstreamApiSettings
 
 log = logging.getLogger(__name__)
 
-#: (connect, read) seconds for one attempt; the connect time is just above a TCP retransmit.
-DOWNSTREAM_TIMEOUT = (3.05, 10.0)
 _AUTH_PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*"([^"]*)"')
 
 #: ``(scopes, claims_challenge) -> access token`` for the caller of the current request.
@@ -66,6 +64,7 @@ class DownstreamApi:
         self.name = name
         self.base_url = settings.base_url.rstrip("/")
         self.scopes = settings.scopes
+        self.timeout = settings.timeout  # (connect, read) of one attempt, unless a call gives its own
         self._session = session
         self._tokens = tokens
         self._metrics = metrics or Metrics()
@@ -110,7 +109,7 @@ class DownstreamApi:
         try:
             response = self._session.request(
                 method, self.base_url + path,
-                **{"timeout": DOWNSTREAM_TIMEOUT, **kwargs, "headers": headers},
+                **{"timeout": self.timeout, **kwargs, "headers": headers},
             )
         except requests.Timeout:
             self._metrics.downstream(self.name, NO_ANSWER, started)

@@ -98,7 +98,7 @@ class FlaskOBO:
                                 [settings.authority_host])
         # The last good metadata and keys on disk: a recycled worker validates during an outage.
         disk = AuthorityDiskCache(settings.authority_cache_dir)
-        entra_timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
+        entra_timeout = settings.entra_timeout
         metadata = OpenIdConfiguration(settings.openid_configuration_url, session, disk=disk,
                                        timeout=entra_timeout, diagnosis=diagnosis)
         keys = SigningKeys(metadata, session, disk=disk, timeout=entra_timeout, diagnosis=diagnosis)

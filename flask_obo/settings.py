@@ -26,8 +26,12 @@ _T = TypeVar("_T")
 
 DEFAULT_TTL_SECONDS = 90 * 24 * 3600
 # Bounds on waiting for dependencies (see docs/explanation/how-it-works.md, "When a dependency fails").
-DEFAULT_ENTRA_CONNECT_TIMEOUT = 3.0
+# Connecting waits just above the 3 s after which TCP resends a lost SYN, so one loss is survived.
+DEFAULT_CONNECT_TIMEOUT = 3.05
+DEFAULT_ENTRA_CONNECT_TIMEOUT = DEFAULT_CONNECT_TIMEOUT
 DEFAULT_ENTRA_READ_TIMEOUT = 10.0
+DEFAULT_ENTRA_TIMEOUT = (DEFAULT_ENTRA_CONNECT_TIMEOUT, DEFAULT_ENTRA_READ_TIMEOUT)
+DEFAULT_DOWNSTREAM_TIMEOUT = 10.0  # GRAPH_ and DOWNSTREAM_APIS__<NAME>__TIMEOUT_SECONDS
 DEFAULT_TOKEN_ACQUISITION_TIMEOUT = 12.0
 DEFAULT_ENTRA_MAX_WAITING_THREADS = 4
 DEFAULT_REDIS_TIMEOUT = 0.5
@@ -44,7 +48,9 @@ DOWNSTREAM_PREFIX = "DOWNSTREAM_APIS__"
 OBO_PREFIX = "OBO_"
 # AZURE_TENANT_ID values that make the API multi-tenant (with AZURE_ALLOWED_TENANTS)
 MULTI_TENANT_IDS = ("organizations", "common")
-DOWNSTREAM_FIELDS = ("BASE_URL", "SCOPES")
+#: The fields of ``DOWNSTREAM_APIS__<NAME>__<FIELD>`` and their defaults (None: required).
+DOWNSTREAM_FIELDS: Mapping[str, float | None] = {
+    "BASE_URL": None, "SCOPES": None, "TIMEOUT_SECONDS": DEFAULT_DOWNSTREAM_TIMEOUT}
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # gunicorn's and logging's common names
 PLACEHOLDER_GUID = "00000000-0000-0000-0000-000000000000"  # stands in for a setting that failed
 
@@ -60,11 +66,12 @@ API_SETTINGS = (
     "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_CLIENT_ASSERTION",
     "AZURE_MANAGED_IDENTITY_CLIENT_ID", "AZURE_CLIENT_CAPABILITIES", "AZURE_APP_ID_URI",
     "AZURE_AUTHORITY_HOST", "AZURE_V1_ISSUER_HOST", "AZURE_ALLOWED_TENANTS", "API_REQUIRED_SCOPE",
-    "GRAPH_BASE_URL", "GRAPH_SCOPES", "REDIS_URL", "REDIS_CLUSTER", "REDIS_SENTINELS",
-    "REDIS_SENTINEL_PASSWORD", "REDIS_TIMEOUT_SECONDS", "TOKEN_CACHE_KEYS", "TOKEN_CACHE_PREFIX",
-    "TOKEN_CACHE_TTL_SECONDS", "TOKEN_MEMORY_CACHE_USERS", "TOKEN_ACQUISITION_TIMEOUT_SECONDS",
-    "CORS_ALLOWED_ORIGINS", "ENTRA_CONNECT_TIMEOUT_SECONDS", "ENTRA_READ_TIMEOUT_SECONDS",
-    "ENTRA_MAX_WAITING_THREADS", "AUTHORITY_CACHE_DIR", "LOG_LEVEL", "LOG_FORMAT",
+    "GRAPH_BASE_URL", "GRAPH_SCOPES", "GRAPH_TIMEOUT_SECONDS", "REDIS_URL", "REDIS_CLUSTER",
+    "REDIS_SENTINELS", "REDIS_SENTINEL_PASSWORD", "REDIS_TIMEOUT_SECONDS", "TOKEN_CACHE_KEYS",
+    "TOKEN_CACHE_PREFIX", "TOKEN_CACHE_TTL_SECONDS", "TOKEN_MEMORY_CACHE_USERS",
+    "TOKEN_ACQUISITION_TIMEOUT_SECONDS", "CORS_ALLOWED_ORIGINS", "ENTRA_CONNECT_TIMEOUT_SECONDS",
+    "ENTRA_READ_TIMEOUT_SECONDS", "ENTRA_MAX_WAITING_THREADS", "AUTHORITY_CACHE_DIR", "LOG_LEVEL",
+    "LOG_FORMAT",
 )
 #: Read by config/gunicorn.conf.py (and by gunicorn itself: GUNICORN_CMD_ARGS).
 GUNICORN_SETTINGS = (
@@ -124,11 +131,18 @@ class ClientCertificate:
 
 @dataclass(frozen=True)
 class DownstreamApiSettings:
-    """A downstream API: ``DOWNSTREAM_APIS__<NAME>__BASE_URL`` and ``..._SCOPES``
-    (``graph`` comes from ``GRAPH_BASE_URL`` and ``GRAPH_SCOPES``)."""
+    """A downstream API: ``DOWNSTREAM_APIS__<NAME>__BASE_URL``, ``..._SCOPES`` and
+    ``..._TIMEOUT_SECONDS`` (``graph``'s come from ``GRAPH_BASE_URL``, ``GRAPH_SCOPES`` and
+    ``GRAPH_TIMEOUT_SECONDS``)."""
 
     base_url: str
     scopes: tuple[str, ...]
+    timeout_seconds: float = DEFAULT_DOWNSTREAM_TIMEOUT  # how long one attempt waits for the answer
+
+    @property
+    def timeout(self) -> tuple[float, float]:
+        """requests' (connect, read) timeout of one attempt: never longer than the setting."""
+        return min(DEFAULT_CONNECT_TIMEOUT, self.timeout_seconds), self.timeout_seconds
 
 
 @dataclass(frozen=True)
@@ -155,6 +169,7 @@ class Settings:
     required_scope: str = "user_impersonation"
     graph_base_url: str = "https://graph.microsoft.com/v1.0"
     graph_scopes: tuple[str, ...] = ("https://graph.microsoft.com/.default",)
+    graph_timeout_seconds: float = DEFAULT_DOWNSTREAM_TIMEOUT
     # More downstream APIs by lower-case name; "graph" is always the one above.
     extra_downstream_apis: Mapping[str, DownstreamApiSettings] = field(default_factory=dict)
     redis_url: str | None = field(default=None, repr=False)
@@ -210,13 +225,18 @@ class Settings:
         return f"{self.authority_host}/{tid}" if self.multi_tenant else self.authority
 
     @property
+    def entra_timeout(self) -> tuple[float, float]:
+        """requests' (connect, read) timeout of each call to Entra ID."""
+        return self.entra_connect_timeout, self.entra_read_timeout
+
+    @property
     def openid_configuration_url(self) -> str:
         return f"{self.issuer}/.well-known/openid-configuration"
 
     @property
     def downstream_apis(self) -> dict[str, DownstreamApiSettings]:
         """Every downstream API by name: ``graph`` and those of ``DOWNSTREAM_APIS__*``."""
-        graph = DownstreamApiSettings(self.graph_base_url, self.graph_scopes)
+        graph = DownstreamApiSettings(self.graph_base_url, self.graph_scopes, self.graph_timeout_seconds)
         return {"graph": graph, **self.extra_downstream_apis}
 
     @classmethod
@@ -276,6 +296,7 @@ class Settings:
                                           api=(app_id_uri, f"api://{client_id}", client_id)),
             graph_base_url=env.https_url("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0"),
             graph_scopes=env.scopes("GRAPH_SCOPES", "https://graph.microsoft.com/.default"),
+            graph_timeout_seconds=env.seconds("GRAPH_TIMEOUT_SECONDS", DEFAULT_DOWNSTREAM_TIMEOUT),
             extra_downstream_apis=env.downstream_apis(),
             cors_allowed_origins=env.origins("CORS_ALLOWED_ORIGINS"),
             entra_connect_timeout=env.seconds("ENTRA_CONNECT_TIMEOUT_SECONDS", DEFAULT_ENTRA_CONNECT_TIMEOUT),
@@ -577,12 +598,13 @@ class Env:
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", name) or name.endswith("_"):
                 self.error(f"{variable}: the API's name must be letters, digits and _")
             elif field_name not in DOWNSTREAM_FIELDS:
-                close = difflib.get_close_matches(field_name, DOWNSTREAM_FIELDS, n=1)
+                close = difflib.get_close_matches(field_name, list(DOWNSTREAM_FIELDS), n=1)
                 hint = f" (did you mean {DOWNSTREAM_PREFIX}{name}__{close[0]}?)" if close else ""
-                self.error(f"{variable}: unknown; use {DOWNSTREAM_PREFIX}<NAME>__BASE_URL "
-                           f"or {DOWNSTREAM_PREFIX}<NAME>__SCOPES{hint}")
+                self.error(f"{variable}: unknown; use {DOWNSTREAM_PREFIX}<NAME>__BASE_URL, "
+                           f"__SCOPES or __TIMEOUT_SECONDS{hint}")
             elif name.lower() == "graph":
-                self.error(f"{variable}: graph is set by GRAPH_BASE_URL and GRAPH_SCOPES")
+                self.error(f"{variable}: graph is set by GRAPH_BASE_URL, GRAPH_SCOPES and "
+                           "GRAPH_TIMEOUT_SECONDS")
             else:
                 names.add(name)
         apis = {}
@@ -594,6 +616,7 @@ class Env:
             apis[name.lower()] = DownstreamApiSettings(
                 base_url=self.https_url(prefix + "BASE_URL", self.required(prefix + "BASE_URL")),
                 scopes=self.scopes(prefix + "SCOPES", self.required(prefix + "SCOPES")),
+                timeout_seconds=self.seconds(prefix + "TIMEOUT_SECONDS", DEFAULT_DOWNSTREAM_TIMEOUT),
             )
         return apis
 
