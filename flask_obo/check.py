@@ -243,7 +243,7 @@ def check_credential(settings: Settings) -> Line:
     subject = f"{token_url} (client {settings.client_id}, {_credential_name(settings)})"
     timeout = settings.entra_timeout
     try:
-        credential = client_credential(settings, requests.Session()).for_msal()
+        credential = client_credential(settings).for_msal()
         app = msal.ConfidentialClientApplication(
             settings.client_id, client_credential=credential, authority=authority,
             instance_discovery=False, timeout=timeout)

@@ -202,7 +202,7 @@ class _BoundedSession(ResolvedSession):
         return super().request(method, url, *args, **kwargs)
 
 
-def client_credential(settings: Settings, session: requests.Session) -> ClientCredential:
+def client_credential(settings: Settings) -> ClientCredential:
     """The credential the settings name (``Settings`` checked there is exactly one)."""
     if settings.federated_token_file:
         return FederatedTokenFile(settings.federated_token_file)

@@ -113,7 +113,7 @@ class FlaskOBO:
             metadata, session, authority_host=settings.authority_host, allowed=settings.tenant_allowed,
             multi_tenant=settings.multi_tenant, disk=disk, timeout=entra_timeout, diagnosis=diagnosis)
         tokens = OnBehalfOfTokenProvider(settings, store, codec, session, tenants,
-                                         client_credential(settings, session), metrics)
+                                         client_credential(settings), metrics)
         app.extensions[EXTENSION_KEY] = OboServices(
             settings=settings,
             keys=keys,

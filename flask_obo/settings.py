@@ -248,71 +248,18 @@ class Settings:
         env = Env(environ, collect=True)
         client_id = env.guid("AZURE_CLIENT_ID")
         app_id_uri = env.app_id_uri("AZURE_APP_ID_URI") or f"api://{client_id}"
-        secret = env.optional("AZURE_CLIENT_SECRET")
-        cert_path = env.optional("AZURE_CLIENT_CERTIFICATE_PATH")
-        cert_password = env.optional("AZURE_CLIENT_CERTIFICATE_PASSWORD")
-        token_file = env.readable_file("AZURE_FEDERATED_TOKEN_FILE")
-        assertion = env.choice("AZURE_CLIENT_ASSERTION", ("", "managed_identity")) or None
-        given = [name for name, value in (
-            ("AZURE_CLIENT_SECRET", secret), ("AZURE_CLIENT_CERTIFICATE_PATH", cert_path),
-            ("AZURE_FEDERATED_TOKEN_FILE", token_file), ("AZURE_CLIENT_ASSERTION", assertion)) if value]
-        if len(given) > 1:
-            env.error(f"{given[0]}: set only one of {', '.join(given)} (the API's credential)")
-        if not given and not env.failed("AZURE_FEDERATED_TOKEN_FILE", "AZURE_CLIENT_ASSERTION"):
-            env.error(
-                "AZURE_CLIENT_SECRET: missing (or set AZURE_CLIENT_CERTIFICATE_PATH, "
-                "AZURE_FEDERATED_TOKEN_FILE or AZURE_CLIENT_ASSERTION=managed_identity)"
-            )
-        # With two credentials given, which one is meant is unknown: the certificate waits.
-        certificate = (env.checked(lambda: load_certificate(cert_path, cert_password))
-                       if cert_path and len(given) == 1 else None)
-        identity_client_id = env.optional_guid("AZURE_MANAGED_IDENTITY_CLIENT_ID")
-        if identity_client_id and not assertion:
-            env.error("AZURE_MANAGED_IDENTITY_CLIENT_ID: needs AZURE_CLIENT_ASSERTION=managed_identity")
-        cache = _cache_values(env)
-        tenant_id = env.tenant("AZURE_TENANT_ID")
-        allowed = env.tenants("AZURE_ALLOWED_TENANTS")
-        if tenant_id in MULTI_TENANT_IDS and not allowed:
-            env.error(f"AZURE_ALLOWED_TENANTS: required with AZURE_TENANT_ID={tenant_id} "
-                      "(tenant ids, comma-separated, or * for any tenant)")
-        if allowed and tenant_id not in MULTI_TENANT_IDS:
-            env.error("AZURE_ALLOWED_TENANTS: only with AZURE_TENANT_ID=organizations")
-        values: dict[str, Any] = dict(
-            tenant_id=tenant_id,
-            allowed_tenants=allowed,
-            v1_issuer_host=env.https_url("AZURE_V1_ISSUER_HOST", "https://sts.windows.net"),
-            client_id=client_id,
-            client_secret=secret,
-            client_certificate=certificate,
-            client_certificate_path=cert_path,
-            client_certificate_password=cert_password,
-            federated_token_file=token_file,
-            client_assertion=assertion,
-            managed_identity_client_id=identity_client_id,
-            client_capabilities=env.capabilities("AZURE_CLIENT_CAPABILITIES", "cp1"),
-            app_id_uri=app_id_uri,
-            authority_host=env.https_url("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com"),
-            required_scope=env.scope_name("API_REQUIRED_SCOPE", "user_impersonation",
-                                          api=(app_id_uri, f"api://{client_id}", client_id)),
-            graph_base_url=env.https_url("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0"),
-            graph_scopes=env.scopes("GRAPH_SCOPES", "https://graph.microsoft.com/.default"),
-            graph_timeout_seconds=env.seconds("GRAPH_TIMEOUT_SECONDS", DEFAULT_DOWNSTREAM_TIMEOUT),
-            extra_downstream_apis=env.downstream_apis(),
-            cors_allowed_origins=env.origins("CORS_ALLOWED_ORIGINS"),
-            entra_connect_timeout=env.seconds("ENTRA_CONNECT_TIMEOUT_SECONDS", DEFAULT_ENTRA_CONNECT_TIMEOUT),
-            entra_read_timeout=env.seconds("ENTRA_READ_TIMEOUT_SECONDS", DEFAULT_ENTRA_READ_TIMEOUT),
-            entra_max_waiting_threads=env.positive_int(
-                "ENTRA_MAX_WAITING_THREADS", DEFAULT_ENTRA_MAX_WAITING_THREADS, unit="threads"
-            ),
-            memory_cache_users=env.positive_int(
-                "TOKEN_MEMORY_CACHE_USERS", DEFAULT_MEMORY_CACHE_USERS, unit="users"
-            ),
-            authority_cache_dir=env.optional("AUTHORITY_CACHE_DIR"),
-            log_level=env.log_level("LOG_LEVEL").upper(),
-            log_format=env.choice("LOG_FORMAT", LOG_FORMATS),
-            warnings=unknown_setting_warnings(environ),
-            **cache,
-        )
+        # Read in this order, so errors are listed in it; each part checks its settings together.
+        values: dict[str, Any] = {
+            "client_id": client_id,
+            "app_id_uri": app_id_uri,
+            **_credential_values(env),
+            **_cache_values(env),
+            **_tenant_values(env),
+            **_entra_values(env, client_id, app_id_uri),
+            **_downstream_values(env),
+            **_serving_values(env),
+            "warnings": unknown_setting_warnings(environ),
+        }
         if env.errors:
             raise SettingsError(*env.errors)
         return cls(**values)
@@ -399,6 +346,92 @@ def _cache_values(env: Env) -> dict[str, Any]:
         token_acquisition_timeout=env.seconds(
             "TOKEN_ACQUISITION_TIMEOUT_SECONDS", DEFAULT_TOKEN_ACQUISITION_TIMEOUT
         ),
+    )
+
+
+def _credential_values(env: Env) -> dict[str, Any]:
+    """The API's credential: exactly one of a secret, a certificate, a federated token file
+    or a managed identity."""
+    secret = env.optional("AZURE_CLIENT_SECRET")
+    cert_path = env.optional("AZURE_CLIENT_CERTIFICATE_PATH")
+    cert_password = env.optional("AZURE_CLIENT_CERTIFICATE_PASSWORD")
+    token_file = env.readable_file("AZURE_FEDERATED_TOKEN_FILE")
+    assertion = env.choice("AZURE_CLIENT_ASSERTION", ("", "managed_identity")) or None
+    given = [name for name, value in (
+        ("AZURE_CLIENT_SECRET", secret), ("AZURE_CLIENT_CERTIFICATE_PATH", cert_path),
+        ("AZURE_FEDERATED_TOKEN_FILE", token_file), ("AZURE_CLIENT_ASSERTION", assertion)) if value]
+    if len(given) > 1:
+        env.error(f"{given[0]}: set only one of {', '.join(given)} (the API's credential)")
+    if not given and not env.failed("AZURE_FEDERATED_TOKEN_FILE", "AZURE_CLIENT_ASSERTION"):
+        env.error(
+            "AZURE_CLIENT_SECRET: missing (or set AZURE_CLIENT_CERTIFICATE_PATH, "
+            "AZURE_FEDERATED_TOKEN_FILE or AZURE_CLIENT_ASSERTION=managed_identity)"
+        )
+    # With two credentials given, which one is meant is unknown: the certificate waits.
+    certificate = (env.checked(lambda: load_certificate(cert_path, cert_password))
+                   if cert_path and len(given) == 1 else None)
+    identity_client_id = env.optional_guid("AZURE_MANAGED_IDENTITY_CLIENT_ID")
+    if identity_client_id and not assertion:
+        env.error("AZURE_MANAGED_IDENTITY_CLIENT_ID: needs AZURE_CLIENT_ASSERTION=managed_identity")
+    return dict(
+        client_secret=secret,
+        client_certificate=certificate,
+        client_certificate_path=cert_path,
+        client_certificate_password=cert_password,
+        federated_token_file=token_file,
+        client_assertion=assertion,
+        managed_identity_client_id=identity_client_id,
+    )
+
+
+def _tenant_values(env: Env) -> dict[str, Any]:
+    """The tenant, and for a multi-tenant API the tenants whose users may call."""
+    tenant_id = env.tenant("AZURE_TENANT_ID")
+    allowed = env.tenants("AZURE_ALLOWED_TENANTS")
+    if tenant_id in MULTI_TENANT_IDS and not allowed:
+        env.error(f"AZURE_ALLOWED_TENANTS: required with AZURE_TENANT_ID={tenant_id} "
+                  "(tenant ids, comma-separated, or * for any tenant)")
+    if allowed and tenant_id not in MULTI_TENANT_IDS:
+        env.error("AZURE_ALLOWED_TENANTS: only with AZURE_TENANT_ID=organizations")
+    return dict(tenant_id=tenant_id, allowed_tenants=allowed)
+
+
+def _entra_values(env: Env, client_id: str, app_id_uri: str) -> dict[str, Any]:
+    """Where Entra ID is, what this API declares to it, and the scope its callers need."""
+    return dict(
+        v1_issuer_host=env.https_url("AZURE_V1_ISSUER_HOST", "https://sts.windows.net"),
+        client_capabilities=env.capabilities("AZURE_CLIENT_CAPABILITIES", "cp1"),
+        authority_host=env.https_url("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com"),
+        required_scope=env.scope_name("API_REQUIRED_SCOPE", "user_impersonation",
+                                      api=(app_id_uri, f"api://{client_id}", client_id)),
+    )
+
+
+def _downstream_values(env: Env) -> dict[str, Any]:
+    """Graph and the other downstream APIs."""
+    return dict(
+        graph_base_url=env.https_url("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0"),
+        graph_scopes=env.scopes("GRAPH_SCOPES", "https://graph.microsoft.com/.default"),
+        graph_timeout_seconds=env.seconds("GRAPH_TIMEOUT_SECONDS", DEFAULT_DOWNSTREAM_TIMEOUT),
+        extra_downstream_apis=env.downstream_apis(),
+    )
+
+
+def _serving_values(env: Env) -> dict[str, Any]:
+    """How requests are served: CORS, the bounds on waiting for Entra ID, memory, logs."""
+    return dict(
+        cors_allowed_origins=env.origins("CORS_ALLOWED_ORIGINS"),
+        entra_connect_timeout=env.seconds("ENTRA_CONNECT_TIMEOUT_SECONDS", DEFAULT_ENTRA_CONNECT_TIMEOUT),
+        entra_read_timeout=env.seconds("ENTRA_READ_TIMEOUT_SECONDS", DEFAULT_ENTRA_READ_TIMEOUT),
+        entra_max_waiting_threads=env.positive_int(
+            "ENTRA_MAX_WAITING_THREADS", DEFAULT_ENTRA_MAX_WAITING_THREADS, unit="threads"
+        ),
+        memory_cache_users=env.positive_int(
+            "TOKEN_MEMORY_CACHE_USERS", DEFAULT_MEMORY_CACHE_USERS, unit="users"
+        ),
+        authority_cache_dir=env.optional("AUTHORITY_CACHE_DIR"),
+        log_level=env.log_level("LOG_LEVEL").upper(),
+        log_format=env.choice("LOG_FORMAT", LOG_FORMATS),
     )
 
 
