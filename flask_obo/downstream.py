@@ -166,8 +166,13 @@ def _escapes(path: str) -> bool:
     ``%252e``: a proxy or framework in front of the API may decode twice); a backslash
     (IIS and some proxies read it as ``/``); a ``;`` (path parameters: Tomcat and Spring
     resolve ``..;/`` as ``../``); a control character. A path still encoded after a few
-    rounds of decoding is refused too, rather than guessed about."""
-    plain = urlsplit(path).path
+    rounds of decoding is refused too, rather than guessed about.
+
+    The query and fragment are cut off by hand, not with ``urlsplit``: that would read a
+    path starting ``//`` as a host (``//%2e%2e/admin`` would hide its ``..`` from these
+    checks, and urllib3 sends it as ``…//../admin``, which nginx's slash merging resolves
+    out of the base path) and silently drops tabs and newlines."""
+    plain = path.partition("#")[0].partition("?")[0]
     for _ in range(_DECODING_ROUNDS):
         decoded = unquote(plain)
         if decoded == plain:
