@@ -93,6 +93,22 @@ class ResolvedSession(requests.Session):
             kwargs["auth"] = origin.auth
         return super().request(method, url, *args, **kwargs)
 
+    # A redirect to another origin takes that origin's settings, as with requests: with
+    # ``trust_env`` off, requests would keep the first origin's proxies (so a redirect from
+    # a NO_PROXY API to, say, a file's download host would try to go direct) and skip
+    # ``.netrc``.
+    def rebuild_proxies(self, prepared_request: Any, proxies: Any) -> dict[str, str]:
+        merged = dict(proxies or {})
+        for scheme, proxy in self.resolve(prepared_request.url).proxies.items():
+            merged.setdefault(scheme, proxy)
+        return super().rebuild_proxies(prepared_request, merged)
+
+    def rebuild_auth(self, prepared_request: Any, response: Any) -> None:
+        super().rebuild_auth(prepared_request, response)
+        login = self.resolve(prepared_request.url).auth
+        if login is not None:
+            prepared_request.prepare_auth(login)
+
 
 def build_session(downstream_base_urls: Iterable[str], other_urls: Iterable[str] = ()) -> ResolvedSession:
     """The session for Entra ID (``other_urls``: the authority) and the downstream APIs,
