@@ -149,8 +149,9 @@ class FlaskOBO:
     def protect(self, blueprint: Blueprint, scope: str | None = None) -> None:
         """Require ``scope`` (default: ``API_REQUIRED_SCOPE``) on every route of
         ``blueprint``. Only a CORS preflight passes without a token (browsers send none
-        with it): an ``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``. Any
-        other ``OPTIONS``, a view's own among them, is authenticated like every method."""
+        with it): an ``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method`` that
+        Flask answers itself. Any other ``OPTIONS`` is authenticated like every method, and
+        so is every ``OPTIONS`` to a view that handles that method itself."""
 
         @blueprint.before_request
         def _authenticate() -> None:
