@@ -59,7 +59,10 @@ class ResolvedSession(requests.Session):
 
     requests' own per-request reading is switched off (``trust_env``); in its place the CA
     bundle is read here and each origin's settings on first use, then kept. A caller's
-    explicit ``proxies``, ``auth`` or ``verify`` still wins, as with requests."""
+    explicit ``proxies``, ``auth`` or ``verify`` still wins, as with requests (one
+    difference: an explicit ``verify=True`` means the default CA store here, where requests
+    would swap in ``REQUESTS_CA_BUNDLE``). A redirect to another origin takes that origin's
+    settings, as requests does."""
 
     def __init__(self) -> None:
         super().__init__()
