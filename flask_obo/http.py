@@ -46,6 +46,12 @@ DOWNSTREAM_RETRIES = Retry(
 )
 
 
+#: Origins whose settings are kept; past that (origins a downstream API's redirects or an
+#: application's own calls named), each is read per request, as requests does, rather than
+#: kept forever.
+MAX_ORIGINS_KEPT = 256
+
+
 class OriginSettings(NamedTuple):
     """What the environment says about one origin: its proxies and ``.netrc`` login."""
 
@@ -82,7 +88,8 @@ class ResolvedSession(requests.Session):
                 found = self._origins.get(origin)
                 if found is None:
                     found = OriginSettings(dict(get_environ_proxies(url)), get_netrc_auth(url))
-                    self._origins[origin] = found
+                    if len(self._origins) < MAX_ORIGINS_KEPT:
+                        self._origins[origin] = found
         return found
 
     def request(self, method: str, url: str | bytes,

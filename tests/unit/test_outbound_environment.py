@@ -206,3 +206,16 @@ def test_a_redirect_to_another_origin_gets_that_origins_proxy(proxy, make_sessio
         server.server_close()
         thread.join(5)
     assert [line for line, _ in through_proxy] == [f"GET {elsewhere} HTTP/1.1"]
+
+
+def test_origins_met_at_run_time_are_kept_within_a_bound(monkeypatch) -> None:
+    """A downstream API's redirects (or an app's own calls) can name any number of hosts:
+    the session keeps a bounded number of them, and past that still reads each correctly."""
+    from flask_obo import http
+
+    session = build_session([])
+    for n in range(http.MAX_ORIGINS_KEPT + 100):
+        session.resolve(f"https://host{n}.example/file")
+    assert len(session._origins) <= http.MAX_ORIGINS_KEPT
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert session.resolve("https://one-more.example/x").proxies["https"] == "http://proxy.example:3128"
