@@ -306,3 +306,65 @@ def _wait_for(check, timeout: float = 5.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "not within 5 s"
         time.sleep(0.01)
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def test_app_scopes_default_to_the_resources_default_scope() -> None:
+    from flask_obo import Settings
+    from tests.support.fake_entra import settings_env
+
+    settings = Settings.from_env(settings_env(
+        DOWNSTREAM_APIS__TASKS__BASE_URL="https://tasks.contoso.example",
+        DOWNSTREAM_APIS__TASKS__SCOPES="api://tasks/Tasks.Read",
+        DOWNSTREAM_APIS__REPORTS__BASE_URL="https://reports.contoso.example",
+        DOWNSTREAM_APIS__REPORTS__SCOPES="api://reports/Reports.Read",
+        DOWNSTREAM_APIS__REPORTS__APP_SCOPES="api://reports-app/.default",
+        GRAPH_SCOPES="User.Read", API_APP_ROLE="Jobs.Run"))
+    apis = settings.downstream_apis
+    assert apis["graph"].app_scopes == ("https://graph.microsoft.com/.default",)  # a bare name is Graph's
+    assert apis["tasks"].app_scopes == ("api://tasks/.default",)
+    assert apis["reports"].app_scopes == ("api://reports-app/.default",)
+    assert settings.api_app_role == "Jobs.Run"
+    assert Settings.from_env(settings_env()).api_app_role is None
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("GRAPH_APP_SCOPES", "https://graph.microsoft.com/User.Read.All"),
+    ("GRAPH_APP_SCOPES", "a/.default b/.default"),
+    ("DOWNSTREAM_APIS__TASKS__APP_SCOPES", "Tasks.Read"),
+    ("API_APP_ROLE", 'Jobs "Run"'),
+])
+def test_bad_app_settings_are_named(name: str, value: str) -> None:
+    from flask_obo import Settings, SettingsError
+    from tests.support.fake_entra import settings_env
+
+    env = settings_env(DOWNSTREAM_APIS__TASKS__BASE_URL="https://tasks.contoso.example",
+                       DOWNSTREAM_APIS__TASKS__SCOPES="api://tasks/Tasks.Read", **{name: value})
+    with pytest.raises(SettingsError, match=f"^{name}: "):
+        Settings.from_env(env)
+
+
+def test_whoami_with_an_app_role_is_described_and_answers_as_described(settings, store, entra) -> None:
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    from app import create_app
+
+    app = create_app(settings.__class__(**{**settings.__dict__, "api_app_role": ROLE}), store=store)
+    client = app.test_client()
+    document = client.get("/openapi.json").get_json()
+    (name, scheme), = document["components"]["securitySchemes"].items()
+    app_scope = f"api://{CLIENT_ID}/.default"
+    assert list(scheme["flows"]["clientCredentials"]["scopes"]) == [app_scope]
+    assert {name: [app_scope]} in document["paths"]["/api/whoami"]["get"]["security"]
+    assert ROLE in document["paths"]["/api/whoami"]["get"]["summary"]
+    registry = Registry().with_resource("urn:doc", Resource.from_contents(
+        document, default_specification=DRAFT202012))
+    validator = Draft202012Validator({"$ref": "urn:doc#/components/schemas/Whoami"}, registry=registry)
+    for token in (app_token(entra, [ROLE]), entra.api_token(ADELE)):
+        response = client.get("/api/whoami", headers=bearer(token))
+        assert response.status_code == 200
+        validator.validate(response.get_json())
