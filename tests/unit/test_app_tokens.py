@@ -256,6 +256,19 @@ def test_an_unexpired_token_is_served_while_entra_is_down(daemon, entra) -> None
         other.acquire_app_token(GRAPH_APP)
 
 
+def test_with_redis_down_a_token_is_acquired_and_kept_in_memory(settings, entra) -> None:
+    import fakeredis
+
+    server = fakeredis.FakeServer()
+    server.connected = False  # every command fails as with Redis unreachable
+    app, obo = daemon_app(settings, _store(fakeredis.FakeRedis(server=server), settings))
+    with app.app_context():
+        token = obo.acquire_app_token(GRAPH_APP)
+        for _ in range(5):
+            assert obo.acquire_app_token(GRAPH_APP) == token
+    assert entra.app_calls() == 1
+
+
 def test_entra_refusing_the_api_is_a_502(daemon, entra) -> None:
     app, _ = daemon
     entra.behaviours[APP] = Behaviour("bad_client")
