@@ -72,15 +72,21 @@ class FlaskOBO:
 
     def init_app(self, app: Flask, settings: Settings | Mapping[str, str] | None = None,
                  store: TokenCacheStore | None = None) -> None:
-        """Build ``app``'s services, register the JSON error handlers and the
-        ``flask token-cache`` commands, and count every request in the application's
-        metrics (``metrics_view`` serves them).
+        """Build ``app``'s services, register the JSON rendering of flask-obo's own errors
+        (``ApiError``; the application's other errors stay its own) and the ``flask
+        token-cache`` commands, and count every request in the application's metrics
+        (``metrics_view`` serves them). Once per application: a second call raises
+        ``RuntimeError``.
 
         ``settings``: a ``Settings``, a mapping of setting names to values (used alone),
         or None for ``app.config`` overlaid on the environment (``Settings.from_app_config``).
         ``store``: the token cache store; by default Redis when ``REDIS_URL`` is set,
         else this process's memory. Raises ``SettingsError`` naming a bad setting.
         """
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                f"FlaskOBO.init_app has already been called for the application {app.name!r}: "
+                "its hooks and commands would be registered twice")
         if settings is None:
             settings = Settings.from_app_config(app.config)
         elif not isinstance(settings, Settings):
@@ -333,7 +339,8 @@ def _request_hooks(metrics: Metrics) -> tuple[Callable[[], None], Callable[[Resp
     a client cannot make up label values; unmatched requests (404, 405) share one.
     ``after_request`` functions run in reverse order of registration, so those an app
     registers after ``init_app`` (CORS, say) have run by then. Bound to ``metrics`` and
-    touching Flask's context proxies once each: they are the costly part (see README)."""
+    touching Flask's context proxies once each: they are the costly part (see
+    docs/how-to/metrics-and-logs.md)."""
 
     def start_timer() -> None:
         request.environ[_STARTED] = time.perf_counter()
