@@ -266,10 +266,11 @@ _ERROR_RESPONSES: dict[str, tuple[str, str, dict[str, bool]]] = {
     "401": ("Unauthorized", "No bearer token, an invalid or expired one, or Entra ID wants the user "
                             "to sign in again (`insufficient_claims` carries the claims to sign in "
                             "with).", {"WWW-Authenticate": True}),
-    "403": ("Forbidden", "The token lacks the API's scope or the route's app role, or is an "
+    "403": ("Forbidden", "The token lacks the API's scope or the route's app role "
+                         "(`insufficient_scope`, with a `WWW-Authenticate` challenge), is an "
                          "app-only token on a route that acts on behalf of a user "
-                         "(`insufficient_scope`, with a `WWW-Authenticate` challenge), or an "
-                         "administrator must consent (`consent_required`).", {"WWW-Authenticate": False}),
+                         "(`user_token_required`, with a challenge), or an administrator must "
+                         "consent (`consent_required`).", {"WWW-Authenticate": False}),
     "404": ("NotFound", "No such path (`not_found`), the downstream API has no such resource "
                         "(`not_found`), or the user has no manager (`manager_not_found`).", {}),
     "405": ("MethodNotAllowed", "The path does not take this method; `Allow` lists those it does.",

@@ -142,17 +142,19 @@ class MissingAppRole(InsufficientScope):
         )
 
 
-class UserTokenRequired(InsufficientScope):
+class UserTokenRequired(ApiError):
     """An app-only token on a route that acts on behalf of a user (an On-Behalf-Of
     exchange): no user is behind it, so it is refused before any call to Entra ID. The
-    challenge names the scope a user's token needs (RFC 6750: the token has too few
-    privileges for this request)."""
+    challenge is RFC 6750's for a token with too few privileges, naming the scope a
+    user's token needs."""
+
+    status = 403
+    error = "user_token_required"
+    description = "This operation acts on behalf of a signed-in user; an app-only token cannot be used."
 
     def __init__(self, scope: str) -> None:
-        ApiError.__init__(
-            self, "This operation acts on behalf of a signed-in user; an app-only token cannot be used.",
-            headers={"WWW-Authenticate": bearer_challenge(error="insufficient_scope", scope=scope)},
-        )
+        super().__init__(headers={"WWW-Authenticate": bearer_challenge(error="insufficient_scope",
+                                                                       scope=scope)})
 
 
 # --- acquiring tokens from Entra ID ------------------------------------------------------------

@@ -148,7 +148,7 @@ def test_an_app_token_on_an_obo_route_is_403_with_no_token_request(fresh: Stack)
         reference = get(api, "/api/me", fresh.daemon_token)  # users only: the protector refuses
         assert reference.status_code == 403 and reference.json()["error"] == "insufficient_scope"
         admitted = get(api, "/daemon/me", fresh.daemon_token)  # admitted, then refused at the OBO
-        assert admitted.status_code == 403 and admitted.json()["error"] == "insufficient_scope"
+        assert admitted.status_code == 403 and admitted.json()["error"] == "user_token_required"
         assert "on behalf of a signed-in user" in admitted.json()["error_description"]
         assert 'scope="user_impersonation"' in admitted.headers["WWW-Authenticate"]
     assert fresh.token_calls() == 0
