@@ -217,13 +217,15 @@ class FlaskOBO:
 
         Returns the access token (a string) to send as ``Authorization: Bearer <token>``.
         Raises ``TypeError``/``ValueError`` for bad ``scopes`` or ``tenant``;
-        ``IdentityProviderUnavailable`` (503, ``retry_after``) when Entra ID is unreachable,
+        ``IdentityProviderUnavailable`` (503) when Entra ID is unreachable,
         slow or throttling and no unexpired token is cached; ``TokenAcquisitionFailed``
         (502) when Entra ID refuses (the API's credential, an unknown resource, no admin
         consent: logged with its AADSTS codes); ``TokenAcquisitionBusy``/``TooManyWaiting``
         (503) when another caller's acquisition holds it up past
         ``TOKEN_ACQUISITION_TIMEOUT_SECONDS``; ``RuntimeError`` outside an application
-        context. All but the first three are ``flask_obo.errors.ApiError``s."""
+        context. The 502 and 503 ones are ``flask_obo.errors.ApiError``s: in a route they
+        become the JSON answer by themselves; in a job, a 503's ``headers["Retry-After"]``
+        says when to retry."""
         return self._services().app_tokens.acquire(scopes, tenant)
 
     def _app_token_source(self, scopes: Sequence[str], claims_challenge: str | None) -> str:
