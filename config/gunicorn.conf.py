@@ -126,3 +126,16 @@ def child_exit(server, worker):  # in the master, for each worker that exited (o
 
         # Drops its live gauges only: its counters and histograms stay in the sums.
         multiprocess.mark_process_dead(worker.pid)
+
+
+# --- OpenTelemetry traces (flask_obo.tracing; off unless OTEL_EXPORTER_OTLP_*ENDPOINT is set) --
+def post_fork(server, worker):  # in each worker, after the fork: its own exporter and thread
+    from flask_obo import tracing
+
+    tracing.configure()
+
+
+def worker_exit(server, worker):  # in the worker as it exits: send the spans still queued
+    from flask_obo import tracing
+
+    tracing.shutdown()

@@ -37,6 +37,7 @@ from .request_ids import REQUEST_ID_HEADER, begin_request, end_request
 from .settings import DownstreamApiSettings, Settings
 from .token_acquisition import OnBehalfOfTokenProvider
 from .token_cache import TokenCacheCodec, partition_key
+from .tracing import VALIDATE_SPAN, instrument_app, span
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class FlaskOBO:
         start_timer, count_request = _request_hooks(metrics)
         app.before_request(start_timer)
         app.after_request(count_request)
+        instrument_app(app)  # OpenTelemetry, when OTEL_EXPORTER_OTLP_*ENDPOINT asks (flask_obo.tracing)
 
     # --- protecting the API ----------------------------------------------------------------------
     def require_scope(self, scope: str | None = None, *,
@@ -192,7 +194,8 @@ class FlaskOBO:
     def _authenticate(self, scope: str | None, app_roles: tuple[str, ...], delegated: bool) -> None:
         services = self._services()
         required = (scope or services.settings.required_scope) if delegated else None
-        services.protector.authenticate(required, app_roles)
+        with span(VALIDATE_SPAN):
+            services.protector.authenticate(required, app_roles)
 
     # --- acquiring tokens and calling downstream APIs --------------------------------------------
     def acquire_token(self, scopes: Sequence[str], claims_challenge: str | None = None) -> str:
