@@ -19,6 +19,7 @@ and downstream APIs (``downstream``, as the user or ``as_app``). Errors are
 """
 
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
+from .cli import loading_for_a_command, operator_app, settings_error_lines
 from .downstream import DownstreamApi
 from .extension import FlaskOBO
 from .protector import EntraAccessToken, current_token
@@ -41,4 +42,7 @@ __all__ = [
     "TraceContextFilter",
     "current_request_id",
     "current_token",
+    "loading_for_a_command",
+    "operator_app",
+    "settings_error_lines",
 ]
