@@ -18,12 +18,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.fernet import Fernet
 from flask import Blueprint, Flask, Response, after_this_request, current_app, g, request
 
 from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys, TenantConfigurations
+from .background import BackgroundHandles
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
 from .cli import token_cache_cli
 from .credentials import client_credential
@@ -31,11 +32,20 @@ from .downstream import DownstreamApi
 from .errors import register_error_handlers
 from .http import build_session
 from .metrics import Metrics
-from .protector import EntraResourceProtector, EntraTokenValidator, current_token
+from .protector import (
+    EntraAccessToken,
+    EntraResourceProtector,
+    EntraTokenValidator,
+    current_token,
+    validated_token,
+)
 from .request_ids import REQUEST_ID_HEADER, begin_request, end_request
 from .settings import Settings
 from .token_acquisition import OnBehalfOfTokenProvider
 from .token_cache import TokenCacheCodec, partition_key
+
+if TYPE_CHECKING:  # azure-core is an optional extra (flask-obo[azure])
+    from .azure_credentials import AsyncCredential, UserCredential
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,7 @@ class OboServices:
     tokens: OnBehalfOfTokenProvider
     downstream_apis: Mapping[str, DownstreamApi]
     metrics: Metrics
+    handles: BackgroundHandles
 
 
 class FlaskOBO:
@@ -94,7 +105,8 @@ class FlaskOBO:
         if isinstance(store, RedisTokenCacheStore):
             store.report_to(metrics)
         # Without REDIS_URL the in-process cache is sealed too, with a key that dies with the process.
-        codec = TokenCacheCodec(settings.token_cache_keys or (Fernet.generate_key().decode(),))
+        cache_keys = settings.token_cache_keys or (Fernet.generate_key().decode(),)
+        codec = TokenCacheCodec(cache_keys)
         tenants = TenantConfigurations(
             metadata, session, authority_host=settings.authority_host, allowed=settings.tenant_allowed,
             multi_tenant=settings.multi_tenant, disk=disk, timeout=entra_timeout)
@@ -112,6 +124,7 @@ class FlaskOBO:
                 for name, api in settings.downstream_apis.items()
             },
             metrics=metrics,
+            handles=BackgroundHandles(cache_keys, settings.client_id),
         )
         register_error_handlers(app)
         app.before_request(_begin_request)
@@ -157,24 +170,77 @@ class FlaskOBO:
         services.protector.authenticate(scope or services.settings.required_scope)
 
     # --- acquiring tokens and calling downstream APIs --------------------------------------------
-    def acquire_token(self, scopes: Sequence[str], claims_challenge: str | None = None) -> str:
+    def acquire_token(self, scopes: Sequence[str], claims_challenge: str | None = None, *,
+                      on_behalf_of: str | None = None) -> str:
         """An access token for ``scopes`` (one resource) on behalf of ``current_token``'s user,
         from the memory tier, the shared cache or Entra ID (On-Behalf-Of) in that order.
-        With ``claims_challenge`` (a downstream API's decoded claims), always a fresh one."""
+        With ``claims_challenge`` (a downstream API's decoded claims), always a fresh one.
+
+        ``on_behalf_of``: a background handle (``background_handle``) instead, in a job
+        (any process with the same settings, within an app context): that user's cache
+        entry and refresh token serve it. Raises ``InvalidBackgroundHandle`` (a handle not
+        issued here, or altered), ``BackgroundHandleRevoked`` (the user signed out since)
+        or ``RefreshTokenExpired`` (Entra ID no longer honours the refresh token)."""
         if isinstance(scopes, str):
             raise TypeError("scopes must be a list of scopes, not one string")
-        return self._services().tokens.acquire_token(current_token, scopes, claims_challenge)
+        services = self._services()
+        user = current_token if on_behalf_of is None else services.handles.open(on_behalf_of)
+        return services.tokens.acquire_token(user, scopes, claims_challenge)
 
-    def downstream(self, name: str) -> DownstreamApi:
+    def downstream(self, name: str, *, on_behalf_of: str | None = None) -> DownstreamApi:
         """The configured downstream API ``name``: ``graph`` (``GRAPH_BASE_URL``,
-        ``GRAPH_SCOPES``) or one of ``DOWNSTREAM_APIS__<NAME>__BASE_URL`` / ``__SCOPES``."""
-        apis = self._services().downstream_apis
+        ``GRAPH_SCOPES``) or one of ``DOWNSTREAM_APIS__<NAME>__BASE_URL`` / ``__SCOPES``.
+        With ``on_behalf_of`` (a background handle), called as the handle's user."""
+        services = self._services()
         try:
-            return apis[name.lower()]
+            api = services.downstream_apis[name.lower()]
         except KeyError:
             raise LookupError(
-                f"no downstream API named {name!r}; configured: {', '.join(sorted(apis))}"
+                f"no downstream API named {name!r}; configured: {', '.join(sorted(services.downstream_apis))}"
             ) from None
+        if on_behalf_of is None:
+            return api
+        user = services.handles.open(on_behalf_of)  # refused here, before any I/O, if not genuine
+        tokens = services.tokens
+        return api.with_tokens(lambda scopes, claims: tokens.acquire_token(user, scopes, claims))
+
+    # --- work that outlives the request, and Azure SDK credentials ------------------------------
+    def background_handle(self, scopes: Sequence[str] | None = None) -> str:
+        """An opaque handle on the current request's user, for a background job to act as
+        them later (``acquire_token``/``downstream``/``user_credential`` with
+        ``on_behalf_of=handle``), in any process with the same settings.
+
+        The user's cache entry must hold a refresh token for the job to renew from: this
+        acquires a token for ``scopes`` first (default: ``GRAPH_SCOPES``; from the cache
+        when there is one, else one On-Behalf-Of exchange). The handle is encrypted and
+        authenticated (keys derived from ``TOKEN_CACHE_KEYS``): it names no one to whoever
+        holds it, and stops working when the user signs out (``forget_user``)."""
+        services = self._services()
+        user = _request_user("obo.background_handle()")
+        self.acquire_token(list(scopes or services.settings.graph_scopes))
+        return services.handles.issue(user, services.tokens.generation(user))
+
+    def user_credential(self, *, on_behalf_of: str | None = None) -> UserCredential:
+        """An azure-core ``TokenCredential`` (``get_token``, ``get_token_info``) acting for
+        the current request's user, for Azure SDK clients and ``msgraph-sdk``: tokens for
+        whatever scopes the SDK asks come through ``acquire_token``'s cache, single flight
+        and claims-challenge handling. Make it inside the request (it keeps the user);
+        outside one, pass a background handle as ``on_behalf_of``. Needs azure-core
+        (``pip install flask-obo[azure]``)."""
+        from .azure_credentials import UserCredential
+
+        services = self._services()
+        user = (_request_user("obo.user_credential()") if on_behalf_of is None
+                else services.handles.open(on_behalf_of))
+        return UserCredential(services.tokens, user)
+
+    def async_user_credential(self, *, on_behalf_of: str | None = None) -> AsyncCredential:
+        """``user_credential`` for async clients (azure-core's ``AsyncTokenCredential``),
+        such as ``msgraph-sdk``'s ``GraphServiceClient``: acquisition runs in a worker
+        thread, never blocking the event loop."""
+        from .azure_credentials import AsyncCredential
+
+        return AsyncCredential(self.user_credential(on_behalf_of=on_behalf_of))
 
     def forget_user(self) -> None:
         """Sign-out: remove ``current_token``'s user's cached downstream tokens everywhere.
@@ -222,6 +288,18 @@ def services_of(app: Flask) -> OboServices:
     if not isinstance(services, OboServices):
         raise RuntimeError("FlaskOBO.init_app(app) has not been called for this application")
     return services
+
+
+def _request_user(what: str) -> EntraAccessToken:
+    """The current request's validated token, itself (not the proxy): kept by an object
+    that may be used after the request, or in another thread."""
+    try:
+        return validated_token()
+    except RuntimeError:  # no request, or no token validated in it
+        raise RuntimeError(
+            f"{what} acts for the user of a protected request: call it inside a view protected by "
+            "require_scope or protect (a background job passes on_behalf_of=<background handle>)"
+        ) from None
 
 
 def _begin_request() -> None:
