@@ -61,6 +61,22 @@ def config() -> Response | tuple[Response, int]:
                     "access_token_lifetime": runtime.access_token_lifetime})
 
 
+@bp.route("/_devtenant/app-tokens", methods=["GET", "POST"])
+def app_tokens() -> Response | tuple[Response, int]:
+    """``{"lifetime": <seconds> | null, "delay": <seconds>}``: client-credentials tokens live
+    ``lifetime`` seconds (null: Entra's 60-90 minutes), e.g. 240 for a token already four
+    minutes from its expiry, and each takes ``delay`` seconds (at most 30) to be issued."""
+    runtime = current()
+    if request.method == "POST":
+        data = request.get_json(silent=True)
+        lifetime, delay = (data.get("lifetime"), data.get("delay", 0)) if isinstance(data, dict) else (0, -1)
+        if not (lifetime is None or (isinstance(lifetime, int) and 0 < lifetime <= 86400)) or not (
+                isinstance(delay, int | float) and 0 <= delay <= 30):
+            return jsonify({"error": 'expected JSON {"lifetime": 1..86400 | null, "delay": 0..30}'}), 400
+        runtime.app_token_lifetime, runtime.app_token_delay = lifetime, float(delay)
+    return jsonify({"lifetime": runtime.app_token_lifetime, "delay": runtime.app_token_delay})
+
+
 @bp.route("/_devtenant/revoke", methods=["POST", "DELETE"])
 def revoke() -> Response | tuple[Response, int]:
     """POST ``{"user": "adele", "require_sign_in": false, "require_mfa": false}`` revokes

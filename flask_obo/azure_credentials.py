@@ -7,7 +7,8 @@ job's, through the same token provider as ``obo.acquire_token``: the memory tier
 shared Redis cache, single flight, the On-Behalf-Of exchange, and the claims-challenge
 retry (a ``claims`` argument forces a fresh token for those claims). So an SDK client
 costs no more exchanges than ``obo.downstream``: one for the user's first token, none
-while it is cached.
+while it is cached. ``AppCredential`` answers as the API itself, through
+``obo.acquire_app_token``'s provider (client credentials).
 
 It implements azure-core's ``TokenCredential`` (``get_token``) and ``SupportsTokenInfo``
 (``get_token_info``). ``AsyncCredential`` wraps it for async clients
@@ -37,6 +38,7 @@ from typing import Any
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
 from azure.core.exceptions import ClientAuthenticationError
 
+from .app_tokens import AppTokenProvider
 from .protector import EntraAccessToken
 from .token_acquisition import MSAL_EXPIRY_MARGIN_SECONDS, OnBehalfOfTokenProvider
 
@@ -91,6 +93,19 @@ class UserCredential(Credential):
                 raise ClientAuthenticationError(
                     "a user credential acquires tokens in the user's own tenant only")
             return tokens.acquire_token(user, scopes, claims)
+
+        super().__init__(acquire)
+
+
+class AppCredential(Credential):
+    """The API's own tokens (client credentials, no user: ``obo.app_credential()``) from
+    its app token provider: cached in memory and Redis per tenant and resource, renewed
+    ahead of expiry. Scopes are one ``<resource>/.default``, as for client credentials.
+    An SDK's ``tenant_id`` (or ``tenant`` here) picks a tenant this API serves."""
+
+    def __init__(self, app_tokens: AppTokenProvider, tenant: str | None = None) -> None:
+        def acquire(scopes: list[str], claims: str | None, tenant_id: str | None) -> str:
+            return app_tokens.acquire(scopes, tenant_id or tenant, claims)
 
         super().__init__(acquire)
 

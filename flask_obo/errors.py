@@ -131,6 +131,30 @@ class InsufficientScope(ApiError):
         )
 
 
+class MissingAppRole(InsufficientScope):
+    """An app-only token without any of the route's app roles (or a delegated token on a
+    route for apps alone). The roles are the route's own names, never the token's."""
+
+    def __init__(self, roles: tuple[str, ...]) -> None:
+        ApiError.__init__(
+            self, f"The access token lacks an app role this route requires: {', '.join(roles)}.",
+            headers={"WWW-Authenticate": bearer_challenge(error="insufficient_scope")},
+        )
+
+
+class UserTokenRequired(InsufficientScope):
+    """An app-only token on a route that acts on behalf of a user (an On-Behalf-Of
+    exchange): no user is behind it, so it is refused before any call to Entra ID. The
+    challenge names the scope a user's token needs (RFC 6750: the token has too few
+    privileges for this request)."""
+
+    def __init__(self, scope: str) -> None:
+        ApiError.__init__(
+            self, "This operation acts on behalf of a signed-in user; an app-only token cannot be used.",
+            headers={"WWW-Authenticate": bearer_challenge(error="insufficient_scope", scope=scope)},
+        )
+
+
 # --- acquiring tokens from Entra ID ------------------------------------------------------------
 class IdentityProviderUnavailable(ServiceUnavailable):
     description = "The identity provider is unavailable; retry later."

@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from cryptography.fernet import Fernet
 from flask import Blueprint, Flask, Response, after_this_request, current_app, g, request
 
+from .app_tokens import AppTokenProvider
 from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys, TenantConfigurations
 from .background import BackgroundHandles
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
 from .cli import token_cache_cli
 from .credentials import client_credential
 from .downstream import DownstreamApi
-from .errors import register_error_handlers
+from .errors import UserTokenRequired, register_error_handlers
 from .http import build_session
 from .metrics import Metrics
 from .protector import (
@@ -40,12 +41,12 @@ from .protector import (
     validated_token,
 )
 from .request_ids import REQUEST_ID_HEADER, begin_request, end_request
-from .settings import Settings
+from .settings import DownstreamApiSettings, Settings
 from .token_acquisition import OnBehalfOfTokenProvider
 from .token_cache import TokenCacheCodec, partition_key
 
 if TYPE_CHECKING:  # azure-core is an optional extra (flask-obo[azure])
-    from .azure_credentials import AsyncCredential, UserCredential
+    from .azure_credentials import AppCredential, AsyncCredential, UserCredential
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class OboServices:
     tokens: OnBehalfOfTokenProvider
     downstream_apis: Mapping[str, DownstreamApi]
     metrics: Metrics
+    app_tokens: AppTokenProvider
+    downstream_app_apis: Mapping[str, DownstreamApi]  # the same APIs, called as the app
     handles: BackgroundHandles
 
 
@@ -110,8 +113,9 @@ class FlaskOBO:
         tenants = TenantConfigurations(
             metadata, session, authority_host=settings.authority_host, allowed=settings.tenant_allowed,
             multi_tenant=settings.multi_tenant, disk=disk, timeout=entra_timeout)
-        tokens = OnBehalfOfTokenProvider(settings, store, codec, session, tenants,
-                                         client_credential(settings, session), metrics)
+        credential = client_credential(settings, session)
+        tokens = OnBehalfOfTokenProvider(settings, store, codec, session, tenants, credential, metrics)
+        app_tokens = AppTokenProvider(settings, store, codec, session, tenants, credential, metrics)
         app.extensions[EXTENSION_KEY] = OboServices(
             settings=settings,
             keys=keys,
@@ -124,6 +128,12 @@ class FlaskOBO:
                 for name, api in settings.downstream_apis.items()
             },
             metrics=metrics,
+            app_tokens=app_tokens,
+            downstream_app_apis={
+                name: DownstreamApi(name, DownstreamApiSettings(api.base_url, api.app_scopes), session,
+                                    self._app_token_source, metrics)
+                for name, api in settings.downstream_apis.items()
+            },
             handles=BackgroundHandles(cache_keys, settings.client_id),
         )
         register_error_handlers(app)
@@ -136,38 +146,57 @@ class FlaskOBO:
         app.after_request(count_request)
 
     # --- protecting the API ----------------------------------------------------------------------
-    def require_scope(self, scope: str | None = None) -> Callable[[View], View]:
-        """A view decorator: the request needs a valid access token with ``scope``
-        (default: ``API_REQUIRED_SCOPE``), else 401/403 with an RFC 6750 challenge.
-        The answer is marked ``Cache-Control: no-store``: it is one user's data."""
+    def require_scope(self, scope: str | None = None, *,
+                      app_roles: Sequence[str] = ()) -> Callable[[View], View]:
+        """A view decorator: the request needs a valid access token, else 401/403 with an
+        RFC 6750 challenge. A delegated token needs ``scope`` (default:
+        ``API_REQUIRED_SCOPE``); an app-only token (a daemon's) one of ``app_roles``, and
+        with none it is refused (403 ``insufficient_scope``). The answer is marked
+        ``Cache-Control: no-store``: it is one caller's data."""
+        return self._guard(scope, _roles(app_roles), delegated=True)
 
+    def require_app_role(self, *roles: str) -> Callable[[View], View]:
+        """A view decorator for routes only applications call: an app-only token with one
+        of ``roles``; any other token (a user's, too) gets 403 ``insufficient_scope``."""
+        if not roles:
+            raise ValueError("require_app_role needs at least one role")
+        return self._guard(None, _roles(roles), delegated=False)
+
+    def _guard(self, scope: str | None, app_roles: tuple[str, ...],
+               delegated: bool) -> Callable[[View], View]:
         def decorate(view: View) -> View:
             @functools.wraps(view)
             def protected(*args: Any, **kwargs: Any) -> Any:
-                after_this_request(_private)  # errors too: they are about this user's token
-                self.authenticate(scope)
+                after_this_request(_private)  # errors too: they are about this caller's token
+                self._authenticate(scope, app_roles, delegated)
                 return view(*args, **kwargs)
 
             return protected  # type: ignore[return-value]
 
         return decorate
 
-    def protect(self, blueprint: Blueprint, scope: str | None = None) -> None:
-        """Require ``scope`` (default: ``API_REQUIRED_SCOPE``) on every route of
-        ``blueprint``. CORS preflights (OPTIONS) pass: browsers send them without a token."""
+    def protect(self, blueprint: Blueprint, scope: str | None = None,
+                app_roles: Sequence[str] = ()) -> None:
+        """``require_scope(scope, app_roles=app_roles)`` on every route of ``blueprint``.
+        CORS preflights (OPTIONS) pass: browsers send them without a token."""
+        roles = _roles(app_roles)
 
         @blueprint.before_request
         def _authenticate() -> None:
             if request.method != "OPTIONS":
-                self.authenticate(scope)
+                self._authenticate(scope, roles, delegated=True)
 
         blueprint.after_request(_private)
 
-    def authenticate(self, scope: str | None = None) -> None:
-        """Validate the current request's token for ``scope`` (default: ``API_REQUIRED_SCOPE``);
-        then ``current_token`` holds it. Raises the ``ApiError`` to answer with."""
+    def authenticate(self, scope: str | None = None, app_roles: Sequence[str] = ()) -> None:
+        """Validate the current request's token as ``require_scope(scope, app_roles=...)``
+        does; then ``current_token`` holds it. Raises the ``ApiError`` to answer with."""
+        self._authenticate(scope, _roles(app_roles), delegated=True)
+
+    def _authenticate(self, scope: str | None, app_roles: tuple[str, ...], delegated: bool) -> None:
         services = self._services()
-        services.protector.authenticate(scope or services.settings.required_scope)
+        required = (scope or services.settings.required_scope) if delegated else None
+        services.protector.authenticate(required, app_roles)
 
     # --- acquiring tokens and calling downstream APIs --------------------------------------------
     def acquire_token(self, scopes: Sequence[str], claims_challenge: str | None = None, *,
@@ -184,19 +213,60 @@ class FlaskOBO:
         if isinstance(scopes, str):
             raise TypeError("scopes must be a list of scopes, not one string")
         services = self._services()
-        user = current_token if on_behalf_of is None else services.handles.open(on_behalf_of)
-        return services.tokens.acquire_token(user, scopes, claims_challenge)
+        if on_behalf_of is not None:
+            return services.tokens.acquire_token(services.handles.open(on_behalf_of), scopes,
+                                                 claims_challenge)
+        _refuse_app_tokens()
+        return services.tokens.acquire_token(current_token, scopes, claims_challenge)
 
-    def downstream(self, name: str, *, on_behalf_of: str | None = None) -> DownstreamApi:
-        """The configured downstream API ``name``: ``graph`` (``GRAPH_BASE_URL``,
-        ``GRAPH_SCOPES``) or one of ``DOWNSTREAM_APIS__<NAME>__BASE_URL`` / ``__SCOPES``.
-        With ``on_behalf_of`` (a background handle), called as the handle's user."""
+    def acquire_app_token(self, scopes: Sequence[str], tenant: str | None = None) -> str:
+        """The API's own access token (client credentials, no user) for ``scopes``: exactly
+        one ``<resource>/.default``, e.g. ``["https://graph.microsoft.com/.default"]``.
+
+        Works inside or outside a request (a CLI command, a background job) within an
+        application context. ``tenant``: a tenant id (GUID) this API serves; None is
+        ``AZURE_TENANT_ID`` (a multi-tenant API must name one). Served from this worker's
+        memory, then Redis, then Entra ID, one call at a time per tenant and resource across
+        workers and instances; renewed in the background before it expires; served while
+        unexpired through Entra ID and Redis outages.
+
+        Returns the access token (a string) to send as ``Authorization: Bearer <token>``.
+        Raises ``TypeError``/``ValueError`` for bad ``scopes`` or ``tenant``;
+        ``IdentityProviderUnavailable`` (503, ``retry_after``) when Entra ID is unreachable,
+        slow or throttling and no unexpired token is cached; ``TokenAcquisitionFailed``
+        (502) when Entra ID refuses (the API's credential, an unknown resource, no admin
+        consent: logged with its AADSTS codes); ``TokenAcquisitionBusy``/``TooManyWaiting``
+        (503) when another caller's acquisition holds it up past
+        ``TOKEN_ACQUISITION_TIMEOUT_SECONDS``; ``RuntimeError`` outside an application
+        context. All but the first three are ``flask_obo.errors.ApiError``s."""
+        return self._services().app_tokens.acquire(scopes, tenant)
+
+    def _app_token_source(self, scopes: Sequence[str], claims_challenge: str | None) -> str:
+        """What ``downstream(name, as_app=True)`` sends: the app token of the API's tenant
+        (a multi-tenant API: of the caller's tenant, in a protected request)."""
         services = self._services()
+        tenant = None
+        if services.settings.multi_tenant and isinstance(g.get("flask_obo_token"), dict):
+            tenant = current_token.tid
+        return services.app_tokens.acquire(scopes, tenant, claims_challenge)
+
+    def downstream(self, name: str, as_app: bool = False, *,
+                   on_behalf_of: str | None = None) -> DownstreamApi:
+        """The configured downstream API ``name``: ``graph`` (``GRAPH_BASE_URL``,
+        ``GRAPH_SCOPES``) or one of ``DOWNSTREAM_APIS__<NAME>__BASE_URL`` / ``__SCOPES``,
+        called on behalf of the current request's user; with ``as_app``, as the API itself
+        with app tokens (``acquire_app_token``) for ``GRAPH_APP_SCOPES`` /
+        ``DOWNSTREAM_APIS__<NAME>__APP_SCOPES`` (default ``<resource>/.default``); with
+        ``on_behalf_of`` (a background handle), as the handle's user."""
+        if as_app and on_behalf_of is not None:
+            raise TypeError("downstream() calls as the app or as a handle's user, not both")
+        services = self._services()
+        apis = services.downstream_app_apis if as_app else services.downstream_apis
         try:
-            api = services.downstream_apis[name.lower()]
+            api = apis[name.lower()]
         except KeyError:
             raise LookupError(
-                f"no downstream API named {name!r}; configured: {', '.join(sorted(services.downstream_apis))}"
+                f"no downstream API named {name!r}; configured: {', '.join(sorted(apis))}"
             ) from None
         if on_behalf_of is None:
             return api
@@ -242,6 +312,21 @@ class FlaskOBO:
 
         return AsyncCredential(self.user_credential(on_behalf_of=on_behalf_of))
 
+    def app_credential(self, tenant: str | None = None) -> AppCredential:
+        """An azure-core ``TokenCredential`` acting as the API itself (client credentials,
+        ``acquire_app_token``'s cache and renewal), inside or outside a request within an
+        application context. ``tenant``: as ``acquire_app_token``'s (an SDK's ``tenant_id``
+        wins). Needs azure-core (``pip install flask-obo[azure]``)."""
+        from .azure_credentials import AppCredential
+
+        return AppCredential(self._services().app_tokens, tenant)
+
+    def async_app_credential(self, tenant: str | None = None) -> AsyncCredential:
+        """``app_credential`` for async clients (azure-core's ``AsyncTokenCredential``)."""
+        from .azure_credentials import AsyncCredential
+
+        return AsyncCredential(self.app_credential(tenant))
+
     def forget_user(self) -> None:
         """Sign-out: remove ``current_token``'s user's cached downstream tokens everywhere.
 
@@ -249,7 +334,9 @@ class FlaskOBO:
         in flight), and this worker's memory copy at once; other workers and instances drop
         theirs within a second (the invalidation channel). The user's next downstream call
         makes a new On-Behalf-Of exchange. Raises ``CacheUnavailable`` (503) when Redis
-        cannot be reached: nothing was removed then."""
+        cannot be reached: nothing was removed then, and ``UserTokenRequired`` (403) for an
+        app-only token: it has no user's tokens."""
+        _refuse_app_tokens()
         self._services().tokens.forget(partition_key(current_token.oid, current_token.tid))
     # --- metrics -------------------------------------------------------------------------------
     def metrics_view(self) -> Response:
@@ -294,12 +381,26 @@ def _request_user(what: str) -> EntraAccessToken:
     """The current request's validated token, itself (not the proxy): kept by an object
     that may be used after the request, or in another thread."""
     try:
-        return validated_token()
+        token = validated_token()
     except RuntimeError:  # no request, or no token validated in it
         raise RuntimeError(
             f"{what} acts for the user of a protected request: call it inside a view protected by "
             "require_scope or protect (a background job passes on_behalf_of=<background handle>)"
         ) from None
+    _refuse_app_tokens()
+    return token
+
+
+def _roles(app_roles: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(app_roles, str):
+        raise TypeError("app_roles must be a list of role names, not one string")
+    return tuple(app_roles)
+
+
+def _refuse_app_tokens() -> None:
+    """On-behalf-of work needs a user: an app-only token is refused before any call."""
+    if current_token.is_app:
+        raise UserTokenRequired(services_of(current_app).settings.required_scope)
 
 
 def _begin_request() -> None:

@@ -108,10 +108,15 @@ def test_expired_spa_token_is_401(tenant, api):
     assert tenant.obo_calls() == 0
 
 
-def test_app_only_token_is_403(tenant, api):
-    response = get(api, "/api/whoami", tenant.tenant.app_only_token())
-    assert response.status_code == 403
-    assert 'error="insufficient_scope"' in response.headers["WWW-Authenticate"]
+def test_app_only_tokens_need_the_app_role_on_whoami_and_never_reach_graph(tenant, api):
+    """The dev tenant's env sets API_APP_ROLE=access_as_application (see test_app_roles.py)."""
+    assert get(api, "/api/whoami", tenant.tenant.app_only_token()).status_code == 200
+    for path, token in (("/api/whoami", tenant.tenant.app_only_token(roles=[])),
+                        ("/api/me", tenant.tenant.app_only_token())):
+        response = get(api, path, token)
+        assert response.status_code == 403
+        assert 'error="insufficient_scope"' in response.headers["WWW-Authenticate"]
+    assert tenant.counters()["token"]["on_behalf_of"] == 0
 
 
 def test_after_a_signing_key_rotation_new_and_old_tokens_validate(tenant, api):
