@@ -184,6 +184,41 @@ def test_an_sdk_with_the_user_credential_exchanges_once_for_21_requests(tenant, 
     assert token_calls(tenant)["on_behalf_of"] == 1
 
 
+def test_the_app_credential_serves_sdks_outside_a_request_with_one_client_credentials_call(tenant, env):
+    """As a CLI command or a nightly job would: an app context, no request, no user."""
+    app, obo = build_api(env)
+    _, adele = tenant.tenant.find_user("adele")
+    settings = Settings.from_env(env)
+    graph_base, ca_bundle = settings.graph_base_url, env["REQUESTS_CA_BUNDLE"]
+    app_scopes = [settings.downstream_apis["graph"].app_scopes[0]]
+
+    def with_pipeline() -> str:  # a new client (and policy) each time: the cache is ours
+        policy = BearerTokenCredentialPolicy(obo.app_credential(), *app_scopes)
+        with PipelineClient(graph_base, policies=[RetryPolicy(retry_total=0), policy]) as client:
+            response = client.send_request(HttpRequest("GET", f"{graph_base}/users/{adele.oid}"),
+                                           connection_verify=ca_bundle)
+            response.raise_for_status()
+            return str(response.json()["displayName"])
+
+    async def with_graph_sdk() -> str | None:
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=ca_bundle)) as http:
+            auth = AzureIdentityAuthenticationProvider(
+                obo.async_app_credential(), scopes=app_scopes, allowed_hosts=[urlsplit(graph_base).hostname])
+            adapter = GraphRequestAdapter(auth, client=GraphClientFactory.create_with_default_middleware(
+                client=http, options=graph_request_adapter.options))
+            adapter.base_url = graph_base
+            user = await GraphServiceClient(request_adapter=adapter).users.by_user_id(adele.oid).get()
+            return user.display_name if user else None
+
+    with app.app_context():
+        assert with_pipeline() == "Adele Vance"
+        for _ in range(10):
+            assert with_pipeline() == "Adele Vance"
+            assert asyncio.run(with_graph_sdk()) == "Adele Vance"
+    calls = token_calls(tenant)
+    assert (calls["client_credentials"], calls["on_behalf_of"]) == (1, 0)
+
+
 def test_the_credential_is_refused_outside_a_request(env):
     app, obo = build_api(env)
     with app.app_context(), pytest.raises(RuntimeError, match="protected request"):

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import fakeredis
 import pytest
 from azure.core.credentials import AccessToken, AccessTokenInfo
 from azure.core.exceptions import ClientAuthenticationError
@@ -21,9 +22,10 @@ from flask import Flask
 
 from app import create_app
 from app.extensions import obo
+from flask_obo import RedisTokenCacheStore
 from flask_obo.azure_credentials import expires_on
 from flask_obo.background import BackgroundHandles
-from flask_obo.errors import BackgroundHandleRevoked, InvalidBackgroundHandle
+from flask_obo.errors import BackgroundHandleRevoked, CacheUnavailable, InvalidBackgroundHandle
 from flask_obo.token_acquisition import CachedUser
 from tests.support.fake_entra import ADELE, BOB, TENANT_ID, FakeEntra
 
@@ -38,6 +40,10 @@ def bearer(token: str) -> dict[str, str]:
 
 @pytest.fixture
 def api(settings, store) -> Flask:
+    return build(settings, store)
+
+
+def build(settings, store) -> Flask:
     """The reference API plus routes that use the credentials and handles."""
     app = create_app(settings, store=store)
 
@@ -103,6 +109,26 @@ def test_a_handle_serves_its_user_outside_the_request_until_sign_out(api, entra:
     with api.app_context(), pytest.raises(BackgroundHandleRevoked):
         obo.acquire_token([GRAPH_DEFAULT], on_behalf_of=handle)
     assert entra.obo_calls() == 3
+
+
+def test_a_job_during_a_redis_outage_is_served_from_memory_or_told_to_retry(settings, entra: FakeEntra):
+    server = fakeredis.FakeServer()
+    store = RedisTokenCacheStore(fakeredis.FakeRedis(server=server), settings.token_cache_prefix,
+                                 settings.token_cache_ttl_seconds)
+    worker = build(settings, store)  # the job runs where the request ran
+    handle = worker.test_client().post("/t/jobs", headers=bearer(entra.api_token(ADELE))).json["handle"]
+    assert 200 < len(handle) < 300  # what docs/how-to/background-jobs.md says
+    cold = create_app(settings, store=RedisTokenCacheStore(
+        fakeredis.FakeRedis(server=server), settings.token_cache_prefix, settings.token_cache_ttl_seconds))
+    server.connected = False
+    with worker.app_context():
+        assert obo.acquire_token([GRAPH_DEFAULT], on_behalf_of=handle)  # its memory copy
+    with cold.app_context(), pytest.raises(CacheUnavailable):  # nothing to check it against: 503
+        obo.acquire_token([GRAPH_DEFAULT], on_behalf_of=handle)
+    server.connected = True
+    with cold.app_context():
+        assert obo.acquire_token([GRAPH_DEFAULT], on_behalf_of=handle)
+    assert entra.obo_calls() == 1
 
 
 def test_handles_open_under_rotated_keys_and_only_for_their_api():
