@@ -209,10 +209,11 @@ class TokenAcquisitionFailed(ApiError):
 # --- background jobs (flask_obo.background) ----------------------------------------------------
 class InvalidBackgroundHandle(ApiError):
     """A background handle this API did not issue, or one that was altered: refused before
-    anything is read for it. The same answer whatever was wrong with it."""
+    anything is read for it. The same answer whatever was wrong with it (the generic
+    ``invalid_request`` code: a malformed input, told apart by this class and its text)."""
 
     status = 400
-    error = "invalid_background_handle"
+    error = "invalid_request"
     description = "The background handle is not one this API issued."
 
 

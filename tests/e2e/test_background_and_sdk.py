@@ -274,7 +274,7 @@ def test_tampered_forged_or_edited_handles_are_refused_before_redis_or_entra(ten
     assert data_commands(redis_url) == before
     assert sum(v for k, v in token_calls(tenant).items() if k != "errors") == 0
     assert tenant.counters()["graph"]["/v1.0/me"] == 0
-    assert run_job(env, edited) == {"error": "invalid_background_handle",
+    assert run_job(env, edited) == {"error": "invalid_request",
                                     "kind": "InvalidBackgroundHandle", "status": 400}
 
 
