@@ -294,10 +294,17 @@ def test_a_sign_out_ends_the_users_handles_even_after_signing_in_again(tenant, e
     assert run_job(env, fresh) == {"status": 200, "name": "Alex Wilber"}
 
 
+def fresh_handle(app: Flask, tenant: DevTenantProcess, user: str) -> str:
+    """A handle on ``user`` signed out first: their entry starts from a new exchange."""
+    token = tenant.tenant.api_token(user)
+    assert call(app, "DELETE", "/api/me/token-cache", token).status_code == 204
+    return str(call(app, "POST", "/jobs", token).get_json()["handle"])
+
+
 def test_a_revoked_refresh_token_is_an_error_the_job_can_record(tenant, env):
     tenant.request("POST", "/_devtenant/config", json={"access_token_lifetime": SHORT_LIFETIME})
     app, obo = build_api(env)
-    handle = call(app, "POST", "/jobs", tenant.tenant.api_token("megan")).get_json()["handle"]
+    handle = fresh_handle(app, tenant, "megan")
     assert tenant.request("POST", "/_devtenant/revoke", json={"user": "megan"}).ok
     tenant.reset_counters()
     assert run_job(env, handle) == {"error": "interaction_required", "kind": "RefreshTokenExpired",
@@ -307,3 +314,19 @@ def test_a_revoked_refresh_token_is_an_error_the_job_can_record(tenant, env):
     with app.app_context(), pytest.raises(RefreshTokenExpired):
         obo.downstream("graph", on_behalf_of=handle).get("/me")
     assert tenant.counters()["graph"]["/v1.0/me"] == 0
+
+
+def test_graphs_claims_challenge_to_a_revoked_users_job_ends_it(tenant, env):
+    """A long-lived CAE token still cached: Graph refuses it with a claims challenge once the
+    user's sessions are revoked; the job's answer is a refresh with those claims (it has no
+    assertion to exchange), which Entra ID refuses too."""
+    app, obo = build_api(env)
+    handle = fresh_handle(app, tenant, "patti")
+    assert run_job(env, handle)["status"] == 200  # the cached token serves, no refresh
+    assert tenant.request("POST", "/_devtenant/revoke", json={"user": "patti"}).ok
+    tenant.reset_counters()
+    assert run_job(env, handle) == {"error": "interaction_required", "kind": "RefreshTokenExpired",
+                                    "status": 401}
+    counters = tenant.counters()
+    assert counters["graph"]["/v1.0/me"] == 1 and counters["graph_errors"] == {"401": 1}
+    assert counters["token"]["on_behalf_of"] == 0 and counters["token"]["refresh_token"] >= 1
