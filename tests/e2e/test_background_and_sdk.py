@@ -320,7 +320,7 @@ def test_graphs_claims_challenge_to_a_revoked_users_job_ends_it(tenant, env):
     """A long-lived CAE token still cached: Graph refuses it with a claims challenge once the
     user's sessions are revoked; the job's answer is a refresh with those claims (it has no
     assertion to exchange), which Entra ID refuses too."""
-    app, obo = build_api(env)
+    app, _ = build_api(env)
     handle = fresh_handle(app, tenant, "patti")
     assert run_job(env, handle)["status"] == 200  # the cached token serves, no refresh
     assert tenant.request("POST", "/_devtenant/revoke", json={"user": "patti"}).ok
