@@ -236,8 +236,8 @@ class EntraTokenValidator(BearerTokenValidator):
                 raise ValueError("roles is not a list of strings")
             if "scp" not in claims and "roles" not in claims and claims.get("idtyp") != "app":
                 raise ValueError("neither scp nor roles, and not an app token")
-        except AuthorityUnavailable:
-            log.warning("cannot validate tokens: the authority's signing keys are unavailable")
+        except AuthorityUnavailable as exc:
+            log.warning("cannot validate tokens: the authority's signing keys are unavailable (%s)", exc)
             raise IdentityProviderUnavailable() from None
         except (_UnknownSigningKey, JoseError, ValueError, TypeError, KeyError, AttributeError,
                 RecursionError) as exc:
