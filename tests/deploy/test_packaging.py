@@ -104,7 +104,7 @@ def test_the_wheel_requires_no_test_tools_and_offers_the_extras(wheel: Path) -> 
     unconditional = {canonicalize_name(r.name) for r in requires if r.marker is None}
     assert unconditional == _names(_lines(_setup_cfg()["options"]["install_requires"]))
     assert not unconditional & TEST_TOOLS
-    assert set(meta.get_all("Provides-Extra") or []) >= {"dev", "devtenant", "server"}
+    assert set(meta.get_all("Provides-Extra") or []) >= {"azure", "dev", "devtenant", "server"}
 
     def extra(name: str) -> set[str]:
         return {canonicalize_name(r.name) for r in requires
@@ -112,7 +112,9 @@ def test_the_wheel_requires_no_test_tools_and_offers_the_extras(wheel: Path) -> 
 
     assert extra("dev") >= TEST_TOOLS
     assert PROJECT in extra("dev")  # .[dev] pulls in .[devtenant,server] (a self-reference)
-    assert any(canonicalize_name(r.name) == PROJECT and r.extras == {"devtenant", "server"} for r in requires)
+    assert any(canonicalize_name(r.name) == PROJECT and r.extras == {"azure", "devtenant", "server"}
+               for r in requires)
+    assert extra("azure") == {"azure-core"}
     assert not extra("devtenant") & TEST_TOOLS
 
 
@@ -201,9 +203,17 @@ def test_the_dev_extra_covers_what_the_tests_and_make_run_import() -> None:
 
 
 def test_the_install_requires_alone_cover_what_the_extension_imports() -> None:
-    modules = _third_party_imports("flask_obo")
+    """All but the Azure SDK credentials, which the ``azure`` extra adds (azure-core)."""
+    optional = ROOT / "flask_obo" / "azure_credentials.py"
+    required = [path for path in (ROOT / "flask_obo").rglob("*.py") if path != optional]
+    modules = _third_party_imports_of(*required)
     assert {"flask", "msal", "redis", "authlib"} <= modules
-    assert not _unprovided(modules, _lines(_setup_cfg()["options"]["install_requires"]))
+    install_requires = _lines(_setup_cfg()["options"]["install_requires"])
+    assert not _unprovided(modules, install_requires)
+    azure = _third_party_imports_of(optional)
+    assert "azure" in azure and _unprovided(azure, install_requires)  # it is optional indeed
+    azure_extra = _lines(_setup_cfg()["options.extras_require"]["azure"])
+    assert not _unprovided(azure, [*install_requires, *azure_extra])
 
 
 def test_the_server_extra_covers_what_the_reference_api_imports() -> None:
