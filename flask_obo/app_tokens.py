@@ -285,7 +285,7 @@ class AppTokenProvider:
                 return self._keep(key, stored)  # another leader renewed it meanwhile
             with within(deadline):
                 token = self._from_entra(key, claims_challenge)
-            self._save(partition, token, guard, stored)
+            self._save(partition, token, guard)
         return self._keep(key, token)
 
     @contextmanager
@@ -299,13 +299,14 @@ class AppTokenProvider:
                 guard = None
             yield guard
 
-    def _save(self, partition: str, token: AppToken, guard: Guard | None, stored: AppToken | None) -> None:
-        blob = self._codec.seal(partition, token.serialized())
-        with suppress(CacheUnavailable):  # kept in memory; the next renewal stores its own
-            if guard is not None:
-                self._store.save(partition, blob, guard)
-            elif stored is None:
-                self._store.save_unless_changed(partition, blob, None)
+    def _save(self, partition: str, token: AppToken, guard: Guard | None) -> None:
+        """Store the token for everyone, while this leader still holds the lock. Without
+        the lock (Redis was down) it stays in this worker's memory: other workers fetch
+        their own, and the next renewal stores one."""
+        if guard is None:
+            return
+        with suppress(CacheUnavailable):
+            self._store.save(partition, self._codec.seal(partition, token.serialized()), guard)
 
     def _from_entra(self, key: AppTokenKey, claims_challenge: str | None) -> AppToken:
         asked_at = time.time()

@@ -142,17 +142,19 @@ class MissingAppRole(InsufficientScope):
         )
 
 
-class UserTokenRequired(InsufficientScope):
+class UserTokenRequired(ApiError):
     """An app-only token on a route that acts on behalf of a user (an On-Behalf-Of
     exchange): no user is behind it, so it is refused before any call to Entra ID. The
-    challenge names the scope a user's token needs (RFC 6750: the token has too few
-    privileges for this request)."""
+    challenge is RFC 6750's for a token with too few privileges, naming the scope a
+    user's token needs."""
+
+    status = 403
+    error = "user_token_required"
+    description = "This operation acts on behalf of a signed-in user; an app-only token cannot be used."
 
     def __init__(self, scope: str) -> None:
-        ApiError.__init__(
-            self, "This operation acts on behalf of a signed-in user; an app-only token cannot be used.",
-            headers={"WWW-Authenticate": bearer_challenge(error="insufficient_scope", scope=scope)},
-        )
+        super().__init__(headers={"WWW-Authenticate": bearer_challenge(error="insufficient_scope",
+                                                                       scope=scope)})
 
 
 # --- acquiring tokens from Entra ID ------------------------------------------------------------
@@ -264,6 +266,21 @@ class DownstreamTimeout(ApiError):
 
 class DownstreamThrottled(ServiceUnavailable):
     description = "The downstream API is throttling requests; retry later."
+
+
+class DownstreamNotConfigured(ApiError, LookupError):
+    """A route asked ``FlaskOBO.downstream`` for a name no setting configures: the API's
+    own mistake (500), logged with the name and the configured names, answered with a
+    description that says so rather than a bare ``server_error``. A ``LookupError`` too."""
+
+    description = "This route needs a downstream API that is not configured on the server."
+
+    def __init__(self, name: str = "", configured: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.name, self.configured = name, configured
+
+    def __str__(self) -> str:  # for the developer; the caller gets ``description``
+        return f"no downstream API named {self.name!r}; configured: {', '.join(self.configured)}"
 
 
 class UnsafeDownstreamPath(ApiError, ValueError):

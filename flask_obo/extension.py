@@ -27,10 +27,11 @@ from .app_tokens import AppTokenProvider
 from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys, TenantConfigurations
 from .background import BackgroundHandles
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
-from .cli import token_cache_cli
+from .cli import register_commands
 from .credentials import client_credential
+from .diagnosis import REDIS, STATUS, Diagnosis
 from .downstream import DownstreamApi
-from .errors import UserTokenRequired, register_error_handlers
+from .errors import DownstreamNotConfigured, UserTokenRequired, register_error_handlers
 from .http import build_session
 from .metrics import Metrics
 from .protector import (
@@ -44,6 +45,7 @@ from .request_ids import REQUEST_ID_HEADER, begin_request, end_request
 from .settings import DownstreamApiSettings, Settings
 from .token_acquisition import OnBehalfOfTokenProvider
 from .token_cache import TokenCacheCodec, partition_key
+from .tracing import VALIDATE_SPAN, instrument_app, span
 
 if TYPE_CHECKING:  # azure-core is an optional extra (flask-obo[azure])
     from .azure_credentials import AppCredential, AsyncCredential, UserCredential
@@ -66,6 +68,7 @@ class OboServices:
     tokens: OnBehalfOfTokenProvider
     downstream_apis: Mapping[str, DownstreamApi]
     metrics: Metrics
+    diagnosis: Diagnosis  # misconfigurations met at run time (/readyz, the log)
     app_tokens: AppTokenProvider
     downstream_app_apis: Mapping[str, DownstreamApi]  # the same APIs, called as the app
     handles: BackgroundHandles
@@ -102,24 +105,28 @@ class FlaskOBO:
             settings = Settings.from_app_config(app.config)
         elif not isinstance(settings, Settings):
             settings = Settings.from_env(settings)
+        for warning in settings.warnings:  # a typo in a setting's name would otherwise pass unseen
+            log.warning("%s", warning)
+        diagnosis = Diagnosis()
         session = build_session([api.base_url for api in settings.downstream_apis.values()],
                                 [settings.authority_host])
         # The last good metadata and keys on disk: a recycled worker validates during an outage.
         disk = AuthorityDiskCache(settings.authority_cache_dir)
         entra_timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
         metadata = OpenIdConfiguration(settings.openid_configuration_url, session, disk=disk,
-                                       timeout=entra_timeout)
-        keys = SigningKeys(metadata, session, disk=disk, timeout=entra_timeout)
+                                       timeout=entra_timeout, diagnosis=diagnosis)
+        keys = SigningKeys(metadata, session, disk=disk, timeout=entra_timeout, diagnosis=diagnosis)
         metrics = Metrics()  # this application's own registry: apps in one process never collide
         store = store or _default_store(settings, metrics)
         if isinstance(store, RedisTokenCacheStore):
             store.report_to(metrics)
+            store.diagnosis = diagnosis
         # Without REDIS_URL the in-process cache is sealed too, with a key that dies with the process.
         cache_keys = settings.token_cache_keys or (Fernet.generate_key().decode(),)
         codec = TokenCacheCodec(cache_keys)
         tenants = TenantConfigurations(
             metadata, session, authority_host=settings.authority_host, allowed=settings.tenant_allowed,
-            multi_tenant=settings.multi_tenant, disk=disk, timeout=entra_timeout)
+            multi_tenant=settings.multi_tenant, disk=disk, timeout=entra_timeout, diagnosis=diagnosis)
         credential = client_credential(settings, session)
         tokens = OnBehalfOfTokenProvider(settings, store, codec, session, tenants, credential, metrics)
         app_tokens = AppTokenProvider(settings, store, codec, session, tenants, credential, metrics)
@@ -135,6 +142,7 @@ class FlaskOBO:
                 for name, api in settings.downstream_apis.items()
             },
             metrics=metrics,
+            diagnosis=diagnosis,
             app_tokens=app_tokens,
             downstream_app_apis={
                 name: DownstreamApi(name, DownstreamApiSettings(api.base_url, api.app_scopes), session,
@@ -147,10 +155,11 @@ class FlaskOBO:
         app.before_request(_begin_request)
         app.after_request(_return_request_id)
         app.teardown_request(_end_request)
-        app.cli.add_command(token_cache_cli)
+        register_commands(app)
         start_timer, count_request = _request_hooks(metrics)
         app.before_request(start_timer)
         app.after_request(count_request)
+        instrument_app(app)  # OpenTelemetry, when OTEL_EXPORTER_OTLP_*ENDPOINT asks (flask_obo.tracing)
 
     # --- protecting the API ----------------------------------------------------------------------
     def require_scope(self, scope: str | None = None, *,
@@ -205,7 +214,8 @@ class FlaskOBO:
     def _authenticate(self, scope: str | None, app_roles: tuple[str, ...], delegated: bool) -> None:
         services = self._services()
         required = (scope or services.settings.required_scope) if delegated else None
-        services.protector.authenticate(required, app_roles)
+        with span(VALIDATE_SPAN):
+            services.protector.authenticate(required, app_roles)
 
     # --- acquiring tokens and calling downstream APIs --------------------------------------------
     def acquire_token(self, scopes: Sequence[str], claims_challenge: str | None = None, *,
@@ -241,13 +251,15 @@ class FlaskOBO:
 
         Returns the access token (a string) to send as ``Authorization: Bearer <token>``.
         Raises ``TypeError``/``ValueError`` for bad ``scopes`` or ``tenant``;
-        ``IdentityProviderUnavailable`` (503, ``retry_after``) when Entra ID is unreachable,
+        ``IdentityProviderUnavailable`` (503) when Entra ID is unreachable,
         slow or throttling and no unexpired token is cached; ``TokenAcquisitionFailed``
         (502) when Entra ID refuses (the API's credential, an unknown resource, no admin
         consent: logged with its AADSTS codes); ``TokenAcquisitionBusy``/``TooManyWaiting``
         (503) when another caller's acquisition holds it up past
         ``TOKEN_ACQUISITION_TIMEOUT_SECONDS``; ``RuntimeError`` outside an application
-        context. All but the first three are ``flask_obo.errors.ApiError``s."""
+        context. The 502 and 503 ones are ``flask_obo.errors.ApiError``s: in a route they
+        become the JSON answer by themselves; in a job, a 503's ``headers["Retry-After"]``
+        says when to retry."""
         return self._services().app_tokens.acquire(scopes, tenant)
 
     def _app_token_source(self, scopes: Sequence[str], claims_challenge: str | None) -> str:
@@ -274,9 +286,10 @@ class FlaskOBO:
         try:
             api = apis[name.lower()]
         except KeyError:
-            raise LookupError(
-                f"no downstream API named {name!r}; configured: {', '.join(sorted(apis))}"
-            ) from None
+            error = DownstreamNotConfigured(name, tuple(sorted(apis)))
+            log.error("%s (set DOWNSTREAM_APIS__%s__BASE_URL and __SCOPES, or fix the name)",
+                      error, name.upper() if name.isidentifier() else "<NAME>")
+            raise error from None
         if on_behalf_of is None:
             return api
         user = services.handles.open(on_behalf_of)  # refused here, before any I/O, if not genuine
@@ -367,11 +380,26 @@ class FlaskOBO:
     def readiness(self) -> dict[str, str]:
         """What a readiness probe reports, with no call to Entra ID and at most one Redis
         PING: ``redis`` is ``ok``, ``degraded`` (down or its circuit open: users are served
-        from memory and Entra ID meanwhile) or ``not_configured``; ``authority`` is ``ok``,
-        ``stale`` (keys kept past their refresh time while Entra ID is down) or
-        ``unavailable`` (none loaded yet)."""
+        from memory and Entra ID meanwhile), ``misconfigured`` (it refuses the password or
+        ACL user: served from memory meanwhile too) or ``not_configured``; ``authority`` is
+        ``ok``, ``stale`` (keys kept past their refresh time while Entra ID is down),
+        ``unavailable`` (none loaded yet) or ``misconfigured`` (a wrong tenant, an untrusted
+        CA); ``credential`` is there only as ``rejected`` (Entra ID refuses the API's own
+        credential or does not know its client id). ``misconfiguration`` says why."""
         services = self._services()
-        return {"redis": services.store.status(), "authority": services.keys.status()}
+        checks = {"redis": services.store.status(), "authority": services.keys.status()}
+        if checks["redis"] == "ok":
+            services.diagnosis.clear(REDIS)  # it answered: a fixed password is not a sticky failure
+        for component in services.diagnosis.findings():
+            checks[component] = STATUS[component]
+        return checks
+
+    def misconfiguration(self) -> dict[str, str]:
+        """For each misconfigured component (see ``readiness``), its reason code
+        (``AADSTS90002``, ``AADSTS7000215``, ``untrusted_ca``, ``redis_auth``...): what
+        ``/readyz`` answers 503 with. Empty when nothing is known to be misconfigured."""
+        return {component: finding.cause.reason
+                for component, finding in self._services().diagnosis.findings().items()}
 
     @staticmethod
     def _services() -> OboServices:

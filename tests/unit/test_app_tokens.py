@@ -177,8 +177,10 @@ def test_an_app_token_on_an_obo_route_is_403_without_any_token_request(daemon, e
     app, _ = daemon
     response = app.test_client().get("/me", headers=bearer(app_token(entra, [ROLE])))
     assert response.status_code == 403
-    assert response.json["error"] == "insufficient_scope"
+    assert response.json["error"] == "user_token_required"
     assert "on behalf of a signed-in user" in response.json["error_description"]
+    assert response.headers["WWW-Authenticate"] == (
+        'Bearer realm="flask-obo", error="insufficient_scope", scope="user_impersonation"')
     assert entra.token_requests == []
 
 
@@ -189,7 +191,8 @@ def test_sign_out_with_an_app_token_is_403(client, entra, settings, store) -> No
     client = roles_app.test_client()
     assert client.get("/api/whoami", headers=bearer(app_token(entra, [ROLE]))).status_code == 200
     response = client.delete("/api/me/token-cache", headers=bearer(app_token(entra, [ROLE])))
-    assert response.status_code == 403
+    assert response.status_code == 403  # the users-only blueprint refuses it first
+    assert response.json["error"] == "insufficient_scope"
 
 
 # --- acquire_app_token ----------------------------------------------------------------------
@@ -254,6 +257,19 @@ def test_an_unexpired_token_is_served_while_entra_is_down(daemon, entra) -> None
     other_app, other = daemon_app(app.extensions["flask-obo"].settings, memory_store())
     with other_app.app_context(), pytest.raises(IdentityProviderUnavailable):
         other.acquire_app_token(GRAPH_APP)
+
+
+def test_with_redis_down_a_token_is_acquired_and_kept_in_memory(settings, entra) -> None:
+    import fakeredis
+
+    server = fakeredis.FakeServer()
+    server.connected = False  # every command fails as with Redis unreachable
+    app, obo = daemon_app(settings, _store(fakeredis.FakeRedis(server=server), settings))
+    with app.app_context():
+        token = obo.acquire_app_token(GRAPH_APP)
+        for _ in range(5):
+            assert obo.acquire_app_token(GRAPH_APP) == token
+    assert entra.app_calls() == 1
 
 
 def test_entra_refusing_the_api_is_a_502(daemon, entra) -> None:
