@@ -16,6 +16,9 @@ On-Behalf-Of through msal; ``acquire_app_token``, client credentials, for calls 
 app), the token cache (``TokenCacheStore``: Redis, sealed per user, with a memory tier)
 and downstream APIs (``downstream``, as the user or ``as_app``). Errors are
 ``flask_obo.errors``.
+Beyond the request: ``background_handle`` and ``on_behalf_of=`` (jobs acting as a user,
+``flask_obo.background``) and azure-core credentials for Azure SDKs and the Graph SDK
+(``user_credential``, ``app_credential``: ``flask_obo.azure_credentials``, the ``azure`` extra).
 """
 
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore

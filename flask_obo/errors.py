@@ -208,6 +208,32 @@ class TokenAcquisitionFailed(ApiError):
     description = "The identity provider refused to issue a token for the downstream API."
 
 
+# --- background jobs (flask_obo.background) ----------------------------------------------------
+class InvalidBackgroundHandle(ApiError):
+    """A background handle this API did not issue, or one that was altered: refused before
+    anything is read for it. The same answer whatever was wrong with it (the generic
+    ``invalid_request`` code: a malformed input, told apart by this class and its text)."""
+
+    status = 400
+    error = "invalid_request"
+    description = "The background handle is not one this API issued."
+
+
+class BackgroundHandleRevoked(InteractionRequired):
+    """The user signed out (or their cached session ended) after the handle was taken: the
+    job can no longer act for them until they sign in and start it again."""
+
+    description = "The user's session behind this background job has ended; the user must sign in again."
+
+
+class RefreshTokenExpired(InteractionRequired):
+    """A background job's user has no usable refresh token any more: Entra ID refused it
+    (expired, revoked) or there is none. Only the user, signing in again, can renew it."""
+
+    description = ("The identity provider no longer honours the user's refresh token; "
+                   "the user must sign in again.")
+
+
 # --- the token cache ---------------------------------------------------------------------------
 class CacheUnavailable(ServiceUnavailable):
     """Redis is down, slow or its circuit is open. Token acquisition goes on without it,

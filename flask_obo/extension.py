@@ -18,13 +18,14 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.fernet import Fernet
 from flask import Blueprint, Flask, Response, after_this_request, current_app, g, request
 
 from .app_tokens import AppTokenProvider
 from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys, TenantConfigurations
+from .background import BackgroundHandles
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
 from .cli import register_commands
 from .credentials import client_credential
@@ -33,12 +34,21 @@ from .downstream import DownstreamApi
 from .errors import DownstreamNotConfigured, UserTokenRequired, register_error_handlers
 from .http import build_session
 from .metrics import Metrics
-from .protector import EntraResourceProtector, EntraTokenValidator, current_token
+from .protector import (
+    EntraAccessToken,
+    EntraResourceProtector,
+    EntraTokenValidator,
+    current_token,
+    validated_token,
+)
 from .request_ids import REQUEST_ID_HEADER, begin_request, end_request
 from .settings import DownstreamApiSettings, Settings
 from .token_acquisition import OnBehalfOfTokenProvider
 from .token_cache import TokenCacheCodec, partition_key
 from .tracing import VALIDATE_SPAN, instrument_app, span
+
+if TYPE_CHECKING:  # azure-core is an optional extra (flask-obo[azure])
+    from .azure_credentials import AppCredential, AsyncCredential, UserCredential
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +71,7 @@ class OboServices:
     diagnosis: Diagnosis  # misconfigurations met at run time (/readyz, the log)
     app_tokens: AppTokenProvider
     downstream_app_apis: Mapping[str, DownstreamApi]  # the same APIs, called as the app
+    handles: BackgroundHandles
 
 
 class FlaskOBO:
@@ -111,7 +122,8 @@ class FlaskOBO:
             store.report_to(metrics)
             store.diagnosis = diagnosis
         # Without REDIS_URL the in-process cache is sealed too, with a key that dies with the process.
-        codec = TokenCacheCodec(settings.token_cache_keys or (Fernet.generate_key().decode(),))
+        cache_keys = settings.token_cache_keys or (Fernet.generate_key().decode(),)
+        codec = TokenCacheCodec(cache_keys)
         tenants = TenantConfigurations(
             metadata, session, authority_host=settings.authority_host, allowed=settings.tenant_allowed,
             multi_tenant=settings.multi_tenant, disk=disk, timeout=entra_timeout, diagnosis=diagnosis)
@@ -137,6 +149,7 @@ class FlaskOBO:
                                     self._app_token_source, metrics)
                 for name, api in settings.downstream_apis.items()
             },
+            handles=BackgroundHandles(cache_keys, settings.client_id),
         )
         register_error_handlers(app)
         app.before_request(_begin_request)
@@ -206,14 +219,25 @@ class FlaskOBO:
             services.protector.authenticate(required, app_roles)
 
     # --- acquiring tokens and calling downstream APIs --------------------------------------------
-    def acquire_token(self, scopes: Sequence[str], claims_challenge: str | None = None) -> str:
+    def acquire_token(self, scopes: Sequence[str], claims_challenge: str | None = None, *,
+                      on_behalf_of: str | None = None) -> str:
         """An access token for ``scopes`` (one resource) on behalf of ``current_token``'s user,
         from the memory tier, the shared cache or Entra ID (On-Behalf-Of) in that order.
-        With ``claims_challenge`` (a downstream API's decoded claims), always a fresh one."""
+        With ``claims_challenge`` (a downstream API's decoded claims), always a fresh one.
+
+        ``on_behalf_of``: a background handle (``background_handle``) instead, in a job
+        (any process with the same settings, within an app context): that user's cache
+        entry and refresh token serve it. Raises ``InvalidBackgroundHandle`` (a handle not
+        issued here, or altered), ``BackgroundHandleRevoked`` (the user signed out since)
+        or ``RefreshTokenExpired`` (Entra ID no longer honours the refresh token)."""
         if isinstance(scopes, str):
             raise TypeError("scopes must be a list of scopes, not one string")
+        services = self._services()
+        if on_behalf_of is not None:
+            return services.tokens.acquire_token(services.handles.open(on_behalf_of), scopes,
+                                                 claims_challenge)
         _refuse_app_tokens()
-        return self._services().tokens.acquire_token(current_token, scopes, claims_challenge)
+        return services.tokens.acquire_token(current_token, scopes, claims_challenge)
 
     def acquire_app_token(self, scopes: Sequence[str], tenant: str | None = None) -> str:
         """The API's own access token (client credentials, no user) for ``scopes``: exactly
@@ -248,21 +272,83 @@ class FlaskOBO:
             tenant = current_token.tid
         return services.app_tokens.acquire(scopes, tenant, claims_challenge)
 
-    def downstream(self, name: str, as_app: bool = False) -> DownstreamApi:
+    def downstream(self, name: str, as_app: bool = False, *,
+                   on_behalf_of: str | None = None) -> DownstreamApi:
         """The configured downstream API ``name``: ``graph`` (``GRAPH_BASE_URL``,
         ``GRAPH_SCOPES``) or one of ``DOWNSTREAM_APIS__<NAME>__BASE_URL`` / ``__SCOPES``,
         called on behalf of the current request's user; with ``as_app``, as the API itself
         with app tokens (``acquire_app_token``) for ``GRAPH_APP_SCOPES`` /
-        ``DOWNSTREAM_APIS__<NAME>__APP_SCOPES`` (default ``<resource>/.default``)."""
+        ``DOWNSTREAM_APIS__<NAME>__APP_SCOPES`` (default ``<resource>/.default``); with
+        ``on_behalf_of`` (a background handle), as the handle's user."""
+        if as_app and on_behalf_of is not None:
+            raise TypeError("downstream() calls as the app or as a handle's user, not both")
         services = self._services()
         apis = services.downstream_app_apis if as_app else services.downstream_apis
         try:
-            return apis[name.lower()]
+            api = apis[name.lower()]
         except KeyError:
             error = DownstreamNotConfigured(name, tuple(sorted(apis)))
             log.error("%s (set DOWNSTREAM_APIS__%s__BASE_URL and __SCOPES, or fix the name)",
                       error, name.upper() if name.isidentifier() else "<NAME>")
             raise error from None
+        if on_behalf_of is None:
+            return api
+        user = services.handles.open(on_behalf_of)  # refused here, before any I/O, if not genuine
+        tokens = services.tokens
+        return api.with_tokens(lambda scopes, claims: tokens.acquire_token(user, scopes, claims))
+
+    # --- work that outlives the request, and Azure SDK credentials ------------------------------
+    def background_handle(self, scopes: Sequence[str] | None = None) -> str:
+        """An opaque handle on the current request's user, for a background job to act as
+        them later (``acquire_token``/``downstream``/``user_credential`` with
+        ``on_behalf_of=handle``), in any process with the same settings.
+
+        The user's cache entry must hold a refresh token for the job to renew from: this
+        acquires a token for ``scopes`` first (default: ``GRAPH_SCOPES``; from the cache
+        when there is one, else one On-Behalf-Of exchange). The handle is encrypted and
+        authenticated (keys derived from ``TOKEN_CACHE_KEYS``): it names no one to whoever
+        holds it, and stops working when the user signs out (``forget_user``)."""
+        services = self._services()
+        user = _request_user("obo.background_handle()")
+        self.acquire_token(list(scopes or services.settings.graph_scopes))
+        return services.handles.issue(user, services.tokens.generation(user))
+
+    def user_credential(self, *, on_behalf_of: str | None = None) -> UserCredential:
+        """An azure-core ``TokenCredential`` (``get_token``, ``get_token_info``) acting for
+        the current request's user, for Azure SDK clients and ``msgraph-sdk``: tokens for
+        whatever scopes the SDK asks come through ``acquire_token``'s cache, single flight
+        and claims-challenge handling. Make it inside the request (it keeps the user);
+        outside one, pass a background handle as ``on_behalf_of``. Needs azure-core
+        (``pip install flask-obo[azure]``)."""
+        from .azure_credentials import UserCredential
+
+        services = self._services()
+        user = (_request_user("obo.user_credential()") if on_behalf_of is None
+                else services.handles.open(on_behalf_of))
+        return UserCredential(services.tokens, user)
+
+    def async_user_credential(self, *, on_behalf_of: str | None = None) -> AsyncCredential:
+        """``user_credential`` for async clients (azure-core's ``AsyncTokenCredential``),
+        such as ``msgraph-sdk``'s ``GraphServiceClient``: acquisition runs in a worker
+        thread, never blocking the event loop."""
+        from .azure_credentials import AsyncCredential
+
+        return AsyncCredential(self.user_credential(on_behalf_of=on_behalf_of))
+
+    def app_credential(self, tenant: str | None = None) -> AppCredential:
+        """An azure-core ``TokenCredential`` acting as the API itself (client credentials,
+        ``acquire_app_token``'s cache and renewal), inside or outside a request within an
+        application context. ``tenant``: as ``acquire_app_token``'s (an SDK's ``tenant_id``
+        wins). Needs azure-core (``pip install flask-obo[azure]``)."""
+        from .azure_credentials import AppCredential
+
+        return AppCredential(self._services().app_tokens, tenant)
+
+    def async_app_credential(self, tenant: str | None = None) -> AsyncCredential:
+        """``app_credential`` for async clients (azure-core's ``AsyncTokenCredential``)."""
+        from .azure_credentials import AsyncCredential
+
+        return AsyncCredential(self.app_credential(tenant))
 
     def forget_user(self) -> None:
         """Sign-out: remove ``current_token``'s user's cached downstream tokens everywhere.
@@ -327,6 +413,20 @@ def services_of(app: Flask) -> OboServices:
     if not isinstance(services, OboServices):
         raise RuntimeError("FlaskOBO.init_app(app) has not been called for this application")
     return services
+
+
+def _request_user(what: str) -> EntraAccessToken:
+    """The current request's validated token, itself (not the proxy): kept by an object
+    that may be used after the request, or in another thread."""
+    try:
+        token = validated_token()
+    except RuntimeError:  # no request, or no token validated in it
+        raise RuntimeError(
+            f"{what} acts for the user of a protected request: call it inside a view protected by "
+            "require_scope or protect (a background job passes on_behalf_of=<background handle>)"
+        ) from None
+    _refuse_app_tokens()
+    return token
 
 
 def _roles(app_roles: Sequence[str]) -> tuple[str, ...]:
