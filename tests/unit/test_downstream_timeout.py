@@ -19,6 +19,7 @@ import trustme
 from flask import Flask
 
 from flask_obo import FlaskOBO
+from flask_obo.extension import services_of
 from flask_obo.settings import DEFAULT_DOWNSTREAM_TIMEOUT, Settings
 from tests.support.fake_entra import ADELE, FakeEntra, settings_env
 
@@ -114,6 +115,8 @@ def test_each_apis_timeout_setting_takes_effect(slow_api: str) -> None:
     assert hasty_status == 504 and graph_status == 504
     for elapsed in (hasty, graph):
         assert SHORT <= elapsed < patient, "the call ends at its own timeout, before the answer"
+    as_app = services_of(client.application).downstream_app_apis  # downstream(name, as_app=True)
+    assert as_app["hasty"].timeout == (SHORT, SHORT) and as_app["patient"].timeout[1] == LONG
 
 
 def test_the_timeouts_are_settings_with_one_default() -> None:
