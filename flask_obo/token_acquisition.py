@@ -33,8 +33,8 @@ import msal
 import requests
 
 from .authority import AuthorityUnavailable, TenantConfigurations
-from .bulkhead import Deadline, SingleFlight, WaitingRoom, held
-from .cache_store import Guard, StoredEntry, TokenCacheStore
+from .bulkhead import Deadline, SingleFlight, WaitingRoom
+from .cache_store import Guard, StoreBudget, StoredEntry, TokenCacheStore
 from .credentials import CREDENTIAL_ERROR_CODES, ClientCredential
 from .errors import (
     AssertionRejected,
@@ -46,7 +46,7 @@ from .errors import (
     TokenAcquisitionBusy,
     TokenAcquisitionFailed,
 )
-from .memory_tier import HotToken, MemoryTier, UserSession
+from .memory_tier import HotToken, MemoryTier, UserSession, WriteBack
 from .metrics import CACHE_HIT, FAILED, MEMORY_HIT, OBO, REFRESH, Metrics
 from .msal_http import EntraUnavailable, MsalHttpClient, NetworkNeeded, offline, within
 from .protector import EntraAccessToken
@@ -83,8 +83,9 @@ class OnBehalfOfTokenProvider:
         self._metrics = metrics or Metrics()
         timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
         self.memory = MemoryTier(
-            settings.memory_cache_users,
-            lambda: UserSession(MsalHttpClient(session, metadata, timeout, self._metrics)))
+            settings.memory_cache_users, lambda: MsalHttpClient(session, metadata, timeout, self._metrics),
+            self._metrics)
+        self._write_back = WriteBack(self.memory, store)
         self._flights: SingleFlight[tuple[str, str]] = SingleFlight(private_errors=(AssertionRejected,))
         self._waiting_room = WaitingRoom(settings.entra_max_waiting_threads)
         store.watch(self)
@@ -107,10 +108,11 @@ class OnBehalfOfTokenProvider:
     def _acquire(self, user: EntraAccessToken, scopes: Sequence[str],
                  claims_challenge: str | None) -> tuple[str, str]:
         deadline = Deadline(self._settings.token_acquisition_timeout)
+        budget = StoreBudget(self._settings.redis_timeout)  # shared by the leader's _from_entra
         partition = partition_key(user.oid, user.tid)
         scopes = list(scopes)
         if claims_challenge is None:
-            served = self._from_cache(partition, user, scopes, deadline)
+            served = self._from_cache(partition, user, scopes, deadline, budget)
             if served is not None:
                 return served
         led = False
@@ -118,7 +120,7 @@ class OnBehalfOfTokenProvider:
         def lead() -> tuple[str, str]:
             nonlocal led
             led = True
-            return self._from_entra(partition, user, scopes, claims_challenge, deadline)
+            return self._from_entra(partition, user, scopes, claims_challenge, deadline, budget)
 
         with self._waiting_room.seat():
             token, outcome = self._flights.run(
@@ -127,12 +129,11 @@ class OnBehalfOfTokenProvider:
         return token, outcome if led else MEMORY_HIT
 
     def _from_cache(self, partition: str, user: EntraAccessToken, scopes: list[str],
-                    deadline: Deadline) -> tuple[str, str] | None:
+                    deadline: Deadline, budget: StoreBudget) -> tuple[str, str] | None:
         """The token from memory or Redis, never waiting on Entra ID: None on a miss, and
         also while a leader of this user holds the session to talk to Entra ID (then the
         request joins that flight, in the waiting room, rather than wait out here)."""
-        session = self.memory.session(partition)
-        while not session.lock.acquire(timeout=SESSION_BUSY_SECONDS):
+        while (session := self.memory.hold(partition, SESSION_BUSY_SECONDS)) is None:
             if self._flights.running(partition):  # a leader (claims challenge or not) holds it
                 return None
             if deadline.expired:
@@ -146,11 +147,11 @@ class OnBehalfOfTokenProvider:
             if not session.is_current(self._store.coherence()) and (
                     self._store.healthy or session.blob is None):
                 with suppress(CacheUnavailable):
-                    self._reload(session, partition, user)
+                    self._reload(session, partition, user, budget)
                     outcome = CACHE_HIT
             token = self._offline_token(session, user, scopes)
         finally:
-            session.lock.release()
+            self.memory.release(session)
         return (token, outcome) if token else None
 
     def _offline_token(self, session: UserSession, user: EntraAccessToken,
@@ -196,22 +197,21 @@ class OnBehalfOfTokenProvider:
         return token
 
     def _from_entra(self, partition: str, user: EntraAccessToken, scopes: list[str],
-                    claims_challenge: str | None, deadline: Deadline) -> tuple[str, str]:
+                    claims_challenge: str | None, deadline: Deadline, budget: StoreBudget) -> tuple[str, str]:
         """The token and how it was served (``flask_obo.metrics``' outcomes)."""
-        session = self.memory.session(partition)
-        with held(session.lock, deadline.remaining()):
+        with self.memory.held(partition, deadline.remaining()) as session:
             session.hot.clear()  # whatever happens here, the old memo is not the answer
             if claims_challenge is None and session.is_current(self._store.coherence()):
                 # The leader that held the session may have just filled it.
                 result = self._silent(session, user, scopes, offline_only=True)
                 if result:
                     return str(result["access_token"]), MEMORY_HIT
-            with self._user_lock(partition, deadline) as guard, within(deadline), \
+            with self._user_lock(partition, deadline, budget) as guard, within(deadline), \
                     _entra_unavailable_is_503():
                 outcome = MEMORY_HIT
                 if guard is not None:
                     with suppress(CacheUnavailable):  # another worker may have filled it
-                        self._reload(session, partition, user)
+                        self._reload(session, partition, user, budget)
                         outcome = CACHE_HIT
                 asked_at = time.time()
                 result = None if claims_challenge else self._silent(session, user, scopes)
@@ -220,7 +220,7 @@ class OnBehalfOfTokenProvider:
                 if not result:
                     outcome = OBO
                     result = self._on_behalf_of(session, partition, user, scopes, claims_challenge)
-                self._save_if_changed(session, partition, guard)
+                self._save_if_changed(session, partition, guard, budget)
                 if isinstance(result.get("access_token"), str):  # the next request needs no msal
                     self._remember(session, tuple(scopes), result, asked_at)
         return _access_token_or_raise(result, partition), outcome
@@ -251,8 +251,7 @@ class OnBehalfOfTokenProvider:
         then, here either) and ``TokenAcquisitionBusy`` when the user's lock stays taken.
         """
         deadline = Deadline(self._settings.token_acquisition_timeout)
-        session = self.memory.session(partition)
-        with held(session.lock, deadline.remaining()):  # as a leader does: session, then store
+        with self.memory.held(partition, deadline.remaining()) as session:  # as a leader: session, then store
             with self._store.lock(partition, deadline) as guard:
                 removed = self._store.remove(partition, guard)
             session.forget()
@@ -260,12 +259,14 @@ class OnBehalfOfTokenProvider:
         return removed
 
     @contextmanager
-    def _user_lock(self, partition: str, deadline: Deadline) -> Iterator[Guard | None]:
-        """The user's store lock; None (single flight per process only) while Redis is down."""
+    def _user_lock(self, partition: str, deadline: Deadline, budget: StoreBudget) -> Iterator[Guard | None]:
+        """The user's store lock; None (single flight per process only) while Redis is down,
+        or once this request found it so (``budget``)."""
         with ExitStack() as stack:
             started = time.perf_counter()
             try:
-                guard: Guard | None = stack.enter_context(self._store.lock(partition, deadline))
+                with budget.call(timed=False):  # waiting for another holder is not waiting on Redis
+                    guard: Guard | None = stack.enter_context(self._store.lock(partition, deadline))
             except TokenAcquisitionBusy:  # waited until the deadline
                 self._metrics.lock_wait(time.perf_counter() - started)
                 raise
@@ -295,7 +296,7 @@ class OnBehalfOfTokenProvider:
             log.warning("msal could not read the token cache for a user (%s); it will be replaced",
                         type(exc).__name__)
             session.cache.load(None)
-            session.blob = None
+            session.cleared()
             return None
 
     def _app(self, session: UserSession, user: EntraAccessToken) -> msal.ConfidentialClientApplication:
@@ -320,7 +321,8 @@ class OnBehalfOfTokenProvider:
             session.credential_version = version
         return session.app
 
-    def _reload(self, session: UserSession, partition: str, user: EntraAccessToken) -> None:
+    def _reload(self, session: UserSession, partition: str, user: EntraAccessToken,
+                budget: StoreBudget) -> None:
         """Make ``session`` hold what the store holds now (a no-op if the blob is unchanged).
 
         An entry that is not a usable msal cache of this user, whatever the reason, is a
@@ -330,24 +332,25 @@ class OnBehalfOfTokenProvider:
         epoch = coherence.epoch if coherence.connected else None
         changes, losses = session.changes, self._store.losses
         expired = session.expires_at is not None and time.monotonic() >= session.expires_at
-        entry = self._store.load(partition)
+        with budget.call():
+            entry = self._store.load(partition)
         current, held_blob = (entry.blob if entry else None), session.blob
         put_back = held_blob is not None and (
             (session.unsaved and current == session.stored)  # acquired while Redis was away
             or (current is None and losses > session.losses_seen  # Redis lost it: not a delete
                 and not (session.changed_in_store or expired))
         )
-        if put_back and held_blob and self._store.save_unless_changed(partition, held_blob, current):
-            entry = StoredEntry(held_blob, None)
-        if entry is None or entry.blob != session.blob:
+        if put_back and held_blob:
+            with budget.call():
+                if self._store.save_unless_changed(partition, held_blob, current):
+                    entry = StoredEntry(held_blob, None)
+        blob = session.blob
+        if entry is None or entry.blob != blob:
             usable = entry is not None and self._open(session, partition, user, entry.blob)
             if not usable:
                 session.cache.load(None)
-            session.blob = entry.blob if entry and usable else None
-        session.stored, session.losses_seen = (entry.blob if entry else None), losses
-        session.expires_at = entry.expires_at if entry else None
-        session.unsaved = False
-        self.memory.mark_read(session, changes, epoch if coherence.connected else None)
+            blob = entry.blob if entry and usable else None
+        session.read(entry, blob, losses, changes, epoch)
 
     def _open(self, session: UserSession, partition: str, user: EntraAccessToken, blob: bytes) -> bool:
         serialized = self._codec.open(partition, blob)
@@ -364,43 +367,38 @@ class OnBehalfOfTokenProvider:
             return False
         return True
 
-    def _save_if_changed(self, session: UserSession, partition: str, guard: Guard | None) -> None:
+    def _save_if_changed(self, session: UserSession, partition: str, guard: Guard | None,
+                         budget: StoreBudget) -> None:
         if not session.cache.has_state_changed:
             return
         blob = self._codec.seal(partition, session.cache.serialize())
-        session.blob = blob
+        session.acquired(blob)
         try:
-            if guard is None:  # acquired without the lock: Redis may be back by now
-                written = self._store.save_unless_changed(partition, blob, session.stored)
-                session.unsaved = not written
-            else:
-                written = self._store.save(partition, blob, guard)
-                if not written:  # someone else's write won: reload before the next use
-                    session.blob, session.verified_epoch = None, -1
-            if written:
-                session.stored = blob
+            with budget.call():
+                if guard is None:  # acquired without the lock: Redis may be back by now
+                    written = self._store.save_unless_changed(partition, blob, session.stored)
+                else:
+                    written = self._store.save(partition, blob, guard)
         except CacheUnavailable:
-            session.unsaved = True  # written by resync() or this user's next reload
+            written, lost = False, False
+        else:
+            lost = guard is not None and not written
+        if written:
+            session.saved(blob)
+        elif lost:  # the lock expired and someone else's write won: reload before the next use
+            session.outdated()
+        else:  # unreachable, or (without the lock) another entry came meanwhile: the
+            session.not_saved()  # write-back or the user's next reload decides
+            self._write_back.wake()
 
     # --- the store's watcher ---------------------------------------------------------------------
     def invalidate(self, partitions: list[str] | None) -> None:
         self.memory.invalidate(partitions)
 
     def resync(self) -> None:
-        """The store is back: write what was acquired while it was away, unless another
-        worker wrote that user's entry meanwhile (its next request reads that one)."""
-        for partition, session in self.memory.unsaved():
-            if not session.lock.acquire(blocking=False):
-                continue  # in use: that request's own reload puts it back
-            try:
-                if session.blob is not None and session.unsaved and self._store.save_unless_changed(
-                        partition, session.blob, session.stored):
-                    session.stored = session.blob
-                session.unsaved = False  # written, or someone else's newer entry wins
-            except CacheUnavailable:
-                return
-            finally:
-                session.lock.release()
+        """The store answers again: write back what was acquired while it was away (see
+        ``MemoryTier.write_back``), off this thread."""
+        self._write_back.wake()
 
 
 @contextmanager

@@ -15,6 +15,7 @@ import pytest
 from tests.faults.conftest import (
     ENTRA_MAX_WAITING_THREADS,
     FAULT_COLD_USER,
+    PID,
     TOKEN_ACQUISITION_TIMEOUT,
     WORKERS,
     Checks,
@@ -77,3 +78,45 @@ def test_a_paused_redis_delays_warm_users_boundedly_and_service_resumes(stack: F
         failed = [s for s in after if s.status != 200]
         checks.expect(not failed, f"after the pause: {len(failed)} of {len(after)} not 200: {failed[:3]}")
         checks.verify(api)
+
+
+RECYCLE_EVERY = 40  # requests per worker (--max-requests 40 --max-requests-jitter 0)
+WARM_WORST_LIMIT = 1.0  # seconds: a fresh worker waits for Redis once, then exchanges
+
+
+def test_a_paused_redis_costs_a_recycled_worker_one_timeout_at_most(stack: FaultStack) -> None:
+    """Workers recycle every 40 requests while Redis is paused for 5 s, so fresh workers,
+    with nothing in memory, serve the warm users: each such request may wait
+    REDIS_TIMEOUT_SECONDS for Redis once, then goes on without it (no second wait for the
+    user's Redis lock or the write): warm users' worst latency <= 1 s, and no 5xx."""
+    checks = Checks("redis pause, recycling workers")
+    with stack.api("redis-pause-recycling", GUNICORN_MAX_REQUESTS=str(RECYCLE_EVERY),
+                   GUNICORN_MAX_REQUESTS_JITTER="0") as api:
+        warm_up(stack, api)
+        with LoadGenerator(api.url, steady_calls(stack), threads=4, interval=0.05, duration=60) as load:
+            wait_for_samples(lambda: load.samples, BASELINE_SAMPLES, timeout=30)
+            pids_before = _pids(api)
+            with redis_paused(stack.redis_url, PAUSE_SECONDS) as pause:
+                pass  # the load runs on; redis_paused waits until Redis answers again
+            wait_for_samples(lambda: load.window(pause.end, float("inf")), AFTER_SAMPLES, timeout=20)
+        baseline = load.window(load.started_at, pause.start, "warm")
+        # A request that started within the pause, or a second after it (a worker forked
+        # late in the pause may still be waiting for Redis then).
+        warm = load.window(pause.start, pause.end + 1.0, "warm")
+        new_workers = len(_pids(api) - pids_before)
+        worst = max((s.latency for s in warm), default=0.0)
+        checks.figure(f"baseline warm /api/me {summary(baseline)}")
+        checks.figure(f"pause {pause.end - pause.start:.1f} s, {new_workers} worker(s) forked meanwhile; "
+                      f"warm /api/me {summary(warm)}; worst {worst * 1000:.0f} ms")
+        checks.figure(f"slowest: {slowest(warm, pause.start)}")
+        checks.expect(new_workers >= 2, f"only {new_workers} worker(s) recycled during the test")
+        checks.expect(bool(warm) and worst <= WARM_WORST_LIMIT,
+                      f"warm users' worst latency {worst * 1000:.0f} ms > {WARM_WORST_LIMIT * 1000:.0f} ms")
+        errors = [s for s in warm if s.status >= 500 or not s.status]
+        checks.expect(not errors, f"{len(errors)} of {len(warm)} warm requests failed: {errors[:3]}")
+        checks.verify(api)
+
+
+def _pids(api) -> set[str]:  # noqa: ANN001 - an Api
+    """Worker pids that answered so far (the access log's ``pid=``)."""
+    return {match.group(1) for line in api.access_lines() if (match := PID.search(line))}

@@ -244,3 +244,55 @@ def test_a_hung_redis_opens_the_breaker_instead_of_a_timeout_per_request(
     assert len(samples) >= 20
     assert percentile([s.latency for s in samples], 0.5) < FAST
     assert entra.obo_calls() == 1
+
+
+# --- more users than the memory tier's cap during an outage -------------------------------------------
+
+CAP = 2
+OUTAGE_USERS = [ADELE, BOB, CAROL, "e5e5e5e5-0000-4000-8000-000000000005",
+                "f6f6f6f6-0000-4000-8000-000000000006", "a7a7a7a7-0000-4000-8000-000000000007"]
+WRITE_BACK_BOUND = 5.0  # seconds from Redis answering again to every entry in Redis
+
+
+def test_tokens_of_more_users_than_the_cap_acquired_during_an_outage_all_reach_redis(
+    entra: SlowEntra, server: RedisProcess, settings: Settings
+) -> None:
+    """TOKEN_MEMORY_CACHE_USERS=2, Redis killed, 6 users served (6 exchanges): none of their
+    tokens may be dropped from memory before it is in Redis. Once Redis is back (empty, on
+    the same address), all 6 entries arrive by themselves, and the 6 users are served
+    again, by this worker and by a freshly started one, with no token request."""
+    for oid in OUTAGE_USERS[3:]:
+        entra.add_user(oid, f"User {oid[:4]}")
+    assert settings.redis_url and settings.token_cache_keys
+    capped = Settings.from_env(settings_env(
+        REDIS_URL=settings.redis_url, TOKEN_CACHE_KEYS=",".join(settings.token_cache_keys),
+        REDIS_TIMEOUT_SECONDS=str(REDIS_TIMEOUT), TOKEN_MEMORY_CACHE_USERS=str(CAP)))
+    workers = [Worker(capped, entra)]
+    try:
+        app = workers[0]
+        app.wait_connected()
+        server.kill()
+        assert [app.me(oid) for oid in OUTAGE_USERS] == [200] * len(OUTAGE_USERS)
+        assert entra.obo_calls() == len(OUTAGE_USERS)
+
+        server.start()  # empty, same port
+        back_at = time.monotonic()
+        fresh = server.client()
+        keys = [key_of(app, oid) for oid in OUTAGE_USERS]
+        deadline = back_at + WRITE_BACK_BOUND
+        while (stored := sum(fresh.exists(key) for key in keys)) < len(keys) and time.monotonic() < deadline:
+            time.sleep(0.05)  # a poll interval
+        took = time.monotonic() - back_at
+        fresh.close()
+        print(f"{stored} of {len(keys)} entries in Redis {took * 1000:.0f} ms after it came back "
+              f"(cap {CAP} users)")
+        assert stored == len(keys), f"only {stored} of {len(keys)} entries reached Redis"
+
+        token_requests = len(entra.token_requests)
+        assert [app.me(oid) for oid in OUTAGE_USERS] == [200] * len(OUTAGE_USERS)
+        workers.append(Worker(capped, entra))  # a freshly started API
+        assert [workers[1].me(oid) for oid in OUTAGE_USERS] == [200] * len(OUTAGE_USERS)
+        assert len(entra.token_requests) == token_requests, "a user was exchanged again"
+    finally:
+        for each in workers:
+            each.stop()
