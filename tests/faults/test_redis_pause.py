@@ -8,7 +8,9 @@ user's requests answer within the acquisition bound (200 or 503 + Retry-After), 
 
 from __future__ import annotations
 
+import re
 import time
+from collections import Counter
 
 import pytest
 
@@ -16,8 +18,10 @@ from tests.faults.conftest import (
     ENTRA_MAX_WAITING_THREADS,
     FAULT_COLD_USER,
     PID,
+    REDIS_TIMEOUT,
     TOKEN_ACQUISITION_TIMEOUT,
     WORKERS,
+    Api,
     Checks,
     FaultStack,
     answered_in_time,
@@ -82,22 +86,29 @@ def test_a_paused_redis_delays_warm_users_boundedly_and_service_resumes(stack: F
 
 RECYCLE_EVERY = 40  # requests per worker (--max-requests 40 --max-requests-jitter 0)
 WARM_WORST_LIMIT = 1.0  # seconds: a fresh worker waits for Redis once, then exchanges
+REDIS_FAILURE = re.compile(r"\[([0-9a-f]{32})\] redis \S+ failed")
 
 
 def test_a_paused_redis_costs_a_recycled_worker_one_timeout_at_most(stack: FaultStack) -> None:
     """Workers recycle every 40 requests while Redis is paused for 5 s, so fresh workers,
-    with nothing in memory, serve the warm users: each such request may wait
-    REDIS_TIMEOUT_SECONDS for Redis once, then goes on without it (no second wait for the
-    user's Redis lock or the write): warm users' worst latency <= 1 s, and no 5xx."""
+    with nothing in memory, serve the warm users: such a request waits
+    REDIS_TIMEOUT_SECONDS for Redis once, then goes on without it (no second wait, for
+    the user's Redis lock or the write): no request logs two Redis failures, warm users'
+    worst latency <= 1 s (or, on a box too busy for that even before the pause, <= the
+    worst before it plus one Redis timeout), and no 5xx."""
     checks = Checks("redis pause, recycling workers")
     with stack.api("redis-pause-recycling", GUNICORN_MAX_REQUESTS=str(RECYCLE_EVERY),
                    GUNICORN_MAX_REQUESTS_JITTER="0") as api:
         warm_up(stack, api)
-        with LoadGenerator(api.url, steady_calls(stack), threads=4, interval=0.05, duration=60) as load:
-            wait_for_samples(lambda: load.samples, BASELINE_SAMPLES, timeout=30)
+        with LoadGenerator(api.url, steady_calls(stack), threads=2, interval=0.05, duration=60) as load:
+            wait_for_samples(lambda: load.samples, BASELINE_SAMPLES // 2, timeout=30)
             pids_before = _pids(api)
             with redis_paused(stack.redis_url, PAUSE_SECONDS) as pause:
-                pass  # the load runs on; redis_paused waits until Redis answers again
+                # Cheap requests, one at a time, so both workers reach max_requests early in
+                # the pause and fresh ones serve the warm users through the rest of it.
+                recycle = LoadGenerator(api.url, [Call("healthz", "/healthz")], threads=1,
+                                        max_requests=2 * RECYCLE_EVERY, duration=PAUSE_SECONDS / 2)
+                recycle.start().join(timeout=PAUSE_SECONDS)
             wait_for_samples(lambda: load.window(pause.end, float("inf")), AFTER_SAMPLES, timeout=20)
         baseline = load.window(load.started_at, pause.start, "warm")
         # A request that started within the pause, or a second after it (a worker forked
@@ -105,18 +116,25 @@ def test_a_paused_redis_costs_a_recycled_worker_one_timeout_at_most(stack: Fault
         warm = load.window(pause.start, pause.end + 1.0, "warm")
         new_workers = len(_pids(api) - pids_before)
         worst = max((s.latency for s in warm), default=0.0)
+        baseline_worst = max((s.latency for s in baseline), default=0.0)
+        failures = Counter(REDIS_FAILURE.findall(api.process.log.read_text(errors="replace")))
         checks.figure(f"baseline warm /api/me {summary(baseline)}")
         checks.figure(f"pause {pause.end - pause.start:.1f} s, {new_workers} worker(s) forked meanwhile; "
                       f"warm /api/me {summary(warm)}; worst {worst * 1000:.0f} ms")
         checks.figure(f"slowest: {slowest(warm, pause.start)}")
-        checks.expect(new_workers >= 2, f"only {new_workers} worker(s) recycled during the test")
-        checks.expect(bool(warm) and worst <= WARM_WORST_LIMIT,
-                      f"warm users' worst latency {worst * 1000:.0f} ms > {WARM_WORST_LIMIT * 1000:.0f} ms")
+        checks.figure(f"requests with a failed Redis call: {len(failures)}; most in one request: "
+                      f"{max(failures.values(), default=0)}")
+        checks.expect(bool(failures), "no fresh worker met the pause (inconclusive)")
+        twice = {request: n for request, n in failures.items() if n > 1}
+        checks.expect(not twice, f"{len(twice)} request(s) waited for Redis more than once: {twice}")
+        limit = max(WARM_WORST_LIMIT, baseline_worst + REDIS_TIMEOUT)
+        checks.expect(bool(warm) and worst <= limit,
+                      f"warm users' worst latency {worst * 1000:.0f} ms > {limit * 1000:.0f} ms")
         errors = [s for s in warm if s.status >= 500 or not s.status]
         checks.expect(not errors, f"{len(errors)} of {len(warm)} warm requests failed: {errors[:3]}")
         checks.verify(api)
 
 
-def _pids(api) -> set[str]:  # noqa: ANN001 - an Api
+def _pids(api: Api) -> set[str]:
     """Worker pids that answered so far (the access log's ``pid=``)."""
     return {match.group(1) for line in api.access_lines() if (match := PID.search(line))}

@@ -24,7 +24,7 @@ import redis
 import responses
 
 from app import create_app
-from flask_obo.cache_store import RedisTokenCacheStore, TokenCacheStore
+from flask_obo.cache_store import TokenCacheStore
 from flask_obo.extension import services_of
 from flask_obo.invalidation import PING_EVERY
 from flask_obo.protector import EntraAccessToken

@@ -22,10 +22,12 @@ import redis
 import responses
 
 from flask_obo.breaker import State
+from flask_obo.extension import services_of
 from flask_obo.settings import Settings
 from flask_obo.token_cache import partition_key
 from tests.integration.test_memory_tier import CAROL, RecordingEntra, Worker, wait_for
 from tests.support.fake_entra import ADELE, BOB, TENANT_ID, settings_env
+from tests.support.faults import pause_redis, wait_redis_answers
 from tests.support.servers import RedisProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -296,3 +298,43 @@ def test_tokens_of_more_users_than_the_cap_acquired_during_an_outage_all_reach_r
     finally:
         for each in workers:
             each.stop()
+
+
+# --- Redis paused: a fresh worker waits for it once ----------------------------------------------------
+
+PAUSE_SECONDS = 3.0
+
+
+def test_a_fresh_worker_waits_for_a_paused_redis_once_per_request(
+    worker, entra: SlowEntra, server: RedisProcess
+) -> None:
+    """A worker just started (recycled) has nothing in memory; Redis is paused (``CLIENT
+    PAUSE``): a warm user's request waits REDIS_TIMEOUT_SECONDS for the load, then goes on
+    without Redis (no second wait for the user's Redis lock, nor for the write): it takes
+    one timeout more than an exchange with Redis answering, measured here the same way."""
+    first = worker()
+    assert first.me(ADELE) == 200  # Adele's entry is in Redis
+    baseline_app = worker()  # a fresh worker with Redis answering: Bob's exchange, timed
+    status, baseline = baseline_app.timed_me(BOB)
+    assert status == 200
+
+    fresh = worker()
+    fresh.wait_connected()  # forked just before the pause: its listener notices it only later
+    window = pause_redis(server.url, PAUSE_SECONDS)
+    try:
+        status, took = fresh.timed_me(ADELE)
+        errors = {op: metric(fresh, "flask_obo_cache_errors_total", operation=op)
+                  for op in ("load", "lock", "save")}
+    finally:
+        wait_redis_answers(server.url, timeout=max(0.0, window.end - time.monotonic()) + 5)
+    print(f"fresh worker, Redis paused: {status} in {took * 1000:.0f} ms (an exchange with Redis "
+          f"answering: {baseline * 1000:.0f} ms); failed Redis calls {errors}")
+    assert status == 200
+    assert (errors["load"], errors["lock"]) == (1, 0), "the request called Redis again after a timeout"
+    assert took < baseline + 2 * REDIS_TIMEOUT, "the request waited for Redis more than once"
+    assert entra.obo_calls() == 3
+
+
+def metric(app: Worker, name: str, **labels: str) -> float:
+    value = services_of(app.app).metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
