@@ -306,6 +306,12 @@ class RedisTokenCacheStore:
     def watch(self, watcher: Watcher) -> None:
         self._watchers.add(watcher)
 
+    def close(self) -> None:
+        """Stop listening for changes: the listener threads end within a second (for
+        tests and tools; an application's store lives as long as its process)."""
+        if self._invalidation is not None:
+            self._invalidation.stop()
+
     def _invalidated(self, keys: list[bytes] | None) -> None:
         partitions = None if keys is None else [p for key in keys if (p := _partition_of(key))]
         for watcher in list(self._watchers):
@@ -419,7 +425,9 @@ class RedisTokenCacheStore:
     def _lock_token(guard: Guard) -> Any:
         if not isinstance(guard, redis.lock.Lock):
             raise TypeError("guard must come from this store's lock()")
-        return guard.local.token
+        # A released lock has no token: b"" matches no lock's value (a uuid), so the
+        # script answers "lock lost" rather than failing as if Redis were down.
+        return guard.local.token or b""
 
     # --- for operators (the token-cache CLI) -------------------------------------------------
     def partitions(self) -> list[str]:
