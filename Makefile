@@ -51,6 +51,7 @@ bench: $(STAMP)
 	@status=0; \
 	echo "== bench/token_cache_bench.py"; $(PY) bench/token_cache_bench.py || status=1; \
 	echo "== bench/serving_bench.py"; $(PY) bench/serving_bench.py || status=1; \
+	echo "== bench/session_bench.py"; $(PY) bench/session_bench.py || status=1; \
 	exit $$status
 
 ## remove the virtualenv and the caches

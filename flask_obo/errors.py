@@ -216,6 +216,17 @@ class DownstreamThrottled(ServiceUnavailable):
     description = "The downstream API is throttling requests; retry later."
 
 
+class UnsafeDownstreamPath(ApiError, ValueError):
+    """A route asked to call a downstream path that could resolve outside the API's base
+    URL (``..``, ``%252e``, ``\\``, ``;``): refused before any token is acquired, so a
+    path built from a caller's input cannot carry the user's token elsewhere. A
+    ``ValueError`` too: it is the route's argument that is wrong."""
+
+    status = 400
+    error = "invalid_request"
+    description = "The path must be relative to the downstream API's base URL, e.g. /me."
+
+
 def bearer_challenge(**params: str) -> str:
     """A ``WWW-Authenticate: Bearer`` value per RFC 6750 (values are ours, never echoed)."""
     parts = [f'realm="{REALM}"', *(f'{name}="{value}"' for name, value in params.items())]

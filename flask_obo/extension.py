@@ -82,7 +82,8 @@ class FlaskOBO:
             settings = Settings.from_app_config(app.config)
         elif not isinstance(settings, Settings):
             settings = Settings.from_env(settings)
-        session = build_session([api.base_url for api in settings.downstream_apis.values()])
+        session = build_session([api.base_url for api in settings.downstream_apis.values()],
+                                [settings.authority_host])
         # The last good metadata and keys on disk: a recycled worker validates during an outage.
         disk = AuthorityDiskCache(settings.authority_cache_dir)
         entra_timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
@@ -141,11 +142,13 @@ class FlaskOBO:
 
     def protect(self, blueprint: Blueprint, scope: str | None = None) -> None:
         """Require ``scope`` (default: ``API_REQUIRED_SCOPE``) on every route of
-        ``blueprint``. CORS preflights (OPTIONS) pass: browsers send them without a token."""
+        ``blueprint``. Only a CORS preflight passes without a token (browsers send none
+        with it): an ``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``. Any
+        other ``OPTIONS``, a view's own among them, is authenticated like every method."""
 
         @blueprint.before_request
         def _authenticate() -> None:
-            if request.method != "OPTIONS":
+            if not _is_cors_preflight():
                 self.authenticate(scope)
 
         blueprint.after_request(_private)
@@ -265,6 +268,14 @@ def _request_hooks(metrics: Metrics) -> tuple[Callable[[], None], Callable[[Resp
         return response
 
     return start_timer, count_request
+
+
+def _is_cors_preflight() -> bool:
+    """The one request a browser sends without credentials before a cross-origin call
+    (Fetch standard, "CORS-preflight request"): it reveals nothing and changes nothing."""
+    headers = request.headers
+    return (request.method == "OPTIONS" and "Origin" in headers
+            and "Access-Control-Request-Method" in headers)
 
 
 def _private(response: Response) -> Response:

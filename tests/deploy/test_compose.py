@@ -34,6 +34,7 @@ from tests.deploy.conftest import (
     SPA_MOUNT,
     nginx_test_config,
     render_nginx_conf,
+    stage_spa,
     world_traversable_dir,
 )
 from tests.support.servers import require_binary
@@ -728,6 +729,7 @@ def test_nginx_accepts_the_rendered_config(tmp_path: Path) -> None:
         conf.write_text(render_nginx_conf(
             NGINX_CONF.read_text(), upstreams=["127.0.0.1:1", "127.0.0.1:2"], http_port=1, tls_port=2,
             cert=tenant.paths.server_cert, key=tenant.paths.server_key, run_dir=run_dir, log_dir=tmp_path,
+            spa_dir=stage_spa(run_dir),
         ))
         result = nginx_test_config(binary, conf, run_dir)
         assert result.returncode == 0, result.stderr

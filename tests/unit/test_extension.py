@@ -65,7 +65,29 @@ def test_a_users_app_is_protected_and_calls_graph_as_the_user(entra: FakeEntra, 
 
     assert client.get("/reports/mine").status_code == 401
     assert client.get("/reports/mine", headers=bearer(token)).json["scopes"] == ["user_impersonation"]
-    assert client.options("/reports/mine").status_code == 200  # a CORS preflight carries no token
+    preflight = {"Origin": "https://spa.example", "Access-Control-Request-Method": "GET"}
+    assert client.options("/reports/mine", headers=preflight).status_code == 200  # carries no token
+    assert client.options("/reports/mine").status_code == 401  # a plain OPTIONS is no preflight
+    assert client.options("/reports/mine", headers={"Origin": "https://spa.example"}).status_code == 401
+
+
+def test_a_views_own_options_handler_is_protected_unless_the_request_is_a_preflight(entra: FakeEntra):
+    obo = FlaskOBO()
+    app = Flask(__name__)
+    app.config.update(settings_env())
+    obo.init_app(app)
+    reports = Blueprint("reports", __name__, url_prefix="/reports")
+    obo.protect(reports)
+
+    @reports.route("/mine", methods=["GET", "OPTIONS"])
+    def mine():  # answers OPTIONS itself, with data that needs the caller's token
+        return {"tid": current_token.tid}
+
+    app.register_blueprint(reports)
+    client = app.test_client()
+    assert client.options("/reports/mine").status_code == 401
+    response = client.options("/reports/mine", headers=bearer(entra.api_token(ADELE)))
+    assert response.status_code == 200 and response.json["tid"]
 
 
 def test_one_extension_object_serves_two_apps_with_their_own_settings(entra: FakeEntra):
