@@ -202,7 +202,8 @@ class MemoryTier:
                 free = session._free.wait_for(lambda: session.holder is None, max(timeout, 0.0))
                 session.pins -= 1
                 if not free:
-                    self._evict()
+                    if len(self._sessions) > self.limit:
+                        self._evict()
                     return None
             session.holder = threading.get_ident()
             session.pins += 1

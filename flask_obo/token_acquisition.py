@@ -11,7 +11,8 @@ A request goes:
    last answer while msal would repeat it); otherwise the blob is re-read from the store
    first. Nothing here waits on Entra ID, nor on a leader that does: while a leader of
    this user holds the session, the request joins its flight (step 2). While Redis is
-   unreachable the session is used as it is.
+   unreachable the session is used as it is, and after one failed Redis call a request
+   makes no other (``StoreBudget``): it never waits for a Redis timeout twice.
 2. **Entra ID, bounded and single-flight.** On a miss the request takes a seat in the
    worker's waiting room (full: 503 at once) and joins the user's flight: concurrent
    requests of one user share one leader's result. The leader takes the user's Redis
