@@ -143,9 +143,11 @@ class UserSession:
             self.unsaved = False
 
     def cleared(self) -> None:
-        """msal could not read the cache, which is now empty (the next acquisition replaces it)."""
+        """msal could not read the cache, which is now empty (the next acquisition replaces
+        it): nothing to write back."""
         with self._lock:
             self.blob = None
+            self.unsaved = False
 
     def forget(self) -> None:
         """Hold nothing of the user any more (sign-out): no token, nothing to write back,
