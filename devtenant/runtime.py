@@ -196,6 +196,8 @@ class Runtime:
         #: ``/_devtenant/mfa``), they sign in with a password alone and Conditional Access
         #: bites later, at the OBO for Graph: the claims challenge an SPA has to answer.
         self.mfa_at_sign_in = True
+        #: How long each token endpoint answer waits, (low, high) seconds (``/_devtenant/latency``).
+        self.token_delay = (0.0, 0.0)
         self.directories = Directory.load_all(paths.root)
         self.home = self.directories[0]
         self.keys = KeyStore(paths.signing_keys)

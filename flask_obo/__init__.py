@@ -13,9 +13,11 @@ Entra ID-protected API) on behalf of the signed-in user.
 The seams, as in Microsoft.Identity.Web: protecting the API (``require_scope``,
 ``protect``, ``current_token``), acquiring tokens (``acquire_token``, On-Behalf-Of
 through msal), the token cache (``TokenCacheStore``: Redis, sealed per user, with a
-memory tier) and downstream APIs (``downstream``). Errors are ``flask_obo.errors``.
+memory tier) and downstream APIs (``downstream``). Errors are ``flask_obo.errors``. A server's hooks call
+``retire_worker()`` when a worker process begins to go away.
 """
 
+from .bulkhead import retire_worker
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
 from .downstream import DownstreamApi
 from .extension import FlaskOBO
@@ -37,4 +39,5 @@ __all__ = [
     "TokenCacheStore",
     "current_request_id",
     "current_token",
+    "retire_worker",
 ]

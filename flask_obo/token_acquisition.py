@@ -13,13 +13,15 @@ A request goes:
    this user holds the session, the request joins its flight (step 2). While Redis is
    unreachable the session is used as it is, and after one failed Redis call a request
    makes no other (``StoreBudget``): it never waits for a Redis timeout twice.
-2. **Entra ID, bounded and single-flight.** On a miss the request takes a seat in the
-   worker's waiting room (full: 503 at once) and joins the user's flight: concurrent
-   requests of one user share one leader's result. The leader takes the user's Redis
-   lock (so one call is made whichever worker or instance serves the burst), re-reads,
-   tries the refresh token, else runs OBO, and writes back while it still holds the
-   lock. Everything waits at most until the request's deadline. With Redis down the
-   leader goes on without the lock and writes the entry once Redis is back.
+2. **Entra ID, bounded and single-flight.** On a miss the request starts the user's
+   exchange, or joins the one in flight, and waits for it in the worker's waiting room
+   (``flask_obo.bulkhead``: no seat while the exchange is on time for Entra ID's observed
+   pace, a seat or 503 once it is overdue, 503 at once when the worker retires). The
+   exchange, in a thread of its own, takes the user's Redis lock (so one call is made
+   whichever worker or instance serves the burst), re-reads, tries the refresh token,
+   else runs OBO, and writes back while it still holds the lock. Everything waits at most
+   until the deadline of the request that started it. With Redis down the exchange goes
+   on without the lock and writes the entry once Redis is back.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import msal
 import requests
 
 from .authority import AuthorityUnavailable, TenantConfigurations
-from .bulkhead import Deadline, SingleFlight, WaitingRoom
+from .bulkhead import Deadline, SingleFlight, WaitingRoom, WorkerRetirement
 from .cache_store import Guard, StoreBudget, StoredEntry, TokenCacheStore
 from .credentials import CREDENTIAL_ERROR_CODES, ClientCredential
 from .errors import (
@@ -77,6 +79,7 @@ class OnBehalfOfTokenProvider:
         metadata: TenantConfigurations,
         credential: ClientCredential,
         metrics: Metrics | None = None,
+        retirement: WorkerRetirement | None = None,
     ) -> None:
         self._settings = settings
         self._credential = credential
@@ -87,8 +90,9 @@ class OnBehalfOfTokenProvider:
             settings.memory_cache_users, lambda: MsalHttpClient(session, metadata, timeout, self._metrics),
             self._metrics)
         self._write_back = WriteBack(self.memory, store)
-        self._flights: SingleFlight[tuple[str, str]] = SingleFlight(private_errors=(AssertionRejected,))
-        self._waiting_room = WaitingRoom(settings.entra_max_waiting_threads)
+        self.waiting_room = WaitingRoom(settings.entra_max_waiting_threads, retirement=retirement)
+        self._flights: SingleFlight[tuple[str, str]] = SingleFlight(
+            self.waiting_room, private_errors=(AssertionRejected,))
         store.watch(self)
 
     def acquire_token(self, user: EntraAccessToken, scopes: Sequence[str],
@@ -109,33 +113,27 @@ class OnBehalfOfTokenProvider:
     def _acquire(self, user: EntraAccessToken, scopes: Sequence[str],
                  claims_challenge: str | None) -> tuple[str, str]:
         deadline = Deadline(self._settings.token_acquisition_timeout)
-        budget = StoreBudget(self._settings.redis_timeout)  # shared by the leader's _from_entra
+        budget = StoreBudget(self._settings.redis_timeout)  # shared with the exchange it starts
         partition = partition_key(user.oid, user.tid)
         scopes = list(scopes)
         if claims_challenge is None:
             served = self._from_cache(partition, user, scopes, deadline, budget)
             if served is not None:
                 return served
-        led = False
-
-        def lead() -> tuple[str, str]:
-            nonlocal led
-            led = True
-            return self._from_entra(partition, user, scopes, claims_challenge, deadline, budget)
-
-        with self._waiting_room.seat():
-            token, outcome = self._flights.run(
-                (partition, " ".join(scopes), claims_challenge), lead, deadline)
-        # A follower was handed the leader's token in-process, with no I/O of its own.
-        return token, outcome if led else MEMORY_HIT
+        (token, outcome), started = self._flights.run(
+            (partition, " ".join(scopes), claims_challenge),
+            lambda: self._from_entra(partition, user, scopes, claims_challenge, deadline, budget),
+            deadline)
+        # A request that joined another's exchange was handed its token in-process.
+        return token, outcome if started else MEMORY_HIT
 
     def _from_cache(self, partition: str, user: EntraAccessToken, scopes: list[str],
                     deadline: Deadline, budget: StoreBudget) -> tuple[str, str] | None:
         """The token from memory or Redis, never waiting on Entra ID: None on a miss, and
-        also while a leader of this user holds the session to talk to Entra ID (then the
+        also while an exchange of this user holds the session to talk to Entra ID (then the
         request joins that flight, in the waiting room, rather than wait out here)."""
         while (session := self.memory.hold(partition, SESSION_BUSY_SECONDS)) is None:
-            if self._flights.running(partition):  # a leader (claims challenge or not) holds it
+            if self._flights.running(partition):  # an exchange (claims challenge or not) holds it
                 return None
             if deadline.expired:
                 raise TokenAcquisitionBusy()
