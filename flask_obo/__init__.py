@@ -19,11 +19,13 @@ memory tier) and downstream APIs (``downstream``). Errors are ``flask_obo.errors
 
 from .bulkhead import retire_worker
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
+from .cli import loading_for_a_command, operator_app, settings_error_lines
 from .downstream import DownstreamApi
 from .extension import FlaskOBO
 from .protector import EntraAccessToken, current_token
 from .request_ids import RequestIdFilter, current_request_id
 from .settings import DownstreamApiSettings, Env, Settings, SettingsError
+from .tracing import TraceContextFilter
 
 __all__ = [
     "DownstreamApi",
@@ -37,7 +39,11 @@ __all__ = [
     "Settings",
     "SettingsError",
     "TokenCacheStore",
+    "TraceContextFilter",
     "current_request_id",
     "current_token",
+    "loading_for_a_command",
+    "operator_app",
     "retire_worker",
+    "settings_error_lines",
 ]

@@ -14,10 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import traceback
 
 from flask import Flask, Response, jsonify
-from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +119,8 @@ class InvalidAccessToken(ApiError):
 
 
 class InsufficientScope(ApiError):
+    """The token lacks the scope the route requires (an app-only token has no scope at all)."""
+
     status = 403
     error = "insufficient_scope"
 
@@ -226,6 +226,21 @@ class DownstreamThrottled(ServiceUnavailable):
     description = "The downstream API is throttling requests; retry later."
 
 
+class DownstreamNotConfigured(ApiError, LookupError):
+    """A route asked ``FlaskOBO.downstream`` for a name no setting configures: the API's
+    own mistake (500), logged with the name and the configured names, answered with a
+    description that says so rather than a bare ``server_error``. A ``LookupError`` too."""
+
+    description = "This route needs a downstream API that is not configured on the server."
+
+    def __init__(self, name: str = "", configured: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.name, self.configured = name, configured
+
+    def __str__(self) -> str:  # for the developer; the caller gets ``description``
+        return f"no downstream API named {self.name!r}; configured: {', '.join(self.configured)}"
+
+
 class UnsafeDownstreamPath(ApiError, ValueError):
     """A route asked to call a downstream path that could resolve outside the API's base
     URL (``..``, ``%252e``, ``\\``, ``;``): refused before any token is acquired, so a
@@ -271,26 +286,14 @@ def http_error(status: int) -> ApiError:
 
 
 def register_error_handlers(app: Flask) -> None:
-    """Render ApiError and every HTTP error as JSON; turn surprises into a logged 500."""
+    """Render flask-obo's own errors (``ApiError``: what the protector, the token provider
+    and the downstream APIs raise) as JSON. Nothing else: an application's own 404 page,
+    its other errors and its handlers stay its own (the reference API renders every HTTP
+    error as JSON too: ``app/errors.py``)."""
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
         return exc.response()
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        response = http_error(exc.code or 500).response()
-        allowed = getattr(exc, "valid_methods", None)
-        if allowed:
-            response.headers["Allow"] = ", ".join(allowed)
-        return response
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        # Log the type and the frames, never str(exc): it may quote a token or a blob.
-        frames = "".join(traceback.format_tb(exc.__traceback__))
-        log.error("unhandled %s\n%s", type(exc).__name__, frames)
-        return ApiError().response()
 
 
 _HTTP_ERRORS = {

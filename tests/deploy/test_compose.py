@@ -166,10 +166,11 @@ def test_devtenant_service_names_its_state_dir_for_every_command(compose: dict) 
 
 
 def _documented_compose_commands() -> list[str]:
-    """The ``docker compose ...`` lines of docker-compose.yml's header and the README."""
+    """The ``docker compose ...`` lines of docker-compose.yml's header and of the compose
+    guide (docs/how-to/compose.md)."""
     header = [line.lstrip("# ") for line in COMPOSE_FILE.read_text().splitlines() if line.startswith("#")]
-    readme = (ROOT / "README.md").read_text().splitlines()
-    return [line.strip() for line in header + readme if "docker compose " in line and "`" not in line]
+    guide = (ROOT / "docs" / "how-to" / "compose.md").read_text().splitlines()
+    return [line.strip() for line in header + guide if "docker compose " in line and "`" not in line]
 
 
 def test_documented_exec_commands_capture_without_a_terminal(compose: dict) -> None:

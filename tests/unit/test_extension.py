@@ -150,3 +150,35 @@ def test_misuse_gets_a_clear_error(entra: FakeEntra):
             obo.acquire_token("https://graph.microsoft.com/.default")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="relative to the downstream API's base URL"):
             obo.downstream("graph").get("https://evil.example.com/me")
+
+
+def test_init_app_twice_on_one_app_is_refused(entra: FakeEntra):
+    obo = FlaskOBO()
+    app = Flask(__name__)
+    app.config.update(settings_env())
+    obo.init_app(app)
+    with pytest.raises(RuntimeError, match="already been called"):
+        obo.init_app(app)
+    with pytest.raises(RuntimeError, match="already been called"):
+        FlaskOBO().init_app(app)  # another FlaskOBO object: the same hooks twice all the same
+
+
+def test_an_adopters_own_error_pages_and_handlers_stay_theirs(entra: FakeEntra):
+    app = users_app(FlaskOBO())
+
+    @app.errorhandler(404)
+    def html_not_found(exc):
+        return "<h1>Nothing here</h1>", 404, {"Content-Type": "text/html"}
+
+    @app.get("/broken")
+    def broken():
+        raise KeyError("an unrelated bug")
+
+    app.config["PROPAGATE_EXCEPTIONS"] = False  # as in production: Flask's own 500 page
+    client = app.test_client()
+    missing = client.get("/no-such-page")
+    assert missing.status_code == 404 and missing.mimetype == "text/html"
+    assert missing.text == "<h1>Nothing here</h1>"
+    failing = client.get("/broken")
+    assert failing.status_code == 500 and failing.mimetype == "text/html"  # not flask-obo's JSON
+    assert client.get("/profile").json["error"] == "missing_token"  # its own errors: still JSON
