@@ -313,7 +313,8 @@ def test_many_on_time_exchanges_start_however_few_the_seats() -> None:
     flight = flights(capacity=1, patience=ON_TIME)
     leaders = [Leader(result=f"token-{n}") for n in range(6)]
     with ThreadPoolExecutor(6) as pool:
-        runs = [pool.submit(flight.run, f"user-{n}", leader, Deadline(WAIT)) for n, leader in enumerate(leaders)]
+        runs = [pool.submit(flight.run, f"user-{n}", leader, Deadline(WAIT))
+                for n, leader in enumerate(leaders)]
         for leader in leaders:
             assert leader.entered.wait(WAIT)
             leader.release.set()
@@ -370,7 +371,7 @@ def test_patience_follows_the_slowest_recent_exchange_within_bounds() -> None:
     assert pace.patience() == PATIENCE_FLOOR  # fast: overdue soon after a hang starts
     pace.observe(0.2)
     assert pace.patience() == pytest.approx(0.6)
-    pace.observe(5.0)
+    pace.observe(PATIENCE_CAP)
     assert pace.patience() == PATIENCE_CAP  # slow: never longer than the cap
 
 
