@@ -165,3 +165,16 @@ def worker_abort(worker):  # SIGABRT (the worker timed out): the same
     import flask_obo
 
     flask_obo.retire_worker()
+
+
+# --- OpenTelemetry traces (flask_obo.tracing; off unless OTEL_EXPORTER_OTLP_*ENDPOINT is set) --
+def post_fork(server, worker):  # in each worker, after the fork: its own exporter and thread
+    from flask_obo import tracing
+
+    tracing.configure()
+
+
+def worker_exit(server, worker):  # in the worker as it exits: send the spans still queued
+    from flask_obo import tracing
+
+    tracing.shutdown()

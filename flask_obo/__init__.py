@@ -24,6 +24,7 @@ from .extension import FlaskOBO
 from .protector import EntraAccessToken, current_token
 from .request_ids import RequestIdFilter, current_request_id
 from .settings import DownstreamApiSettings, Env, Settings, SettingsError
+from .tracing import TraceContextFilter
 
 __all__ = [
     "DownstreamApi",
@@ -37,6 +38,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "TokenCacheStore",
+    "TraceContextFilter",
     "current_request_id",
     "current_token",
     "retire_worker",

@@ -57,6 +57,7 @@ from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 from .errors import TokenAcquisitionBusy, TooManyWaiting, WorkerRetiring
+from .tracing import WAIT_SPAN, span
 
 T = TypeVar("T")
 
@@ -282,7 +283,8 @@ class SingleFlight(Generic[T]):
                     flight = self._flights[key] = Flight()
                     self._launch(key, flight, call)
             try:
-                return self._room.wait(flight, deadline), started
+                with span(WAIT_SPAN):  # waiting on the exchange's thread
+                    return self._room.wait(flight, deadline), started
             except self._private_errors:
                 if started:
                     raise
