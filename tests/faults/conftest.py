@@ -132,7 +132,7 @@ class FaultStack:
                 process = running.enter_context(gunicorn(
                     {**env, "GUNICORN_ACCESS_LOG": str(access_log),
                      "AUTHORITY_CACHE_DIR": str(run_dir / f"authority-cache-{n + 1}")},
-                    workers=WORKERS, threads=THREADS))
+                    workers=int(settings["GUNICORN_WORKERS"]), threads=int(settings["GUNICORN_THREADS"])))
                 apis.append(Api(process, access_log, settings))
             yield tuple(apis)
 

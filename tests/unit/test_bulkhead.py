@@ -371,7 +371,7 @@ def test_patience_follows_the_slowest_recent_exchange_within_bounds() -> None:
     assert pace.patience() == PATIENCE_FLOOR  # fast: overdue soon after a hang starts
     pace.observe(0.2)
     assert pace.patience() == pytest.approx(0.6)
-    pace.observe(5.0)
+    pace.observe(PATIENCE_CAP)
     assert pace.patience() == PATIENCE_CAP  # slow: never longer than the cap
 
 
