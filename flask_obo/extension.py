@@ -158,8 +158,9 @@ class FlaskOBO:
     def protect(self, blueprint: Blueprint, scope: str | None = None) -> None:
         """Require ``scope`` (default: ``API_REQUIRED_SCOPE``) on every route of
         ``blueprint``. Only a CORS preflight passes without a token (browsers send none
-        with it): an ``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``. Any
-        other ``OPTIONS``, a view's own among them, is authenticated like every method."""
+        with it): an ``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method`` that
+        Flask answers itself. Any other ``OPTIONS`` is authenticated like every method, and
+        so is every ``OPTIONS`` to a view that handles that method itself."""
 
         @blueprint.before_request
         def _authenticate() -> None:
@@ -305,10 +306,14 @@ def _request_hooks(metrics: Metrics) -> tuple[Callable[[], None], Callable[[Resp
 
 def _is_cors_preflight() -> bool:
     """The one request a browser sends without credentials before a cross-origin call
-    (Fetch standard, "CORS-preflight request"): it reveals nothing and changes nothing."""
+    (Fetch standard, "CORS-preflight request"), answered by Flask's automatic ``OPTIONS``
+    response: it reveals nothing and changes nothing. Anyone can send those two headers,
+    so a route whose view handles ``OPTIONS`` itself is never exempted: its view would
+    run without a token."""
     headers = request.headers
     return (request.method == "OPTIONS" and "Origin" in headers
-            and "Access-Control-Request-Method" in headers)
+            and "Access-Control-Request-Method" in headers
+            and bool(getattr(request.url_rule, "provide_automatic_options", False)))
 
 
 def _private(response: Response) -> Response:

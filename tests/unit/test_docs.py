@@ -235,6 +235,11 @@ def test_the_site_builds_offline() -> None:
     assert config["theme"]["font"] == "false"
     plugins = {next(iter(p)) if isinstance(p, dict) else p for p in config["plugins"]}
     assert plugins <= {"search", "mkdocstrings"}
+    # mkdocstrings downloads the object inventories it is told to import (Python's, requests')
+    handlers = next((p["mkdocstrings"] for p in config["plugins"] if isinstance(p, dict)
+                     and "mkdocstrings" in p), {}).get("handlers", {})
+    for name, handler in handlers.items():
+        assert not {"import", "inventories"} & set(handler), f"mkdocstrings' {name} handler downloads"
 
 
 # --- the tutorial ---------------------------------------------------------------------------------
