@@ -13,12 +13,13 @@ Entra ID-protected API) on behalf of the signed-in user.
 The seams, as in Microsoft.Identity.Web: protecting the API (``require_scope``,
 ``protect``, ``current_token``), acquiring tokens (``acquire_token``, On-Behalf-Of
 through msal), the token cache (``TokenCacheStore``: Redis, sealed per user, with a
-memory tier) and downstream APIs (``downstream``). Errors are ``flask_obo.errors``. A server's hooks call
-``retire_worker()`` when a worker process begins to go away.
+memory tier) and downstream APIs (``downstream``). Errors are ``flask_obo.errors``.
+A server's hooks call ``retire_worker()`` when a worker process begins to go away.
 """
 
 from .bulkhead import retire_worker
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
+from .cli import loading_for_a_command, operator_app, settings_error_lines
 from .downstream import DownstreamApi
 from .extension import FlaskOBO
 from .protector import EntraAccessToken, current_token
@@ -41,5 +42,8 @@ __all__ = [
     "TraceContextFilter",
     "current_request_id",
     "current_token",
+    "loading_for_a_command",
+    "operator_app",
     "retire_worker",
+    "settings_error_lines",
 ]
