@@ -13,8 +13,8 @@ Entra ID-protected API) on behalf of the signed-in user.
 The seams, as in Microsoft.Identity.Web: protecting the API (``require_scope``,
 ``protect``, ``current_token``), acquiring tokens (``acquire_token``, On-Behalf-Of
 through msal), the token cache (``TokenCacheStore``: Redis, sealed per user, with a
-memory tier) and downstream APIs (``downstream``). Errors are ``flask_obo.errors``. A server's hooks call
-``retire_worker()`` when a worker process begins to go away.
+memory tier) and downstream APIs (``downstream``). Errors are ``flask_obo.errors``.
+A server's hooks call ``retire_worker()`` when a worker process begins to go away.
 """
 
 from .bulkhead import retire_worker

@@ -22,7 +22,8 @@ at all, would queue behind them.
 
 So the room follows Entra ID's observed pace (``EntraPace``): a wait is *on time* while
 the exchange it waits for is younger than the pace's ``patience()`` (a few times the
-slowest recent exchange, between ``PATIENCE_FLOOR`` and ``PATIENCE_CAP``). On-time waits
+slowest recent exchange, between ``PATIENCE_FLOOR`` and ``PATIENCE_CAP``; the cap before
+the worker saw its first answer). On-time waits
 take no seat and are never refused, however many there are: one user's burst and a login
 wave are answered, however large. Once an exchange is *overdue*, Entra ID is slow or
 hanging, and each of its waiters must hold one of the ``capacity`` seats
@@ -66,7 +67,9 @@ T = TypeVar("T")
 #: Before the first answer (a fresh worker), ``PATIENCE_PRIOR``.
 PATIENCE_FLOOR = 0.25  # scheduling noise on a busy host must not make a fast exchange overdue
 PATIENCE_CAP = 3.0  # the longest a slow or hanging Entra ID holds threads beyond the seats
-PATIENCE_PRIOR = 0.8  # a fresh worker: a probe queued behind a hang still answers within 1 s
+# A fresh worker has not seen Entra ID's pace yet: it gives the first exchanges the cap
+# rather than refuse a healthy Entra ID's callers because the host is busy.
+PATIENCE_PRIOR = PATIENCE_CAP
 PATIENCE_FACTOR = 3.0
 PACE_WINDOW = 32
 

@@ -49,7 +49,7 @@ FAULT_COLD_USER = "megan"  # cold while the fault lasts
 FRESH_COLD_USER = "patti"  # first seen after the fault: exactly one OBO call
 SPARE_COLD_USER = "alex"  # needs an MFA token, then behaves like the others
 
-LOAD_USERS = 400  # synthetic users of the dev tenant (load00001...): a login wave
+LOAD_USERS = 160  # synthetic users of the dev tenant (load00001...): a login wave
 
 PID = re.compile(r"pid=\W*(\d+)")
 

@@ -27,7 +27,7 @@ from tests.faults.conftest import FRESH_COLD_USER, LOAD_USERS, Api, Checks, Faul
 from tests.support.faults import Call, Sample, burst, request_sample, summary
 from tests.support.servers import require_binary
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 BURST = 64
 TOKEN_SECONDS = 0.3
