@@ -131,6 +131,45 @@ def child_exit(server, worker):  # in the master, for each worker that exited (o
         multiprocess.mark_process_dead(worker.pid)
 
 
+# --- a retiring worker waits on no one (flask_obo.retire_worker) ----------------------------
+# A worker retires after max_requests, on SIGTERM (a stop, a scale-down) and on SIGHUP (the
+# master replaces every worker): it stops accepting, waits for its requests in flight, and
+# the master forks its replacement only once it has exited. A request waiting on a hanging
+# Entra ID would hold it for the whole wait, and with every worker retiring at once nothing
+# would serve. gunicorn has no hook for "this worker stops" (gthread flips worker.alive in
+# the request thread that reached max_requests, or in its SIGTERM handler), so a thread
+# watches that flag and tells flask-obo, which then ends its waits on Entra ID at once
+# (503 + Retry-After; the client retries on a live worker). Requests served from the cache
+# run to their end.
+RETIREMENT_POLL_SECONDS = 0.05
+
+
+def post_worker_init(worker):  # in each worker, once the app is loaded
+    import threading
+    import time
+
+    import flask_obo
+
+    def watch():
+        while worker.alive:
+            time.sleep(RETIREMENT_POLL_SECONDS)
+        flask_obo.retire_worker()
+
+    threading.Thread(target=watch, name="flask-obo-retirement", daemon=True).start()
+
+
+def worker_int(worker):  # SIGINT / SIGQUIT: the worker exits at once; its waits end too
+    import flask_obo
+
+    flask_obo.retire_worker()
+
+
+def worker_abort(worker):  # SIGABRT (the worker timed out): the same
+    import flask_obo
+
+    flask_obo.retire_worker()
+
+
 # --- OpenTelemetry traces (flask_obo.tracing; off unless OTEL_EXPORTER_OTLP_*ENDPOINT is set) --
 def post_fork(server, worker):  # in each worker, after the fork: its own exporter and thread
     from flask_obo import tracing

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import uuid
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -176,6 +177,40 @@ class App:
         )
 
 
+#: In a state folder: ``{"count": N}`` adds N synthetic users to the home tenant
+#: (``load00001``...), for load tests that need many distinct users (see ``write_load_users``).
+LOAD_USERS_FILE = "load-users.json"
+_LOAD_USERS = uuid.UUID("5b0c2a8e-7f3d-4c1a-9e6b-2d4f8a0c1e37")  # their object ids' namespace
+
+
+def write_load_users(state_root: Path, count: int) -> None:
+    """Give the home tenant ``count`` synthetic users (``load00001``…) once the dev tenant
+    (re)starts on ``state_root``: consented, no manager, no MFA."""
+    (state_root / LOAD_USERS_FILE).write_text(json.dumps({"count": count}))
+
+
+def load_user_name(n: int) -> str:
+    """The short name of the ``n``-th synthetic user (1-based)."""
+    return f"load{n:05d}"
+
+
+def _load_users(state_root: Path | None, domain: str) -> list[dict[str, Any]]:
+    path = state_root / LOAD_USERS_FILE if state_root is not None else None
+    if path is None or not path.exists():
+        return []
+    count = int(json.loads(path.read_text())["count"])
+    users = []
+    for n in range(1, count + 1):
+        short = load_user_name(n)
+        upn = f"{short}@{domain}"
+        users.append({"short": short, "id": str(uuid.uuid5(_LOAD_USERS, short)),
+                      "displayName": f"Load User {n}", "givenName": "Load", "surname": f"User {n}",
+                      "userPrincipalName": upn, "mail": upn, "jobTitle": None, "officeLocation": None,
+                      "businessPhones": [], "mobilePhone": None, "preferredLanguage": "en-US",
+                      "manager": None, "flags": []})
+    return users
+
+
 def _read_json() -> dict[str, Any]:
     text = resources.files("devtenant").joinpath("directory.json").read_text("utf-8")
     return json.loads(text)
@@ -193,7 +228,10 @@ class Directory:
         self.domain: str = tenant["domain"]
         self.mfa_policy_id: str = tenant["mfa_policy_id"]
         self.apps = [self._app(a, state_root) for a in data["applications"]]
-        self.users = [self._user(u) for u in data["users"]]
+        synthetic = _load_users(state_root, self.domain) if self.home else []
+        self.users = [self._user(u) for u in [*data["users"], *synthetic]]
+        self._by_ref = {ref: user for user in reversed(self.users)
+                        for ref in (user.short, user.upn.lower(), user.oid)}
         self._delegated = {
             (g["client_id"], g["resource"]): tuple(g["scope"].split())
             for g in data["oauth2_permission_grants"]
@@ -279,11 +317,7 @@ class Directory:
 
     def user(self, ref: str) -> User | None:
         """Find a user by short name, UPN or object id (case-insensitive)."""
-        needle = ref.strip().lower()
-        for user in self.users:
-            if needle in {user.short, user.upn.lower(), user.oid}:
-                return user
-        return None
+        return self._by_ref.get(ref.strip().lower())
 
     def require_user(self, ref: str) -> User:
         user = self.user(ref)

@@ -25,6 +25,7 @@ that validate v1 tokens; the keys are the same.
 from __future__ import annotations
 
 import json
+import random
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -202,6 +203,9 @@ def jwks_v1() -> Response:
 
 @bp.post("/<tenant>/oauth2/v2.0/token")
 def token(tenant: str) -> Response:
+    low, high = current().token_delay
+    if high > 0:  # a loaded Entra ID (/_devtenant/latency); werkzeug serves each request in its thread
+        time.sleep(random.uniform(low, high))  # noqa: S311 - a test delay, not a secret
     form = request.form
     grant_type = form.get("grant_type")
     kind = GRANT_KINDS.get(grant_type or "", "other")

@@ -118,6 +118,23 @@ def mfa() -> Response | tuple[Response, int]:
     return jsonify({"at_sign_in": runtime.mfa_at_sign_in})
 
 
+@bp.route("/_devtenant/latency", methods=["GET", "POST"])
+def latency() -> Response | tuple[Response, int]:
+    """``{"token_seconds": [low, high]}``: each token endpoint answer waits a random time
+    between the two (``0.3`` for both alike; ``0`` answers at once, the default), as a
+    loaded Entra ID does. Tests of bursts and login waves use it."""
+    runtime = current()
+    if request.method == "POST":
+        data = request.get_json(silent=True)
+        value = data.get("token_seconds") if isinstance(data, dict) else None
+        bounds = value if isinstance(value, list) else [value, value]
+        if (len(bounds) != 2 or not all(isinstance(b, int | float) and not isinstance(b, bool)
+                                        and 0 <= b <= 30 for b in bounds) or bounds[0] > bounds[1]):
+            return jsonify({"error": 'expected JSON {"token_seconds": seconds | [low, high]} (0-30 s)'}), 400
+        runtime.token_delay = (float(bounds[0]), float(bounds[1]))
+    return jsonify({"token_seconds": list(runtime.token_delay)})
+
+
 @bp.post("/_devtenant/apps/<client_id>/certificates")
 def add_certificate(client_id: str) -> Response | tuple[Response, int]:
     """Register one more certificate on an app (body: the PEM certificate, as uploaded to

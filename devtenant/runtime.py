@@ -214,6 +214,8 @@ class Runtime:
         #: test can hand out a token already close to its expiry and watch a slow renewal.
         self.app_token_lifetime: int | None = None
         self.app_token_delay = 0.0
+        #: How long each token endpoint answer waits, (low, high) seconds (``/_devtenant/latency``).
+        self.token_delay = (0.0, 0.0)
         self.directories = Directory.load_all(paths.root)
         self.home = self.directories[0]
         self.keys = KeyStore(paths.signing_keys)

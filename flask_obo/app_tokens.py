@@ -153,8 +153,10 @@ class AppTokenProvider:
         self._next_attempt: dict[AppTokenKey, float] = {}  # monotonic: no renewal before
         self._scheduled: set[AppTokenKey] = set()
         self._lock = threading.Lock()
-        self._flights: SingleFlight[AppToken] = SingleFlight()
+        # App tokens wait in a room of their own: a slow renewal must not take the seats
+        # that users' exchanges wait in (and the reverse).
         self._waiting_room = WaitingRoom(settings.entra_max_waiting_threads)
+        self._flights: SingleFlight[AppToken] = SingleFlight(self._waiting_room)
         self._executor: ThreadPoolExecutor | None = None
         self._executor_pid = 0
 
@@ -185,9 +187,8 @@ class AppTokenProvider:
             if token is not None:
                 return token.access_token
         deadline = Deadline(self._settings.token_acquisition_timeout)
-        with self._waiting_room.seat():
-            token = self._flights.run((key, claims_challenge),
-                                      lambda: self._renew(key, None, claims_challenge, deadline), deadline)
+        token, _ = self._flights.run((key, claims_challenge),
+                                     lambda: self._renew(key, None, claims_challenge, deadline), deadline)
         return token.access_token
 
     # --- the cache ---------------------------------------------------------------------------

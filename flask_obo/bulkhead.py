@@ -1,27 +1,77 @@
 """Bulkheads: what keeps one user's or one dependency's trouble from taking every thread.
 
 * ``Deadline``: one budget per request for everything a downstream token may wait on
-  (a leader's result, the user's Redis lock, each call to Entra ID).
-* ``SingleFlight``: concurrent requests of one user share the leader's result instead of
-  queueing one after another behind a per-user lock.
-* ``WaitingRoom``: a cap on the threads of a worker that may wait on Entra ID at once;
-  beyond it a request is refused at once, so warm users always find a free thread.
+  (an exchange in flight, the user's Redis lock, each call to Entra ID).
+* ``SingleFlight``: one exchange per user (and scopes) at a time in this process. The
+  exchange runs in a thread of its own; every request that needs its result, the one
+  that started it included, *waits* for it in the ``WaitingRoom``, and may leave.
+* ``WaitingRoom``: how long, and how many, of a worker's threads may wait on Entra ID.
+* ``EntraPace``: how long exchanges take while Entra ID answers (the room's clock).
+* ``WorkerRetirement`` / ``retire_worker()``: the process is going away; nobody waits
+  on Entra ID any longer.
+
+Why waiting, not calling, is what is bounded
+--------------------------------------------
+A worker has a few threads (gunicorn gthread: 8). A thread waiting on Entra ID, calling it
+or waiting for another request's exchange, serves nobody else meanwhile. While Entra ID
+answers at its usual pace that costs nothing worth refusing anyone for: an SPA's first
+page load fires several calls of one user at once, a login wave many users' first calls;
+they are all answered a few hundred milliseconds later. While Entra ID hangs, the same
+waits would take every thread until the deadline, and warm users, who need no Entra ID
+at all, would queue behind them.
+
+So the room follows Entra ID's observed pace (``EntraPace``): a wait is *on time* while
+the exchange it waits for is younger than the pace's ``patience()`` (a few times the
+slowest recent exchange, between ``PATIENCE_FLOOR`` and ``PATIENCE_CAP``; the cap before
+the worker saw its first answer). On-time waits
+take no seat and are never refused, however many there are: one user's burst and a login
+wave are answered, however large. Once an exchange is *overdue*, Entra ID is slow or
+hanging, and each of its waiters must hold one of the ``capacity`` seats
+(``ENTRA_MAX_WAITING_THREADS``) to go on waiting, until its deadline; a waiter that finds
+none is answered 503 with ``Retry-After`` at once, and while every seat is taken no new
+exchange starts (503 at once as well). So a hanging Entra ID holds at most ``capacity``
+threads of a worker past the patience, and the others only for the patience (at most
+``PATIENCE_CAP``, and ``PATIENCE_FLOOR`` after fast exchanges).
+
+An exchange runs in its own (daemon) thread so that a waiter can always leave: at its
+deadline, when the exchange is overdue and the room is full, or at once when the worker
+retires. A request thread blocked in a socket read could not. The exchange itself is
+bounded by the deadline of the request that started it, and writes its token back to the
+cache even when nobody waits for it any more, so the user's retry finds it.
+
+A worker that retires (gunicorn's ``max_requests``, SIGTERM, SIGHUP) waits for its
+requests in flight before it exits, and gunicorn forks its replacement only then. So
+``retire_worker()`` (call it from the server's hooks: ``config/gunicorn.conf.py``) ends
+every wait on Entra ID in the process at once with 503 ``temporarily_unavailable`` and
+``Retry-After``, and refuses new ones: requests served from the cache go on as before.
 """
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Hashable, Iterator
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from typing import Generic, TypeVar
 
-from .errors import TokenAcquisitionBusy, TooManyWaiting
+from .errors import TokenAcquisitionBusy, TooManyWaiting, WorkerRetiring
 from .tracing import WAIT_SPAN, span
 
 T = TypeVar("T")
+
+#: How long an exchange may take before it is overdue: ``PATIENCE_FACTOR`` times the slowest
+#: of the last ``PACE_WINDOW`` exchanges that got an answer, kept within these bounds.
+#: Before the first answer (a fresh worker), ``PATIENCE_PRIOR``.
+PATIENCE_FLOOR = 0.25  # scheduling noise on a busy host must not make a fast exchange overdue
+PATIENCE_CAP = 3.0  # the longest a slow or hanging Entra ID holds threads beyond the seats
+# A fresh worker has not seen Entra ID's pace yet: it gives the first exchanges the cap
+# rather than refuse a healthy Entra ID's callers because the host is busy.
+PATIENCE_PRIOR = PATIENCE_CAP
+PATIENCE_FACTOR = 3.0
+PACE_WINDOW = 32
 
 
 class Deadline:
@@ -49,65 +99,218 @@ def held(lock: threading.Lock, seconds: float) -> Iterator[threading.Lock]:
         lock.release()
 
 
-class SingleFlight(Generic[T]):
-    """One call per key at a time in this process; callers arriving meanwhile wait for it.
+class WorkerRetirement:
+    """Whether this process is going away; once it is, every ``WaitingRoom`` watching it
+    wakes its waiters (who leave with ``WorkerRetiring``) and admits nobody.
 
-    A follower waits at most until its own deadline, then gets ``TokenAcquisitionBusy``.
-    The leader's result and errors are shared, except errors of the types in
-    ``private_errors``: they concern the leader's own input (say, its incoming token was
-    refused), so a follower that sees one makes the call for itself.
+    One per process (``retire_worker`` begins it); tests make their own."""
+
+    def __init__(self) -> None:
+        self._begun = threading.Event()
+        self._rooms: weakref.WeakSet[WaitingRoom] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    @property
+    def begun(self) -> bool:
+        return self._begun.is_set()
+
+    def begin(self) -> None:
+        """Idempotent; safe from any thread (not from a signal handler: it takes locks)."""
+        with self._lock:
+            self._begun.set()
+            rooms = list(self._rooms)
+        for room in rooms:
+            room.wake()
+
+    def watch(self, room: WaitingRoom) -> None:
+        with self._lock:
+            self._rooms.add(room)
+
+
+_process_retirement = WorkerRetirement()
+
+
+def process_retirement() -> WorkerRetirement:
+    """This process's ``WorkerRetirement``: the one ``retire_worker`` begins."""
+    return _process_retirement
+
+
+def retire_worker() -> None:
+    """Tell flask-obo that this worker process has begun to retire.
+
+    Call it from the server's hooks as soon as the worker stops taking new connections
+    (gunicorn: its ``alive`` flag turned false after ``max_requests``, SIGTERM or SIGHUP;
+    see ``config/gunicorn.conf.py``). From then on, in every ``FlaskOBO`` application of
+    the process, each request that waits on Entra ID (for its own exchange or another
+    request's) ends at once with 503 ``temporarily_unavailable`` and ``Retry-After: 1``,
+    and a request that would need Entra ID gets that answer without calling it. Requests
+    served from the token cache, and everything else, run to their end as before. So a
+    hanging Entra ID cannot keep the worker, and its replacement, from starting anew.
+    """
+    _process_retirement.begin()
+
+
+class EntraPace:
+    """How long this process's exchanges take while Entra ID answers: the room's clock.
+
+    Exchanges that got an answer are observed (ones that timed out are not: they say
+    nothing about the pace of a working Entra ID). See the module's docstring."""
+
+    def __init__(self) -> None:
+        self._recent: deque[float] = deque(maxlen=PACE_WINDOW)
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self._recent.append(seconds)
+
+    def patience(self) -> float:
+        """How old an exchange may get before its waiters need seats."""
+        with self._lock:
+            if not self._recent:
+                return PATIENCE_PRIOR
+            slowest = max(self._recent)
+        return min(PATIENCE_CAP, max(PATIENCE_FLOOR, PATIENCE_FACTOR * slowest))
+
+
+class Flight(Generic[T]):
+    """One exchange in flight: when it started and, once it landed, how it ended."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.landed = False
+        self._result: T | None = None
+        self._error: BaseException | None = None
+
+    def land(self, result: T | None, error: BaseException | None) -> None:
+        self._result, self._error, self.landed = result, error, True
+
+    def outcome(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]  # landed without error: a T
+
+
+class WaitingRoom:
+    """Where a worker's threads wait for exchanges: on time without a seat, overdue with
+    one of ``capacity`` seats or not at all (see the module's docstring)."""
+
+    def __init__(self, capacity: int, pace: EntraPace | None = None,
+                 retirement: WorkerRetirement | None = None) -> None:
+        self.capacity = capacity
+        self.pace = pace or EntraPace()
+        self._retirement = retirement or _process_retirement
+        self._changed = threading.Condition()
+        self._seated = 0
+        self._retirement.watch(self)
+
+    @property
+    def seated(self) -> int:
+        """Threads waiting on an overdue exchange."""
+        with self._changed:
+            return self._seated
+
+    def admit(self) -> None:
+        """May a new exchange start? Not while the worker retires or every seat is taken
+        (Entra ID is slow right now)."""
+        with self._changed:
+            if self._retirement.begun:
+                raise WorkerRetiring()
+            if self._seated >= self.capacity:
+                raise TooManyWaiting()
+
+    def wait(self, flight: Flight[T], deadline: Deadline) -> T:
+        """The exchange's outcome, or 503 when the deadline passes, the exchange is overdue
+        with no seat free, or the worker retires."""
+        seated = False
+        try:
+            with self._changed:
+                while not flight.landed:
+                    if self._retirement.begun:
+                        raise WorkerRetiring()
+                    if deadline.expired:
+                        raise TokenAcquisitionBusy()
+                    overdue_at = flight.started + self.pace.patience()
+                    if not seated and time.monotonic() >= overdue_at:
+                        if self._seated >= self.capacity:
+                            raise TooManyWaiting()
+                        self._seated += 1
+                        seated = True
+                    until = deadline.at if seated else min(deadline.at, overdue_at)
+                    self._changed.wait(max(0.0, until - time.monotonic()))
+            return flight.outcome()
+        finally:
+            if seated:
+                with self._changed:
+                    self._seated -= 1
+                    self._changed.notify_all()
+
+    def land(self, flight: Flight[T], result: T | None, error: BaseException | None) -> None:
+        """The exchange ended: hand its outcome to its waiters."""
+        if error is None:
+            self.pace.observe(time.monotonic() - flight.started)
+        with self._changed:
+            flight.land(result, error)
+            self._changed.notify_all()
+
+    def wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+
+class SingleFlight(Generic[T]):
+    """One exchange per key at a time in this process, run in a thread of its own; the
+    requests that need it wait for it in ``room``.
+
+    Its outcome (result or error) is every waiter's, except errors of the types in
+    ``private_errors``: they concern the starter's own input (say, its incoming token was
+    refused), so another waiter that sees one starts (or joins) an exchange anew.
     """
 
-    def __init__(self, private_errors: tuple[type[BaseException], ...] = ()) -> None:
+    def __init__(self, room: WaitingRoom,
+                 private_errors: tuple[type[BaseException], ...] = ()) -> None:
+        self._room = room
         self._lock = threading.Lock()
-        self._flights: dict[Hashable, Future[T]] = {}
+        self._flights: dict[Hashable, Flight[T]] = {}
         self._private_errors = private_errors
 
-    def run(self, key: Hashable, call: Callable[[], T], deadline: Deadline) -> T:
+    def run(self, key: Hashable, call: Callable[[], T], deadline: Deadline) -> tuple[T, bool]:
+        """``call``'s result, from this request's exchange or the one in flight for ``key``;
+        and whether this request started it."""
         while True:
             with self._lock:
                 flight = self._flights.get(key)
+                started = flight is None
                 if flight is None:
-                    flight = self._flights[key] = Future()
-                    break
+                    self._room.admit()
+                    flight = self._flights[key] = Flight()
+                    self._launch(key, flight, call)
             try:
-                with span(WAIT_SPAN):  # waiting on another thread's call (its exchange)
-                    return flight.result(timeout=deadline.remaining())
-            except FutureTimeout:
-                raise TokenAcquisitionBusy() from None
+                with span(WAIT_SPAN):  # waiting on the exchange's thread
+                    return self._room.wait(flight, deadline), started
             except self._private_errors:
-                continue  # the leader's own problem: try again, leading or following anew
-        try:
-            result = call()
-        except BaseException as exc:
-            flight.set_exception(exc)
-            raise
-        else:
-            flight.set_result(result)
-            return result
-        finally:
+                if started:
+                    raise
+                continue  # the starter's own problem: try again, starting or joining anew
+
+    def _launch(self, key: Hashable, flight: Flight[T], call: Callable[[], T]) -> None:
+        context = contextvars.copy_context()  # the request's id, for the log and Entra ID
+
+        def fly() -> None:
+            result: T | None = None
+            error: BaseException | None = None
+            try:
+                result = context.run(call)
+            except BaseException as exc:  # every outcome goes to the waiters
+                error = exc
+            self._room.land(flight, result, error)
             with self._lock:
                 del self._flights[key]
+
+        threading.Thread(target=fly, name="flask-obo-exchange", daemon=True).start()
 
     def running(self, first: Hashable) -> bool:
         """Is a call running whose key is ``first`` or a tuple starting with it?"""
         with self._lock:
             return any(key == first or (isinstance(key, tuple) and key[0] == first)
                        for key in self._flights)
-
-
-class WaitingRoom:
-    """At most ``capacity`` threads inside at once; the next one is turned away at once."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._seats = threading.BoundedSemaphore(capacity)
-
-    @contextmanager
-    def seat(self) -> Iterator[None]:
-        if not self._seats.acquire(blocking=False):
-            raise TooManyWaiting()
-        try:
-            yield
-        finally:
-            self._seats.release()

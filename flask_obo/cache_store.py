@@ -13,7 +13,14 @@ token while Redis was away, against the entry being absent, no longer matches, s
 sign-out is never undone by such a write-back.
 
 Redis failures never reach the user from here as such: every call goes through a
-circuit breaker, and ``CacheUnavailable`` tells the caller to go on without Redis.
+circuit breaker, and ``CacheUnavailable`` tells the caller to go on without Redis. A
+request also keeps a ``StoreBudget``: after one failed call it makes no other (the rest
+of the request goes on without Redis), and it stops calling once its calls took
+``REDIS_TIMEOUT_SECONDS`` in all.
+
+A store reports changes to any number of watchers (every application in the process
+that uses it). ``flask_obo.testing.TokenCacheStoreContract`` is the contract every store
+passes, the ones here and any other.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -109,6 +117,39 @@ class StoredEntry:
     expires_at: float | None  # time.monotonic() when the store drops it; None: never
 
 
+class StoreBudget:
+    """How long one request may wait on the store: after one failed call, no more calls
+    (the rest of the request treats the store as unreachable: it does not wait for a
+    timeout a second time, for the lock or the write); and no call starts once its calls
+    took ``seconds`` in all (``REDIS_TIMEOUT_SECONDS``). A call in flight is bounded by
+    the client's own timeout (the same setting). Waiting for another holder of a user's
+    lock is not waiting on the store: the request's deadline bounds that."""
+
+    def __init__(self, seconds: float) -> None:
+        self._left = seconds
+        self.failed = False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.failed or self._left <= 0
+
+    @contextmanager
+    def call(self, timed: bool = True) -> Iterator[None]:
+        """One call to the store (``timed``: its time counts); raises ``CacheUnavailable``
+        at once when the budget is exhausted, and marks it failed when the call raises it."""
+        if self.exhausted:
+            raise CacheUnavailable()
+        started = time.monotonic()
+        try:
+            yield
+        except CacheUnavailable:
+            self.failed = True
+            raise
+        finally:
+            if timed:
+                self._left -= time.monotonic() - started
+
+
 class Guard(Protocol):
     """Proof of holding a partition's lock, handed back to ``save``."""
 
@@ -130,23 +171,42 @@ class Watcher(Protocol):
 
 
 class TokenCacheStore(Protocol):
-    def coherence(self) -> Coherence: ...
+    """What flask-obo needs of a store of sealed token caches (one entry per partition).
 
-    def watch(self, watcher: Watcher) -> None: ...
+    Every operation but ``coherence``, ``watch``, ``status``, ``losses`` and ``healthy``
+    raises ``CacheUnavailable`` when the store cannot be reached; ``flask_obo.testing``
+    holds the contract tests a store must pass."""
 
-    def load(self, partition: str) -> StoredEntry | None: ...
+    def coherence(self) -> Coherence:
+        """How far copies read now can be trusted; starts reporting changes if need be."""
 
-    def lock(self, partition: str, deadline: Deadline) -> AbstractContextManager[Guard]: ...
+    def watch(self, watcher: Watcher) -> None:
+        """Report changes to ``watcher`` too (any number of them, each held weakly: as
+        long as its owner keeps it)."""
 
-    def save(self, partition: str, blob: bytes, guard: Guard) -> bool: ...
+    def load(self, partition: str) -> StoredEntry | None:
+        """The entry, or None (absent, removed or expired)."""
 
-    def save_unless_changed(self, partition: str, blob: bytes, base: bytes | None) -> bool: ...
+    def lock(self, partition: str, deadline: Deadline) -> AbstractContextManager[Guard]:
+        """The partition's lock, shared by every process; ``TokenAcquisitionBusy`` if it
+        stays taken until ``deadline``."""
+
+    def save(self, partition: str, blob: bytes, guard: Guard) -> bool:
+        """Write while ``guard`` still holds the lock; False (nothing written) otherwise."""
+
+    def save_unless_changed(self, partition: str, blob: bytes, base: bytes | None) -> bool:
+        """Write if the entry is still ``base`` (None: absent, never removed); else False."""
 
     def remove(self, partition: str, guard: Guard) -> bool:
-        """Remove the entry (sign-out) while holding its lock; was there one? Raises
+        """Remove the entry (sign-out) while holding its lock, leaving a tombstone that no
+        ``save_unless_changed`` against an absent entry overwrites; was there one? Raises
         ``TokenAcquisitionBusy`` if the lock was lost meanwhile."""
 
-    def status(self) -> str: ...
+    def partitions(self) -> list[str]:
+        """Every partition with an entry (removed ones may be listed too), once each."""
+
+    def status(self) -> str:
+        """``ok``, ``degraded`` or ``not_configured`` (for /readyz)."""
 
     @property
     def losses(self) -> int:
@@ -183,7 +243,7 @@ class RedisTokenCacheStore:
         self._listen, self._pong_timeout = listen, 1.0 + timeout
         self._invalidation: Any = None
         self.breaker = CircuitBreaker("redis")
-        self._watcher: Watcher | None = None
+        self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
         self.losses = 0  # times Redis was seen to lose its data (a restart, a failover)
         self._metrics = metrics
 
@@ -198,8 +258,9 @@ class RedisTokenCacheStore:
         )
 
     def report_to(self, metrics: Metrics) -> None:
-        """Count failed operations in ``metrics`` (``flask_obo_cache_errors_total``). A store
-        serves one application, like its ``watch``-er: ``init_app`` calls this."""
+        """Count failed operations in ``metrics`` (``flask_obo_cache_errors_total``):
+        ``init_app`` calls this (a store shared by several applications counts in the last
+        one's)."""
         self._metrics = metrics
 
     def _failed(self, operation: str) -> None:
@@ -247,21 +308,23 @@ class RedisTokenCacheStore:
         return self._invalidation  # type: ignore[no-any-return]
 
     def watch(self, watcher: Watcher) -> None:
-        self._watcher = watcher
+        self._watchers.add(watcher)
+
+    def close(self) -> None:
+        """Stop listening for changes: the listener threads end within a second (for
+        tests and tools; an application's store lives as long as its process)."""
+        if self._invalidation is not None:
+            self._invalidation.stop()
 
     def _invalidated(self, keys: list[bytes] | None) -> None:
-        if self._watcher is None:
-            return
-        if keys is None:
-            self._watcher.invalidate(None)
-            return
-        partitions = [_partition_of(key) for key in keys]
-        self._watcher.invalidate([p for p in partitions if p])
+        partitions = None if keys is None else [p for key in keys if (p := _partition_of(key))]
+        for watcher in list(self._watchers):
+            watcher.invalidate(partitions)
 
     def _resync(self) -> None:
         self.breaker.success()  # the listener just talked to Redis: it is back
-        if self._watcher is not None:
-            self._watcher.resync()
+        for watcher in list(self._watchers):
+            watcher.resync()
 
     def _lost_data(self) -> None:
         self.losses += 1
@@ -366,7 +429,9 @@ class RedisTokenCacheStore:
     def _lock_token(guard: Guard) -> Any:
         if not isinstance(guard, redis.lock.Lock):
             raise TypeError("guard must come from this store's lock()")
-        return guard.local.token
+        # A released lock has no token: b"" matches no lock's value (a uuid), so the
+        # script answers "lock lost" rather than failing as if Redis were down.
+        return guard.local.token or b""
 
     # --- for operators (the token-cache CLI) -------------------------------------------------
     def partitions(self) -> list[str]:
@@ -470,34 +535,38 @@ _NEVER_COHERENT = _NeverCoherent()
 
 
 class _AlwaysCoherent:
-    """The memory store is in this process: every change to it goes through the
-    process's own users, so nothing can change behind a copy's back."""
+    """The memory store is in this process and reports every change to its watchers as it
+    makes it, so nothing can change behind a copy's back."""
 
     connected = True
     epoch = 0
 
 
 class MemoryTokenCacheStore:
-    """In-process store for local use: one process, nothing shared, lost on restart."""
+    """In-process store for local use: one process, nothing shared, lost on restart.
+
+    Several applications in the process may share one (each watching it): every write
+    and removal is reported to all of them at once."""
 
     losses = 0
     healthy = True
 
     def __init__(self, ttl_seconds: int) -> None:
         self._ttl = ttl_seconds
-        self._blobs: dict[str, tuple[bytes, float]] = {}
+        self._blobs: dict[str, tuple[bytes, float]] = {}  # TOMBSTONE: removed
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.RLock()  # for changes to _blobs and _locks
+        self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
 
     def coherence(self) -> Coherence:
         return _AlwaysCoherent()
 
     def watch(self, watcher: Watcher) -> None:
-        return None
+        self._watchers.add(watcher)
 
     def load(self, partition: str) -> StoredEntry | None:
         entry = self._blobs.get(partition)
-        if entry is None or entry[1] < time.monotonic():
+        if entry is None or entry[1] < time.monotonic() or entry[0] == TOMBSTONE:
             return None
         return StoredEntry(entry[0], entry[1])
 
@@ -510,28 +579,44 @@ class MemoryTokenCacheStore:
 
     def save(self, partition: str, blob: bytes, guard: Guard) -> bool:
         with self._guard:
-            lock = self._locks.get(partition)
-            if lock is None or guard is not lock or not lock.locked():
+            if not self._holds(partition, guard):
                 return False
             self._put(partition, blob)
+        self._changed(partition)
         return True
 
     def save_unless_changed(self, partition: str, blob: bytes, base: bytes | None) -> bool:
         with self._guard:
-            current = self.load(partition)
-            if (current.blob if current else None) != base:
+            entry = self._blobs.get(partition)
+            current = entry[0] if entry is not None and entry[1] >= time.monotonic() else None
+            if current != base:  # a tombstone is neither ``base`` nor absent
                 return False
             self._put(partition, blob)
+        self._changed(partition)
         return True
 
     def remove(self, partition: str, guard: Guard) -> bool:
-        """Drop the entry (one process: no other worker can write an old copy back)."""
+        """Leave a tombstone for the entry, with a full TTL, as the Redis store does."""
         with self._guard:
-            lock = self._locks.get(partition)
-            if lock is None or guard is not lock or not lock.locked():
+            if not self._holds(partition, guard):
                 raise TokenAcquisitionBusy()
-            entry = self._blobs.pop(partition, None)
-        return entry is not None and entry[1] >= time.monotonic()
+            removed = self.load(partition) is not None
+            self._put(partition, TOMBSTONE)
+        self._changed(partition)
+        return removed
+
+    def partitions(self) -> list[str]:
+        now = time.monotonic()
+        with self._guard:
+            return [p for p, (_, expires) in self._blobs.items() if expires >= now]
+
+    def _holds(self, partition: str, guard: Guard) -> bool:
+        lock = self._locks.get(partition)
+        return lock is not None and guard is lock and lock.locked()
+
+    def _changed(self, partition: str) -> None:
+        for watcher in list(self._watchers):
+            watcher.invalidate([partition])
 
     def _put(self, partition: str, blob: bytes) -> None:
         now = time.monotonic()

@@ -176,6 +176,16 @@ class TooManyWaiting(ServiceUnavailable):
         super().__init__(retry_after=1)
 
 
+class WorkerRetiring(ServiceUnavailable):
+    """The worker serving the request is going away (``flask_obo.retire_worker``) and will
+    not wait on the identity provider any longer; another worker answers the retry."""
+
+    description = "This server is restarting; retry shortly."
+
+    def __init__(self) -> None:
+        super().__init__(retry_after=1)
+
+
 class ConsentRequired(ApiError):
     status = 403
     error = "consent_required"

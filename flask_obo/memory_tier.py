@@ -10,21 +10,45 @@ re-read before use, except while Redis is unreachable, when it is served as it i
 A session also remembers msal's last offline answer (``HotToken``): while its cache is
 the one that answer came from and msal would still give the same one, a warm request
 skips msal's lookup.
+
+**One lock, one rule.** Every session's bookkeeping (who holds it, who waits for it,
+what it last read or wrote, whether Redis reported a change, whether it holds tokens
+Redis does not have yet) changes only through ``UserSession``'s methods, under the
+tier's one lock, which is never held across I/O. A request *holds* a session
+(``MemoryTier.hold``) to use its msal objects (``cache``, ``app``, ``http_cache``,
+``hot``): one request at a time, the others wait for it. The invalidation listener, the
+write-back and eviction never hold a session; they only take the lock for a moment.
+
+**Eviction.** Beyond ``TOKEN_MEMORY_CACHE_USERS`` the least recently used users are
+dropped, except *pinned* ones: held or waited for by a request, or holding tokens that
+are not in Redis yet (acquired while it was unreachable). Those stay, above the cap if
+need be, until released or written back (``flask_obo_memory_tier_pinned_users`` counts
+the users above the cap), so no user ever has two sessions in a process and no token is
+dropped before it reaches Redis.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import msal
 
-from .cache_store import Coherence
+from .cache_store import Coherence, StoredEntry, TokenCacheStore
+from .errors import CacheUnavailable, TokenAcquisitionBusy
+from .invalidation import ThreadPerProcess
+from .metrics import Metrics
 from .msal_http import MsalHttpClient
 from .token_cache import UserTokenCache
+
+log = logging.getLogger(__name__)
+
+WRITE_BACK_RETRY = (1.0, 5.0)  # seconds between write-back rounds while tokens wait for Redis
 
 
 class HotToken(NamedTuple):
@@ -38,20 +62,27 @@ class HotToken(NamedTuple):
 
 
 class UserSession:
-    """One user's msal state in this process. Only a thread holding ``lock`` touches it.
+    """One user's msal state in this process (see the module's docstring for its rule).
 
     Per-user state also isolates throttling: msal's ``http_cache`` keeps its throttling
     entries, which for OBO are not keyed by user, so a shared one would replay one user's
     429 or 400 to everyone.
     """
 
-    def __init__(self, http: MsalHttpClient) -> None:
-        self.lock = threading.Lock()
+    def __init__(self, partition: str, http: MsalHttpClient, lock: threading.Lock) -> None:
+        self.partition = partition
+        # The holder's alone: msal's objects and the memo of its answers.
         self.http = http
         self.http_cache: dict[str, Any] = {}
         self.cache = UserTokenCache()
         self.app: msal.ConfidentialClientApplication | None = None
         self.credential_version = 0  # the API credential's version ``app`` was built with
+        self.hot: dict[tuple[str, ...], HotToken] = {}  # valid while ``blob`` is the answer's
+        # Bookkeeping: changed by the methods below, under ``_lock`` (the tier's).
+        self._lock = lock
+        self._free = threading.Condition(lock)
+        self.holder: int | None = None  # the thread of the request using the session now
+        self.pins = 0  # requests holding or waiting for it: it must not be evicted
         self.blob: bytes | None = None  # what ``cache`` was last loaded from or saved as
         self.stored: bytes | None = None  # what the store held when last read or written
         self.losses_seen = 0  # the store's data losses known when ``stored`` was read
@@ -59,68 +90,230 @@ class UserSession:
         self.verified_epoch = -1  # the coherence epoch ``blob`` was read at; -1: unverified
         self.changes = 0  # invalidations seen, so a read racing one is not trusted
         self.changed_in_store = False  # an invalidation since the last read: honour it
-        self.unsaved = False  # ``blob`` was acquired while the store was down: write it back
-        # msal's last answer per scopes (one per downstream API): valid only while
-        # ``blob`` is the answer's ``blob``.
-        self.hot: dict[tuple[str, ...], HotToken] = {}
-
-    def forget(self) -> None:
-        """Hold nothing of the user any more (sign-out): no token, nothing to write back,
-        and re-read from the store before the next use."""
-        self.cache.load(None)
-        self.http_cache.clear()
-        self.blob = self.stored = None
-        self.expires_at = None
-        self.verified_epoch = -1
-        self.unsaved = False
+        self.unsaved = False  # ``blob`` is not in the store yet: write it back
 
     def is_current(self, coherence: Coherence) -> bool:
         """Usable without asking Redis? (An unsaved session asks, to write itself back.)"""
         return (coherence.connected and self.verified_epoch == coherence.epoch and not self.unsaved
                 and (self.expires_at is None or time.monotonic() < self.expires_at))
 
+    @property
+    def evictable(self) -> bool:
+        return self.pins == 0 and not self.unsaved
+
+    # --- what the holder learnt -----------------------------------------------------------------
+    def read(self, entry: StoredEntry | None, blob: bytes | None, losses: int, changes: int,
+             epoch: int | None) -> None:
+        """The store held ``entry`` (read when the session had seen ``changes``
+        invalidations, at ``epoch``; None: the channel was down); the session now holds
+        ``blob`` (the entry's, or None when it was not usable). Trusted as current unless
+        an invalidation came in meanwhile."""
+        with self._lock:
+            self.blob = blob
+            self.stored = entry.blob if entry else None
+            self.losses_seen = losses
+            self.expires_at = entry.expires_at if entry else None
+            self.unsaved = False
+            if self.changes == changes:
+                self.changed_in_store = False
+                if epoch is not None:
+                    self.verified_epoch = epoch
+
+    def acquired(self, blob: bytes) -> None:
+        """The holder sealed a new cache state; not in the store yet."""
+        with self._lock:
+            self.blob = blob
+
+    def saved(self, blob: bytes) -> None:
+        """``blob`` is what the store holds now."""
+        with self._lock:
+            self.stored = blob
+            if self.blob is blob:
+                self.unsaved = False
+
+    def not_saved(self) -> None:
+        """The store could not be written (unreachable): write ``blob`` back later."""
+        with self._lock:
+            self.unsaved = True
+
+    def outdated(self) -> None:
+        """Someone else's write won: read the store again before the next use."""
+        with self._lock:
+            self.blob, self.verified_epoch = None, -1
+            self.unsaved = False
+
+    def cleared(self) -> None:
+        """msal could not read the cache, which is now empty (the next acquisition replaces
+        it): nothing to write back."""
+        with self._lock:
+            self.blob = None
+            self.unsaved = False
+
+    def forget(self) -> None:
+        """Hold nothing of the user any more (sign-out): no token, nothing to write back,
+        and re-read from the store before the next use."""
+        self.cache.load(None)
+        self.http_cache.clear()
+        self.hot.clear()
+        with self._lock:
+            self.blob = self.stored = None
+            self.expires_at = None
+            self.verified_epoch = -1
+            self.unsaved = False
+
+    # --- what others tell it (under the tier's lock) ------------------------------------------
+    def _invalidated(self) -> None:
+        if self.holder == threading.get_ident():
+            return  # the holder's own write (a store in this process reports it at once)
+        self.changes += 1
+        self.verified_epoch = -1
+        self.changed_in_store = True
+
+    def _written_back(self, blob: bytes, written: bool) -> None:
+        """The write-back of ``blob`` ended: written, or the store holds another entry (a
+        newer token of another worker, or a sign-out), which wins."""
+        if self.blob is blob and self.unsaved:
+            self.unsaved = False
+            if written:
+                self.stored = blob
+
 
 class MemoryTier:
-    """Users' sessions, least recently used dropped beyond ``limit``."""
+    """Users' sessions, least recently used dropped beyond ``limit`` unless pinned."""
 
-    def __init__(self, limit: int, new_session: Callable[[], UserSession]) -> None:
+    def __init__(self, limit: int, new_http: Callable[[], MsalHttpClient],
+                 metrics: Metrics | None = None) -> None:
         self.limit = limit
-        self._new_session = new_session
+        self._new_http = new_http
+        self._metrics = metrics or Metrics()
         self._sessions: OrderedDict[str, UserSession] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the one lock: the map and every session's bookkeeping
 
     def session(self, partition: str) -> UserSession:
+        """The user's session, not held (to look at it: a request uses ``hold``)."""
         with self._lock:
-            session = self._sessions.get(partition)
-            if session is None:
-                session = self._sessions[partition] = self._new_session()
-                if len(self._sessions) > self.limit:
-                    self._sessions.popitem(last=False)
-            else:
-                self._sessions.move_to_end(partition)
+            return self._get(partition)
+
+    def hold(self, partition: str, timeout: float) -> UserSession | None:
+        """The user's session, held by the caller (``release`` it); None if another
+        request kept it for ``timeout`` seconds."""
+        with self._lock:
+            session = self._get(partition)
+            if session.holder is not None:
+                session.pins += 1
+                free = session._free.wait_for(lambda: session.holder is None, max(timeout, 0.0))
+                session.pins -= 1
+                if not free:
+                    if len(self._sessions) > self.limit:
+                        self._evict()
+                    return None
+            session.holder = threading.get_ident()
+            session.pins += 1
             return session
 
+    def release(self, session: UserSession) -> None:
+        with self._lock:
+            session.holder = None
+            session.pins -= 1
+            session._free.notify()
+            if len(self._sessions) > self.limit:
+                self._evict()
+
+    @contextmanager
+    def held(self, partition: str, seconds: float) -> Iterator[UserSession]:
+        """Hold the user's session for the block, or answer 503 when it stays taken for
+        ``seconds`` (``TokenAcquisitionBusy``)."""
+        session = self.hold(partition, seconds)
+        if session is None:
+            raise TokenAcquisitionBusy()
+        try:
+            yield session
+        finally:
+            self.release(session)
+
+    def _get(self, partition: str) -> UserSession:
+        session = self._sessions.get(partition)
+        if session is None:
+            session = self._sessions[partition] = UserSession(partition, self._new_http(), self._lock)
+            if len(self._sessions) > self.limit:
+                self._evict(keep=session)
+        else:
+            self._sessions.move_to_end(partition)
+        return session
+
+    def _evict(self, keep: UserSession | None = None) -> None:
+        """Under the lock: drop least recently used sessions down to ``limit``, skipping
+        pinned ones (moved to the recent end, so the next pass does not look at them
+        first) and ``keep`` (just handed out), and count what stays above the cap."""
+        for _ in range(len(self._sessions)):
+            if len(self._sessions) <= self.limit:
+                break
+            partition, session = next(iter(self._sessions.items()))
+            if session.evictable and session is not keep:
+                del self._sessions[partition]
+            else:
+                self._sessions.move_to_end(partition)
+        self._metrics.memory_tier_pinned_users.set(max(0, len(self._sessions) - self.limit))
+
+    # --- the store's reports --------------------------------------------------------------------
     def invalidate(self, partitions: list[str] | None) -> None:
         """The store reports these entries changed (None: all of them)."""
         with self._lock:
             sessions = (list(self._sessions.values()) if partitions is None
                         else [s for p in partitions if (s := self._sessions.get(p)) is not None])
             for session in sessions:
-                session.changes += 1
-                session.verified_epoch = -1
-                session.changed_in_store = True
+                session._invalidated()
 
-    def mark_read(self, session: UserSession, changes: int, epoch: int | None) -> None:
-        """``session`` now reflects the store, as read when it had seen ``changes``
-        invalidations at ``epoch`` (None: the channel was down): trust it unless an
-        invalidation came in meanwhile. Under the tier's lock, as ``invalidate`` is."""
+    def unsaved(self) -> int:
+        """How many users hold tokens that are not in the store yet."""
         with self._lock:
-            if session.changes != changes:
-                return
-            session.changed_in_store = False
-            if epoch is not None:
-                session.verified_epoch = epoch
+            return sum(session.unsaved for session in self._sessions.values())
 
-    def unsaved(self) -> list[tuple[str, UserSession]]:
+    def write_back(self, store: TokenCacheStore) -> int:
+        """Write every unsaved session's tokens to ``store``, unless another worker wrote
+        that user's entry meanwhile or it was removed (then the store's entry wins: the
+        user's next request reads it). Never holds a session, so no request waits for
+        this; a request that changes a session meanwhile keeps its own state. Returns how
+        many users are still unsaved (the store is unreachable)."""
         with self._lock:
-            return [(p, s) for p, s in self._sessions.items() if s.unsaved]
+            pending = [(s, s.blob, s.stored) for s in self._sessions.values() if s.unsaved and s.blob]
+        for session, blob, stored in pending:
+            assert blob is not None
+            try:
+                written = store.save_unless_changed(session.partition, blob, stored)
+            except CacheUnavailable:
+                break
+            with self._lock:
+                session._written_back(blob, written)
+        with self._lock:
+            if len(self._sessions) > self.limit:
+                self._evict()
+        return self.unsaved()
+
+
+class WriteBack:
+    """A daemon thread per process that writes unsaved sessions back while there are
+    any: at once when woken (Redis answers again, a write just failed), then every
+    second or so, up to five, until none is left. Off the request path: no request waits
+    for these writes."""
+
+    def __init__(self, tier: MemoryTier, store: TokenCacheStore) -> None:
+        self._tier, self._store = tier, store
+        self._wake = threading.Event()
+        self._thread = ThreadPerProcess(self._run, "flask-obo-write-back")
+
+    def wake(self) -> None:
+        self._thread.ensure_running()
+        self._wake.set()
+
+    def _run(self) -> None:
+        pending, delay = 0, WRITE_BACK_RETRY[0]
+        while True:
+            woken = self._wake.wait(timeout=delay if pending else None)
+            self._wake.clear()
+            try:
+                pending = self._tier.write_back(self._store)
+            except Exception:  # the thread must outlive any failure
+                log.exception("writing tokens back to the token cache failed")
+                pending = self._tier.unsaved()
+            delay = WRITE_BACK_RETRY[0] if woken else min(delay * 2, WRITE_BACK_RETRY[1])

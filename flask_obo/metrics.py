@@ -22,7 +22,14 @@ import logging
 import os
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client import values as _values
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -88,6 +95,11 @@ class Metrics:
         self.request_seconds = Histogram(
             "flask_obo_request_seconds", "Duration of requests served.", buckets=_REQUEST_BUCKETS,
             registry=registry)
+        # Set by the memory tier when its membership changes; summed over live workers.
+        self.memory_tier_pinned_users = Gauge(
+            "flask_obo_memory_tier_pinned_users", "Users a worker keeps in memory beyond "
+            "TOKEN_MEMORY_CACHE_USERS because it may not drop them yet: a request holds them, or "
+            "their tokens are not in Redis yet.", multiprocess_mode="livesum", registry=registry)
         self._outcomes = {outcome: self.token_acquisitions.labels(outcome) for outcome in OUTCOMES}
         self._children: dict[tuple[object, ...], Counter] = {}
         self.multiprocess_dir = _multiprocess_dir()

@@ -14,7 +14,7 @@ one; a cluster needs one per primary, since each primary reports only its own ke
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -103,6 +103,7 @@ class ClusterInvalidation:
         self._args = (prefix, *callbacks, pong_timeout)
         self._listeners: dict[str, InvalidationListener] = {}
         self._generation = 0
+        self._stopped = threading.Event()
         self._thread = ThreadPerProcess(self._supervise, "flask-obo-cluster-invalidation")
 
     @property
@@ -117,17 +118,26 @@ class ClusterInvalidation:
     def ensure_running(self) -> None:
         self._thread.ensure_running()  # the supervisor starts the listeners
 
+    def stop(self) -> None:
+        """End the supervisor and every listener (their threads exit within a second)."""
+        self._stopped.set()
+        for listener in list(self._listeners.values()):
+            listener.stop()
+
     def _supervise(self) -> None:
         self._listeners = {}  # in a forked child, the parent's listeners have no threads
         refresh = False
-        while True:
+        while not self._stopped.is_set():
             try:
                 self._reconcile(refresh)
             except Exception as exc:  # the thread must outlive any failure
                 log.warning("token cache invalidation: cannot read the cluster's primaries: %s",
                             type(exc).__name__)
-            time.sleep(CLUSTER_RECHECK_SECONDS)
+            if self._stopped.wait(CLUSTER_RECHECK_SECONDS):
+                break
             refresh = not self.connected
+        for listener in list(self._listeners.values()):
+            listener.stop()
 
     def _reconcile(self, refresh: bool) -> None:
         """Listen to exactly the current primaries."""

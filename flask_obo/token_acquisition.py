@@ -11,14 +11,17 @@ A request goes:
    last answer while msal would repeat it); otherwise the blob is re-read from the store
    first. Nothing here waits on Entra ID, nor on a leader that does: while a leader of
    this user holds the session, the request joins its flight (step 2). While Redis is
-   unreachable the session is used as it is.
-2. **Entra ID, bounded and single-flight.** On a miss the request takes a seat in the
-   worker's waiting room (full: 503 at once) and joins the user's flight: concurrent
-   requests of one user share one leader's result. The leader takes the user's Redis
-   lock (so one call is made whichever worker or instance serves the burst), re-reads,
-   tries the refresh token, else runs OBO, and writes back while it still holds the
-   lock. Everything waits at most until the request's deadline. With Redis down the
-   leader goes on without the lock and writes the entry once Redis is back.
+   unreachable the session is used as it is, and after one failed Redis call a request
+   makes no other (``StoreBudget``): it never waits for a Redis timeout twice.
+2. **Entra ID, bounded and single-flight.** On a miss the request starts the user's
+   exchange, or joins the one in flight, and waits for it in the worker's waiting room
+   (``flask_obo.bulkhead``: no seat while the exchange is on time for Entra ID's observed
+   pace, a seat or 503 once it is overdue, 503 at once when the worker retires). The
+   exchange, in a thread of its own, takes the user's Redis lock (so one call is made
+   whichever worker or instance serves the burst), re-reads, tries the refresh token,
+   else runs OBO, and writes back while it still holds the lock. Everything waits at most
+   until the deadline of the request that started it. With Redis down the exchange goes
+   on without the lock and writes the entry once Redis is back.
 
 A background job acts for a ``CachedUser``: the user a background handle names, with no
 assertion to exchange. It goes the same way, except that only the cache and its refresh
@@ -38,8 +41,8 @@ import msal
 import requests
 
 from .authority import AuthorityUnavailable, TenantConfigurations
-from .bulkhead import Deadline, SingleFlight, WaitingRoom, held
-from .cache_store import Guard, StoredEntry, TokenCacheStore
+from .bulkhead import Deadline, SingleFlight, WaitingRoom, WorkerRetirement
+from .cache_store import Guard, StoreBudget, StoredEntry, TokenCacheStore
 from .credentials import CREDENTIAL_ERROR_CODES, ClientCredential
 from .errors import (
     AssertionRejected,
@@ -53,7 +56,7 @@ from .errors import (
     TokenAcquisitionBusy,
     TokenAcquisitionFailed,
 )
-from .memory_tier import HotToken, MemoryTier, UserSession
+from .memory_tier import HotToken, MemoryTier, UserSession, WriteBack
 from .metrics import CACHE_HIT, FAILED, MEMORY_HIT, OBO, REFRESH, Metrics
 from .msal_http import EntraUnavailable, MsalHttpClient, NetworkNeeded, offline, within
 from .protector import EntraAccessToken
@@ -94,6 +97,7 @@ class OnBehalfOfTokenProvider:
         metadata: TenantConfigurations,
         credential: ClientCredential,
         metrics: Metrics | None = None,
+        retirement: WorkerRetirement | None = None,
     ) -> None:
         self._settings = settings
         self._credential = credential
@@ -101,12 +105,14 @@ class OnBehalfOfTokenProvider:
         self._metrics = metrics or Metrics()
         timeout = settings.entra_timeout
         self.memory = MemoryTier(
-            settings.memory_cache_users,
-            lambda: UserSession(MsalHttpClient(session, metadata, timeout, self._metrics)))
+            settings.memory_cache_users, lambda: MsalHttpClient(session, metadata, timeout, self._metrics),
+            self._metrics)
+        self._write_back = WriteBack(self.memory, store)
+        self.waiting_room = WaitingRoom(settings.entra_max_waiting_threads, retirement=retirement)
         # A job's own failures (its handle revoked, no refresh token) are not a request's.
         self._flights: SingleFlight[tuple[str, str]] = SingleFlight(
+            self.waiting_room,
             private_errors=(AssertionRejected, BackgroundHandleRevoked, RefreshTokenExpired))
-        self._waiting_room = WaitingRoom(settings.entra_max_waiting_threads)
         store.watch(self)
 
     def acquire_token(self, user: EntraAccessToken, scopes: Sequence[str],
@@ -128,35 +134,29 @@ class OnBehalfOfTokenProvider:
     def _acquire(self, user: EntraAccessToken, scopes: Sequence[str],
                  claims_challenge: str | None) -> tuple[str, str]:
         deadline = Deadline(self._settings.token_acquisition_timeout)
+        budget = StoreBudget(self._settings.redis_timeout)  # shared with the exchange it starts
         partition = partition_key(user.oid, user.tid)
         scopes = list(scopes)
         if claims_challenge is None:
-            served = self._from_cache(partition, user, scopes, deadline)
+            served = self._from_cache(partition, user, scopes, deadline, budget)
             if served is not None:
                 return served
-        led = False
-
-        def lead() -> tuple[str, str]:
-            nonlocal led
-            led = True
-            return self._from_entra(partition, user, scopes, claims_challenge, deadline)
-
-        with self._waiting_room.seat():
-            # A job shares flights only with jobs of its entry's generation: a request's
-            # token must not reach a handle that a sign-out revoked, nor the reverse.
-            token, outcome = self._flights.run(
-                (partition, " ".join(scopes), claims_challenge, _generation(user)), lead, deadline)
-        # A follower was handed the leader's token in-process, with no I/O of its own.
-        return token, outcome if led else MEMORY_HIT
+        # A job shares flights only with jobs of its entry's generation: a request's token
+        # must not reach a handle that a sign-out revoked, nor the reverse.
+        (token, outcome), started = self._flights.run(
+            (partition, " ".join(scopes), claims_challenge, _generation(user)),
+            lambda: self._from_entra(partition, user, scopes, claims_challenge, deadline, budget),
+            deadline)
+        # A request that joined another's exchange was handed its token in-process.
+        return token, outcome if started else MEMORY_HIT
 
     def _from_cache(self, partition: str, user: EntraAccessToken, scopes: list[str],
-                    deadline: Deadline) -> tuple[str, str] | None:
+                    deadline: Deadline, budget: StoreBudget) -> tuple[str, str] | None:
         """The token from memory or Redis, never waiting on Entra ID: None on a miss, and
-        also while a leader of this user holds the session to talk to Entra ID (then the
+        also while an exchange of this user holds the session to talk to Entra ID (then the
         request joins that flight, in the waiting room, rather than wait out here)."""
-        session = self.memory.session(partition)
-        while not session.lock.acquire(timeout=SESSION_BUSY_SECONDS):
-            if self._flights.running(partition):  # a leader (claims challenge or not) holds it
+        while (session := self.memory.hold(partition, SESSION_BUSY_SECONDS)) is None:
+            if self._flights.running(partition):  # an exchange (claims challenge or not) holds it
                 return None
             if deadline.expired:
                 raise TokenAcquisitionBusy()
@@ -169,11 +169,11 @@ class OnBehalfOfTokenProvider:
             if not session.is_current(self._store.coherence()) and (
                     self._store.healthy or session.blob is None):
                 with suppress(CacheUnavailable):
-                    self._reload(session, partition, user)
+                    self._reload(session, partition, user, budget)
                     outcome = CACHE_HIT
             token = self._offline_token(session, user, scopes)
         finally:
-            session.lock.release()
+            self.memory.release(session)
         return (token, outcome) if token else None
 
     def _offline_token(self, session: UserSession, user: EntraAccessToken,
@@ -221,22 +221,21 @@ class OnBehalfOfTokenProvider:
         return token
 
     def _from_entra(self, partition: str, user: EntraAccessToken, scopes: list[str],
-                    claims_challenge: str | None, deadline: Deadline) -> tuple[str, str]:
+                    claims_challenge: str | None, deadline: Deadline, budget: StoreBudget) -> tuple[str, str]:
         """The token and how it was served (``flask_obo.metrics``' outcomes)."""
-        session = self.memory.session(partition)
-        with held(session.lock, deadline.remaining()):
+        with self.memory.held(partition, deadline.remaining()) as session:
             session.hot.clear()  # whatever happens here, the old memo is not the answer
             if claims_challenge is None and session.is_current(self._store.coherence()):
                 # The leader that held the session may have just filled it.
                 result = self._silent(session, user, scopes, offline_only=True)
                 if result:
                     return str(result["access_token"]), MEMORY_HIT
-            with self._user_lock(partition, deadline) as guard, within(deadline), \
+            with self._user_lock(partition, deadline, budget) as guard, within(deadline), \
                     _entra_unavailable_is_503():
                 outcome = MEMORY_HIT
                 if guard is not None:
                     with suppress(CacheUnavailable):  # another worker may have filled it
-                        self._reload(session, partition, user)
+                        self._reload(session, partition, user, budget)
                         outcome = CACHE_HIT
                 if _generation(user) not in (None, session.cache.generation) and outcome != CACHE_HIT:
                     raise CacheUnavailable()  # a job's entry cannot be checked until Redis is back
@@ -253,7 +252,7 @@ class OnBehalfOfTokenProvider:
                 if not result:
                     outcome = OBO
                     result = self._on_behalf_of(session, partition, user, scopes, claims_challenge)
-                self._save_if_changed(session, partition, guard)
+                self._save_if_changed(session, partition, guard, budget)
                 if isinstance(result.get("access_token"), str):  # the next request needs no msal
                     self._remember(session, tuple(scopes), result, asked_at)
         return _access_token_or_raise(result, partition), outcome
@@ -284,8 +283,7 @@ class OnBehalfOfTokenProvider:
         then, here either) and ``TokenAcquisitionBusy`` when the user's lock stays taken.
         """
         deadline = Deadline(self._settings.token_acquisition_timeout)
-        session = self.memory.session(partition)
-        with held(session.lock, deadline.remaining()):  # as a leader does: session, then store
+        with self.memory.held(partition, deadline.remaining()) as session:  # as a leader: session, then store
             with self._store.lock(partition, deadline) as guard:
                 removed = self._store.remove(partition, guard)
             session.forget()
@@ -300,34 +298,36 @@ class OnBehalfOfTokenProvider:
         Raises ``RefreshTokenExpired`` when the user has no cached account (nothing a job
         could renew), ``TokenAcquisitionBusy`` when the user's session stays taken."""
         deadline = Deadline(self._settings.token_acquisition_timeout)
+        budget = StoreBudget(self._settings.redis_timeout)
         partition = partition_key(user.oid, user.tid)
-        session = self.memory.session(partition)
-        with held(session.lock, deadline.remaining()):
+        with self.memory.held(partition, deadline.remaining()) as session:
             if not session.is_current(self._store.coherence()) and self._store.healthy:
                 with suppress(CacheUnavailable):
-                    self._reload(session, partition, user)
+                    self._reload(session, partition, user, budget)
             if session.cache.account_of(user.oid, user.tid) is None:
                 raise RefreshTokenExpired()
             current = session.cache.generation
             if current is not None:
                 return current
-            with self._user_lock(partition, deadline) as guard:
+            with self._user_lock(partition, deadline, budget) as guard:
                 if guard is not None:
                     with suppress(CacheUnavailable):
-                        self._reload(session, partition, user)
+                        self._reload(session, partition, user, budget)
                 if session.cache.account_of(user.oid, user.tid) is None:  # signed out meanwhile
                     raise RefreshTokenExpired()
                 generation = session.cache.stamp_generation()
-                self._save_if_changed(session, partition, guard)
+                self._save_if_changed(session, partition, guard, budget)
             return generation
 
     @contextmanager
-    def _user_lock(self, partition: str, deadline: Deadline) -> Iterator[Guard | None]:
-        """The user's store lock; None (single flight per process only) while Redis is down."""
+    def _user_lock(self, partition: str, deadline: Deadline, budget: StoreBudget) -> Iterator[Guard | None]:
+        """The user's store lock; None (single flight per process only) while Redis is down,
+        or once this request found it so (``budget``)."""
         with ExitStack() as stack:
             started = time.perf_counter()
             try:
-                guard: Guard | None = stack.enter_context(self._store.lock(partition, deadline))
+                with budget.call(timed=False):  # waiting for another holder is not waiting on Redis
+                    guard: Guard | None = stack.enter_context(self._store.lock(partition, deadline))
             except TokenAcquisitionBusy:  # waited until the deadline
                 self._metrics.lock_wait(time.perf_counter() - started)
                 raise
@@ -359,7 +359,7 @@ class OnBehalfOfTokenProvider:
             log.warning("msal could not read the token cache for a user (%s); it will be replaced",
                         type(exc).__name__)
             session.cache.load(None)
-            session.blob = None
+            session.cleared()
             return None
 
     def _app(self, session: UserSession, user: EntraAccessToken) -> msal.ConfidentialClientApplication:
@@ -384,7 +384,8 @@ class OnBehalfOfTokenProvider:
             session.credential_version = version
         return session.app
 
-    def _reload(self, session: UserSession, partition: str, user: EntraAccessToken) -> None:
+    def _reload(self, session: UserSession, partition: str, user: EntraAccessToken,
+                budget: StoreBudget) -> None:
         """Make ``session`` hold what the store holds now (a no-op if the blob is unchanged).
 
         An entry that is not a usable msal cache of this user, whatever the reason, is a
@@ -394,24 +395,25 @@ class OnBehalfOfTokenProvider:
         epoch = coherence.epoch if coherence.connected else None
         changes, losses = session.changes, self._store.losses
         expired = session.expires_at is not None and time.monotonic() >= session.expires_at
-        entry = self._store.load(partition)
+        with budget.call():
+            entry = self._store.load(partition)
         current, held_blob = (entry.blob if entry else None), session.blob
         put_back = held_blob is not None and (
             (session.unsaved and current == session.stored)  # acquired while Redis was away
             or (current is None and losses > session.losses_seen  # Redis lost it: not a delete
                 and not (session.changed_in_store or expired))
         )
-        if put_back and held_blob and self._store.save_unless_changed(partition, held_blob, current):
-            entry = StoredEntry(held_blob, None)
-        if entry is None or entry.blob != session.blob:
+        if put_back and held_blob:
+            with budget.call():
+                if self._store.save_unless_changed(partition, held_blob, current):
+                    entry = StoredEntry(held_blob, None)
+        blob = session.blob
+        if entry is None or entry.blob != blob:
             usable = entry is not None and self._open(session, partition, user, entry.blob)
             if not usable:
                 session.cache.load(None)
-            session.blob = entry.blob if entry and usable else None
-        session.stored, session.losses_seen = (entry.blob if entry else None), losses
-        session.expires_at = entry.expires_at if entry else None
-        session.unsaved = False
-        self.memory.mark_read(session, changes, epoch if coherence.connected else None)
+            blob = entry.blob if entry and usable else None
+        session.read(entry, blob, losses, changes, epoch)
 
     def _open(self, session: UserSession, partition: str, user: EntraAccessToken, blob: bytes) -> bool:
         serialized = self._codec.open(partition, blob)
@@ -428,43 +430,38 @@ class OnBehalfOfTokenProvider:
             return False
         return True
 
-    def _save_if_changed(self, session: UserSession, partition: str, guard: Guard | None) -> None:
+    def _save_if_changed(self, session: UserSession, partition: str, guard: Guard | None,
+                         budget: StoreBudget) -> None:
         if not session.cache.has_state_changed:
             return
         blob = self._codec.seal(partition, session.cache.serialize())
-        session.blob = blob
+        session.acquired(blob)
         try:
-            if guard is None:  # acquired without the lock: Redis may be back by now
-                written = self._store.save_unless_changed(partition, blob, session.stored)
-                session.unsaved = not written
-            else:
-                written = self._store.save(partition, blob, guard)
-                if not written:  # someone else's write won: reload before the next use
-                    session.blob, session.verified_epoch = None, -1
-            if written:
-                session.stored = blob
+            with budget.call():
+                if guard is None:  # acquired without the lock: Redis may be back by now
+                    written = self._store.save_unless_changed(partition, blob, session.stored)
+                else:
+                    written = self._store.save(partition, blob, guard)
         except CacheUnavailable:
-            session.unsaved = True  # written by resync() or this user's next reload
+            written, lost = False, False
+        else:
+            lost = guard is not None and not written
+        if written:
+            session.saved(blob)
+        elif lost:  # the lock expired and someone else's write won: reload before the next use
+            session.outdated()
+        else:  # unreachable, or (without the lock) another entry came meanwhile: the
+            session.not_saved()  # write-back or the user's next reload decides
+            self._write_back.wake()
 
     # --- the store's watcher ---------------------------------------------------------------------
     def invalidate(self, partitions: list[str] | None) -> None:
         self.memory.invalidate(partitions)
 
     def resync(self) -> None:
-        """The store is back: write what was acquired while it was away, unless another
-        worker wrote that user's entry meanwhile (its next request reads that one)."""
-        for partition, session in self.memory.unsaved():
-            if not session.lock.acquire(blocking=False):
-                continue  # in use: that request's own reload puts it back
-            try:
-                if session.blob is not None and session.unsaved and self._store.save_unless_changed(
-                        partition, session.blob, session.stored):
-                    session.stored = session.blob
-                session.unsaved = False  # written, or someone else's newer entry wins
-            except CacheUnavailable:
-                return
-            finally:
-                session.lock.release()
+        """The store answers again: write back what was acquired while it was away (see
+        ``MemoryTier.write_back``), off this thread."""
+        self._write_back.wake()
 
 
 def _generation(user: EntraAccessToken) -> str | None:

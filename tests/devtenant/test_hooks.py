@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from flask.testing import FlaskClient
 
 from devtenant import TENANT_ID
@@ -64,3 +67,30 @@ def test_healthz(dt_client: FlaskClient, dt_tenant) -> None:
     body = dt_client.get("/healthz").get_json()
     assert body["status"] == "ok" and body["tenant"] == TENANT_ID
     assert body["kid"] == dt_tenant.active_kid()
+
+
+def test_latency_switch_slows_the_token_endpoint_and_validates_input(dt_token: TokenEndpoint) -> None:
+    client = dt_token.client
+    assert client.get("/_devtenant/latency").get_json() == {"token_seconds": [0.0, 0.0]}
+    for bad in ({"token_seconds": "slow"}, {"token_seconds": [0.3, 0.1]}, {"token_seconds": -1},
+                {"token_seconds": [0, 31]}, {"token_seconds": True}, []):
+        assert client.post("/_devtenant/latency", json=bad).status_code == 400, bad
+    assert client.post("/_devtenant/latency", json={"token_seconds": 0.2}).get_json() == {
+        "token_seconds": [0.2, 0.2]}
+    started = time.monotonic()
+    assert dt_token.obo_for("adele").status_code == 200
+    assert time.monotonic() - started >= 0.2  # the answer waited, as a loaded Entra ID's does
+
+
+def test_load_users_join_the_home_tenant(tmp_path: Path) -> None:
+    from devtenant.directory import Directory, load_user_name, write_load_users
+    from devtenant.state import ensure_state
+
+    ensure_state(tmp_path)  # the apps' certificates, which a directory reads
+    write_load_users(tmp_path, 3)
+    directory = Directory.load(tmp_path)
+    third = directory.require_user(load_user_name(3))
+    assert third.short == "load00003" and third.upn == f"load00003@{directory.domain}"
+    assert directory.user(third.oid) is third and directory.user(third.upn.upper()) is third
+    assert directory.user("adele") is not None and directory.user(load_user_name(4)) is None
+    assert Directory.load(None).user(load_user_name(1)) is None  # no file: none

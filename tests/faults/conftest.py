@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,7 @@ import pytest
 import redis
 import requests
 
+from devtenant.directory import write_load_users
 from tests.support.faults import Call, FaultProxy, Sample, p99, request_sample, wait_redis_answers
 from tests.support.servers import redis_server
 from tests.support.stack import DevTenantProcess, GunicornProcess, api_env, devtenant, gunicorn
@@ -47,6 +48,8 @@ WHOAMI_USER = "lynne"  # validation only (she has no consent: never used for Gra
 FAULT_COLD_USER = "megan"  # cold while the fault lasts
 FRESH_COLD_USER = "patti"  # first seen after the fault: exactly one OBO call
 SPARE_COLD_USER = "alex"  # needs an MFA token, then behaves like the others
+
+LOAD_USERS = 160  # synthetic users of the dev tenant (load00001...): a login wave
 
 PID = re.compile(r"pid=\W*(\d+)")
 
@@ -87,9 +90,27 @@ class FaultStack:
     def call(self, tag: str, path: str, user: str | None = None) -> Call:
         return Call(tag, path, self.token(user) if user else None)
 
+    def token_calls(self) -> int:
+        """Requests the token endpoint answered since the counters were reset (any grant)."""
+        return sum(n for kind, n in self.tenant.counters()["token"].items() if kind != "errors")
+
+    def token_latency(self, low: float, high: float | None = None) -> None:
+        """Each token endpoint answer waits between ``low`` and ``high`` seconds (a loaded
+        Entra ID); ``token_latency(0)`` answers at once again."""
+        response = self.tenant.request("POST", "/_devtenant/latency",
+                                       json={"token_seconds": [low, low if high is None else high]})
+        response.raise_for_status()
+
     @contextmanager
     def api(self, name: str, **settings: str) -> Iterator[Api]:
         """A fresh API instance: empty Redis, new cache keys, its own authority cache dir."""
+        with self.instances(name, 1, **settings) as (api,):
+            yield api
+
+    @contextmanager
+    def instances(self, name: str, count: int, **settings: str) -> Iterator[tuple[Api, ...]]:
+        """``count`` API instances sharing Redis and the cache keys (as docker-compose runs
+        them behind nginx), each with its own gunicorn, access log and authority cache dir."""
         redis.Redis.from_url(self.redis_url).flushall()
         run_dir = self.tmp / name
         run_dir.mkdir()
@@ -99,20 +120,28 @@ class FaultStack:
             "TOKEN_ACQUISITION_TIMEOUT_SECONDS": str(TOKEN_ACQUISITION_TIMEOUT),
             "ENTRA_MAX_WAITING_THREADS": str(ENTRA_MAX_WAITING_THREADS),
             "REDIS_TIMEOUT_SECONDS": str(REDIS_TIMEOUT),
-            "AUTHORITY_CACHE_DIR": str(run_dir / "authority-cache"),
             "GUNICORN_WORKERS": str(WORKERS),
             "GUNICORN_THREADS": str(THREADS),
             **settings,
         }
-        access_log = run_dir / "access.log"
-        env = api_env(self.tenant, self.redis_url, GUNICORN_ACCESS_LOG=str(access_log), **settings)
-        with gunicorn(env, workers=WORKERS, threads=THREADS) as process:
-            yield Api(process, access_log, settings)
+        env = api_env(self.tenant, self.redis_url, **settings)  # one TOKEN_CACHE_KEYS for all
+        with ExitStack() as running:
+            apis = []
+            for n in range(count):
+                access_log = run_dir / (f"access-{n + 1}.log" if count > 1 else "access.log")
+                process = running.enter_context(gunicorn(
+                    {**env, "GUNICORN_ACCESS_LOG": str(access_log),
+                     "AUTHORITY_CACHE_DIR": str(run_dir / f"authority-cache-{n + 1}")},
+                    workers=int(settings["GUNICORN_WORKERS"]), threads=int(settings["GUNICORN_THREADS"])))
+                apis.append(Api(process, access_log, settings))
+            yield tuple(apis)
 
 
 @pytest.fixture(scope="package")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
     tmp = tmp_path_factory.mktemp("faults")
+    (tmp / "devtenant").mkdir()
+    write_load_users(tmp / "devtenant", LOAD_USERS)  # a login wave's distinct users
     with (
         redis_server() as redis_url,
         FaultProxy(("127.0.0.1", 0)) as proxy,  # its target is known once the dev tenant runs
@@ -130,6 +159,7 @@ def stack(fault_stack: FaultStack) -> Iterator[FaultStack]:
     fault_stack.tenant.reset_counters()
     yield fault_stack
     fault_stack.proxy.pass_through()
+    fault_stack.token_latency(0)
     wait_redis_answers(fault_stack.redis_url, timeout=15)
 
 

@@ -24,6 +24,7 @@ import redis
 import responses
 
 from app import create_app
+from flask_obo.cache_store import TokenCacheStore
 from flask_obo.extension import services_of
 from flask_obo.invalidation import PING_EVERY
 from flask_obo.protector import EntraAccessToken
@@ -70,8 +71,8 @@ class Worker:
     """One app built by ``create_app`` (a gunicorn worker, or an instance): its own store,
     invalidation listener and memory tier, on the shared Redis."""
 
-    def __init__(self, settings: Settings, entra: FakeEntra) -> None:
-        self.app = create_app(settings)
+    def __init__(self, settings: Settings, entra: FakeEntra, store: TokenCacheStore | None = None) -> None:
+        self.app = create_app(settings, store=store)
         self.client = self.app.test_client()
         self.store = services_of(self.app).store
         self.tokens = services_of(self.app).tokens
@@ -284,11 +285,11 @@ def test_a_warm_request_that_waits_for_its_users_session_sends_redis_nothing(
     app = worker()
     assert app.me() == 200
     app.settle()
-    session = app.tokens.memory.session(partition)
+    memory = app.tokens.memory
 
     before, started = command_calls(control), time.monotonic()
-    session.lock.acquire()
-    release = threading.Timer(0.1, session.lock.release)  # the other request's slow lookup
+    session = memory.hold(partition, 1.0)
+    release = threading.Timer(0.1, memory.release, [session])  # the other request's slow lookup
     release.start()
     assert app.me() == 200
     release.join()
@@ -307,14 +308,14 @@ def test_a_warm_request_that_waits_for_its_users_session_is_not_turned_away(
     app = worker(ENTRA_MAX_WAITING_THREADS="1")
     assert app.me(ADELE) == 200
     app.settle(ADELE)
-    session = app.tokens.memory.session(partition_key(ADELE, TENANT_ID))
+    memory = app.tokens.memory
 
     entra.hold_token_requests = threading.Event()  # Entra ID stalls
     with ThreadPoolExecutor(1) as pool:
         cold = pool.submit(app.me, BOB)  # takes the only seat, and waits on Entra ID
         assert entra.token_request_waiting.wait(5)
-        session.lock.acquire()
-        release = threading.Timer(0.1, session.lock.release)  # another Adele request's slow lookup
+        session = memory.hold(partition_key(ADELE, TENANT_ID), 1.0)
+        release = threading.Timer(0.1, memory.release, [session])  # another Adele request's slow lookup
         release.start()
         try:
             status = app.me(ADELE)

@@ -22,10 +22,12 @@ import redis
 import responses
 
 from flask_obo.breaker import State
+from flask_obo.extension import services_of
 from flask_obo.settings import Settings
 from flask_obo.token_cache import partition_key
 from tests.integration.test_memory_tier import CAROL, RecordingEntra, Worker, wait_for
 from tests.support.fake_entra import ADELE, BOB, TENANT_ID, settings_env
+from tests.support.faults import pause_redis, wait_redis_answers
 from tests.support.servers import RedisProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -244,3 +246,95 @@ def test_a_hung_redis_opens_the_breaker_instead_of_a_timeout_per_request(
     assert len(samples) >= 20
     assert percentile([s.latency for s in samples], 0.5) < FAST
     assert entra.obo_calls() == 1
+
+
+# --- more users than the memory tier's cap during an outage -------------------------------------------
+
+CAP = 2
+OUTAGE_USERS = [ADELE, BOB, CAROL, "e5e5e5e5-0000-4000-8000-000000000005",
+                "f6f6f6f6-0000-4000-8000-000000000006", "a7a7a7a7-0000-4000-8000-000000000007"]
+WRITE_BACK_BOUND = 5.0  # seconds from Redis answering again to every entry in Redis
+
+
+def test_tokens_of_more_users_than_the_cap_acquired_during_an_outage_all_reach_redis(
+    entra: SlowEntra, server: RedisProcess, settings: Settings
+) -> None:
+    """TOKEN_MEMORY_CACHE_USERS=2, Redis killed, 6 users served (6 exchanges): none of their
+    tokens may be dropped from memory before it is in Redis. Once Redis is back (empty, on
+    the same address), all 6 entries arrive by themselves, and the 6 users are served
+    again, by this worker and by a freshly started one, with no token request."""
+    for oid in OUTAGE_USERS[3:]:
+        entra.add_user(oid, f"User {oid[:4]}")
+    assert settings.redis_url and settings.token_cache_keys
+    capped = Settings.from_env(settings_env(
+        REDIS_URL=settings.redis_url, TOKEN_CACHE_KEYS=",".join(settings.token_cache_keys),
+        REDIS_TIMEOUT_SECONDS=str(REDIS_TIMEOUT), TOKEN_MEMORY_CACHE_USERS=str(CAP)))
+    workers = [Worker(capped, entra)]
+    try:
+        app = workers[0]
+        app.wait_connected()
+        server.kill()
+        assert [app.me(oid) for oid in OUTAGE_USERS] == [200] * len(OUTAGE_USERS)
+        assert entra.obo_calls() == len(OUTAGE_USERS)
+
+        server.start()  # empty, same port
+        back_at = time.monotonic()
+        fresh = server.client()
+        keys = [key_of(app, oid) for oid in OUTAGE_USERS]
+        deadline = back_at + WRITE_BACK_BOUND
+        while (stored := sum(fresh.exists(key) for key in keys)) < len(keys) and time.monotonic() < deadline:
+            time.sleep(0.05)  # a poll interval
+        took = time.monotonic() - back_at
+        fresh.close()
+        print(f"{stored} of {len(keys)} entries in Redis {took * 1000:.0f} ms after it came back "
+              f"(cap {CAP} users)")
+        assert stored == len(keys), f"only {stored} of {len(keys)} entries reached Redis"
+
+        token_requests = len(entra.token_requests)
+        assert [app.me(oid) for oid in OUTAGE_USERS] == [200] * len(OUTAGE_USERS)
+        workers.append(Worker(capped, entra))  # a freshly started API
+        assert [workers[1].me(oid) for oid in OUTAGE_USERS] == [200] * len(OUTAGE_USERS)
+        assert len(entra.token_requests) == token_requests, "a user was exchanged again"
+    finally:
+        for each in workers:
+            each.stop()
+
+
+# --- Redis paused: a fresh worker waits for it once ----------------------------------------------------
+
+PAUSE_SECONDS = 3.0
+
+
+def test_a_fresh_worker_waits_for_a_paused_redis_once_per_request(
+    worker, entra: SlowEntra, server: RedisProcess
+) -> None:
+    """A worker just started (recycled) has nothing in memory; Redis is paused (``CLIENT
+    PAUSE``): a warm user's request waits REDIS_TIMEOUT_SECONDS for the load, then goes on
+    without Redis (no second wait for the user's Redis lock, nor for the write): it takes
+    one timeout more than an exchange with Redis answering, measured here the same way."""
+    first = worker()
+    assert first.me(ADELE) == 200  # Adele's entry is in Redis
+    baseline_app = worker()  # a fresh worker with Redis answering: Bob's exchange, timed
+    status, baseline = baseline_app.timed_me(BOB)
+    assert status == 200
+
+    fresh = worker()
+    fresh.wait_connected()  # forked just before the pause: its listener notices it only later
+    window = pause_redis(server.url, PAUSE_SECONDS)
+    try:
+        status, took = fresh.timed_me(ADELE)
+        errors = {op: metric(fresh, "flask_obo_cache_errors_total", operation=op)
+                  for op in ("load", "lock", "save")}
+    finally:
+        wait_redis_answers(server.url, timeout=max(0.0, window.end - time.monotonic()) + 5)
+    print(f"fresh worker, Redis paused: {status} in {took * 1000:.0f} ms (an exchange with Redis "
+          f"answering: {baseline * 1000:.0f} ms); failed Redis calls {errors}")
+    assert status == 200
+    assert (errors["load"], errors["lock"]) == (1, 0), "the request called Redis again after a timeout"
+    assert took < baseline + 2 * REDIS_TIMEOUT, "the request waited for Redis more than once"
+    assert entra.obo_calls() == 3
+
+
+def metric(app: Worker, name: str, **labels: str) -> float:
+    value = services_of(app.app).metrics.registry.get_sample_value(name, labels)
+    return value or 0.0

@@ -25,6 +25,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from flask import Flask
 
 from app import create_app
+from flask_obo.cache_store import RedisTokenCacheStore
 from flask_obo.cli import percentile
 from flask_obo.settings import Settings
 from flask_obo.token_cache import TokenCacheCodec, partition_key
@@ -173,7 +174,7 @@ def test_an_entry_acquired_while_redis_was_away_is_not_written_back_after_sign_o
     assert sign_out(a, BOB) == 204
     b.store.breaker.success()  # B: Redis is back
     if write_back == "resync":
-        b.tokens.resync()  # what B's listener runs when it reconnects
+        b.tokens.memory.write_back(b.store)  # what B's write-back runs when Redis answers
     assert b.me(BOB) == 200
     assert entra.obo_calls() == 2, "the token acquired before the sign-out was used after it"
     stored = control.get(b.store.key(partition_key(BOB, TENANT_ID)))
@@ -463,3 +464,43 @@ def test_rekey_waits_for_a_users_lock_and_skips_an_entry_changed_meanwhile(
     assert control.get(keys[BOB]) == rewritten
     Fernet(new).decrypt(base64.urlsafe_b64encode(control.get(keys[ADELE])))
     assert 0 < control.ttl(keys[ADELE]) <= SYNTHETIC_TTL
+
+
+# --- several applications on one store ---------------------------------------------------------
+
+
+def test_two_apps_sharing_a_store_both_honour_an_evict_from_another_process(
+    settings: Settings, entra: RecordingEntra, control: redis.Redis, tmp_path: Path  # noqa: F811
+) -> None:
+    """Two ``FlaskOBO`` applications in one process watch one store object (an app factory
+    called twice, say); a third process signs Adele out (``flask token-cache evict``): each
+    app drops its copy within a second (its next request does not use the old token)."""
+    shared = RedisTokenCacheStore.from_settings(settings)
+    a, b = Worker(settings, entra, store=shared), Worker(settings, entra, store=shared)
+    try:
+        assert a.me() == 200 and b.me() == 200
+        a.settle()
+        b.settle()
+        old = entra.graph_bearers[-1]
+        assert entra.obo_calls() == 1
+
+        env = {name: value for name, value in os.environ.items()
+               if not name.startswith(("AZURE_", "REDIS_", "TOKEN_CACHE_", "FLASK_"))}
+        env.update(settings_env(REDIS_URL=settings.redis_url or "",
+                                TOKEN_CACHE_KEYS=",".join(settings.token_cache_keys),
+                                AUTHORITY_CACHE_DIR=str(tmp_path / "authority")),
+                   PYTHONPATH=str(ROOT))
+        flask = [str(Path(sys.executable).with_name("flask")), "--app", "wsgi", "token-cache"]
+        result = subprocess.run([*flask, "evict", "--oid", ADELE, "--tid", TENANT_ID], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60)
+        evicted_at = time.monotonic()
+        assert result.returncode == 0, result.stderr
+        for name, app in (("A", a), ("B", b)):
+            honoured_within(COHERENCE_BOUND, evicted_at, lambda app=app: not app.is_current(),
+                            f"app {name} drops its copy")
+        assert a.me() == 200 and entra.graph_bearers[-1] != old
+        assert b.me() == 200 and entra.graph_bearers[-1] != old
+        assert entra.obo_calls() == 2
+    finally:
+        a.stop()
+        b.stop()

@@ -1,8 +1,10 @@
-"""Bulkheads: one deadline per request, single flight per key, a bounded waiting room.
+"""Bulkheads: one deadline per request, single flight per key, a waiting room that follows
+Entra ID's pace, and a worker's retirement.
 
-Threads are lined up with Events and Barriers; a follower is known to be waiting on the
-leader once it asks its deadline how long it may wait (``run`` does that just before it
-blocks on the leader's result).
+Threads are lined up with Events and Barriers; a waiter is known to be waiting on an
+exchange once it asks its deadline whether it expired (the room does that before each
+wait). The room's clock is a ``FixedPace``: "on time" is a patience of a minute, "overdue"
+one of zero.
 """
 
 from __future__ import annotations
@@ -15,7 +17,20 @@ from typing import Any
 
 import pytest
 
-from flask_obo.bulkhead import Deadline, SingleFlight, TokenAcquisitionBusy, TooManyWaiting, WaitingRoom, held
+from flask_obo.bulkhead import (
+    PATIENCE_CAP,
+    PATIENCE_FLOOR,
+    PATIENCE_PRIOR,
+    Deadline,
+    EntraPace,
+    SingleFlight,
+    TokenAcquisitionBusy,
+    TooManyWaiting,
+    WaitingRoom,
+    WorkerRetirement,
+    held,
+)
+from flask_obo.errors import WorkerRetiring
 
 WAIT = 5.0  # bound on any wait for another thread here; none should come close
 
@@ -31,9 +46,10 @@ class SignallingDeadline(Deadline):
         super().__init__(seconds)
         self.asked = threading.Event()
 
-    def remaining(self) -> float:
+    @property
+    def expired(self) -> bool:
         self.asked.set()
-        return super().remaining()
+        return super().expired
 
 
 class Leader:
@@ -62,6 +78,33 @@ def outcome(future: Future) -> Any:
         return exc
 
 
+class FixedPace(EntraPace):
+    """A pace whose patience the test sets."""
+
+    def __init__(self, patience: float) -> None:
+        super().__init__()
+        self.fixed = patience
+
+    def patience(self) -> float:
+        return self.fixed
+
+
+ON_TIME, OVERDUE = 60.0, 0.0
+
+
+def room(capacity: int = 2, patience: float = ON_TIME) -> WaitingRoom:
+    return WaitingRoom(capacity, FixedPace(patience), WorkerRetirement())
+
+
+def flights(capacity: int = 2, patience: float = ON_TIME, private: tuple = ()) -> SingleFlight:
+    return SingleFlight(room(capacity, patience), private_errors=private)
+
+
+def result_of(flight: SingleFlight, key: str, call: Callable[[], Any], seconds: float = WAIT) -> Any:
+    """What ``run`` gave a request: the result alone (whether it started the flight aside)."""
+    return flight.run(key, call, Deadline(seconds))[0]
+
+
 def lead_and_follow(flight: SingleFlight, leader: Leader, followers: int,
                     follower_call: Callable[[], Any] = lambda: "own") -> tuple[Future, list[Future]]:
     """Start the leader, then ``followers`` threads that join its flight; return once all of
@@ -75,6 +118,15 @@ def lead_and_follow(flight: SingleFlight, leader: Leader, followers: int,
         assert deadline.asked.wait(WAIT)
     pool.shutdown(wait=False)
     return lead, follows
+
+
+def results(futures: list[Future]) -> list[Any]:
+    """Each future's result without the "started it" flag, or the exception it raised."""
+    out = []
+    for future in futures:
+        value = outcome(future)
+        out.append(value[0] if isinstance(value, tuple) else value)
+    return out
 
 
 # --- Deadline ---------------------------------------------------------------------------------------
@@ -129,26 +181,27 @@ def test_held_gives_up_with_503_when_the_lock_stays_taken() -> None:
 
 
 def test_followers_share_the_leaders_result() -> None:
-    flight: SingleFlight[str] = SingleFlight()
+    flight = flights()
     leader = Leader(result="graph-token")
     lead, follows = lead_and_follow(flight, leader, 5)
     leader.release.set()
-    assert [outcome(f) for f in [lead, *follows]] == ["graph-token"] * 6
+    assert results([lead, *follows]) == ["graph-token"] * 6
+    assert outcome(lead)[1] is True and all(outcome(f)[1] is False for f in follows)
     assert leader.calls == 1
 
 
 def test_followers_share_the_leaders_exception() -> None:
-    flight: SingleFlight[str] = SingleFlight()
+    flight = flights()
     error = RuntimeError("entra said no")
     leader = Leader(error=error)
     lead, follows = lead_and_follow(flight, leader, 3)
     leader.release.set()
-    assert all(outcome(f) is error for f in [lead, *follows])
+    assert all(r is error for r in results([lead, *follows]))
     assert leader.calls == 1
 
 
 def test_a_private_error_sends_followers_to_try_for_themselves() -> None:
-    flight: SingleFlight[str] = SingleFlight(private_errors=(Private,))
+    flight = flights(private=(Private,))
     leader = Leader(error=Private())
     own_calls: list[int] = []
 
@@ -159,12 +212,12 @@ def test_a_private_error_sends_followers_to_try_for_themselves() -> None:
     lead, follows = lead_and_follow(flight, leader, 3, own)
     leader.release.set()
     assert isinstance(outcome(lead), Private)  # the leader's own problem stays its own
-    assert [outcome(f) for f in follows] == ["own-token"] * 3
+    assert results(follows) == ["own-token"] * 3
     assert 1 <= len(own_calls) <= 3  # one new leader, or more if they did not overlap
 
 
 def test_a_follower_waits_no_longer_than_its_deadline() -> None:
-    flight: SingleFlight[str] = SingleFlight()
+    flight = flights()
     leader = Leader()
     with ThreadPoolExecutor(1) as pool:
         lead = pool.submit(flight.run, "user", leader, Deadline(WAIT))
@@ -174,78 +227,200 @@ def test_a_follower_waits_no_longer_than_its_deadline() -> None:
             flight.run("user", lambda: "own", Deadline(0.05))
         waited = time.monotonic() - started
         leader.release.set()
-        assert lead.result(timeout=WAIT) == "token"
+        assert lead.result(timeout=WAIT) == ("token", True)
     assert 0.04 <= waited < 1.0
     assert leader.calls == 1
 
 
+def test_the_starter_may_leave_and_the_exchange_still_lands() -> None:
+    """An exchange runs in its own thread: the request that started it can give up (its
+    deadline) without cutting it, and the next request finds the outcome."""
+    flight = flights()
+    leader = Leader(result="late-token")
+    with pytest.raises(TokenAcquisitionBusy):
+        flight.run("user", leader, Deadline(0.05))
+    assert leader.entered.wait(WAIT)
+    with ThreadPoolExecutor(1) as pool:
+        joined = pool.submit(flight.run, "user", lambda: "own", Deadline(WAIT))
+        leader.release.set()
+        assert joined.result(timeout=WAIT) == ("late-token", False)
+    assert leader.calls == 1
+
+
 def test_a_finished_flight_is_not_reused() -> None:
-    flight: SingleFlight[int] = SingleFlight()
+    flight = flights()
     calls = iter(range(10))
-    assert flight.run("user", lambda: next(calls), Deadline(1)) == 0
-    assert flight.run("user", lambda: next(calls), Deadline(1)) == 1
+    assert result_of(flight, "user", lambda: next(calls)) == 0
+    wait_for(lambda: not flight.running("user"))
+    assert result_of(flight, "user", lambda: next(calls)) == 1
 
 
 def test_a_failed_flight_is_not_reused() -> None:
-    flight: SingleFlight[str] = SingleFlight()
+    flight = flights()
 
     def fail() -> str:
         raise RuntimeError
 
     with pytest.raises(RuntimeError):
         flight.run("user", fail, Deadline(1))
-    assert flight.run("user", lambda: "next", Deadline(1)) == "next"
+    wait_for(lambda: not flight.running("user"))
+    assert result_of(flight, "user", lambda: "next") == "next"
 
 
 def test_different_keys_fly_separately() -> None:
-    flight: SingleFlight[str] = SingleFlight()
+    flight = flights()
     leader = Leader(result="adele")
     with ThreadPoolExecutor(1) as pool:
         lead = pool.submit(flight.run, "adele", leader, Deadline(WAIT))
         assert leader.entered.wait(WAIT)
-        assert flight.run("bob", lambda: "bob", Deadline(0.5)) == "bob"  # not behind Adele's
+        assert result_of(flight, "bob", lambda: "bob", 0.5) == "bob"  # not behind Adele's
         leader.release.set()
-        assert lead.result(timeout=WAIT) == "adele"
+        assert lead.result(timeout=WAIT) == ("adele", True)
+
+
+def test_the_exchange_sees_the_starters_context() -> None:
+    """The request id (a context variable) rides along to the exchange's thread."""
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+    var.set("req-42")
+    assert result_of(flights(), "user", var.get) == "req-42"
+
+
+def wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.005)  # polling another thread's bookkeeping, bounded
 
 
 # --- WaitingRoom ------------------------------------------------------------------------------------
 
 
-def occupy(room: WaitingRoom, seats: int) -> tuple[threading.Event, ThreadPoolExecutor, list[Future]]:
-    """``seats`` threads sitting in ``room`` until the returned event is set."""
-    leave, seated = threading.Event(), threading.Barrier(seats + 1)
-    pool = ThreadPoolExecutor(seats)
-
-    def sit() -> None:
-        with room.seat():
-            seated.wait(WAIT)
-            assert leave.wait(WAIT)
-
-    futures = [pool.submit(sit) for _ in range(seats)]
-    seated.wait(WAIT)
-    return leave, pool, futures
+def test_on_time_waiters_take_no_seat_however_many() -> None:
+    """A burst of one user (here 12 waiters, 1 seat) is answered while the exchange is on
+    time: followers of an exchange in flight are not Entra callers."""
+    flight = flights(capacity=1, patience=ON_TIME)
+    leader = Leader(result="graph-token")
+    lead, follows = lead_and_follow(flight, leader, 11)
+    leader.release.set()
+    assert results([lead, *follows]) == ["graph-token"] * 12
+    assert leader.calls == 1
 
 
-def test_the_waiting_room_turns_away_the_one_too_many_at_once() -> None:
-    room = WaitingRoom(3)
-    leave, pool, futures = occupy(room, 3)
+def test_many_on_time_exchanges_start_however_few_the_seats() -> None:
+    """A login wave: distinct users' exchanges run side by side while on time."""
+    flight = flights(capacity=1, patience=ON_TIME)
+    leaders = [Leader(result=f"token-{n}") for n in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        runs = [pool.submit(flight.run, f"user-{n}", leader, Deadline(WAIT))
+                for n, leader in enumerate(leaders)]
+        for leader in leaders:
+            assert leader.entered.wait(WAIT)
+            leader.release.set()
+        assert results(runs) == [f"token-{n}" for n in range(6)]
+
+
+def test_overdue_waiters_beyond_the_seats_are_refused_at_once() -> None:
+    """Entra ID hangs: 2 seats, 6 waiters of an overdue exchange; 4 are answered 503 at
+    once, 2 keep waiting (and get the token when it comes)."""
+    flight = flights(capacity=2, patience=OVERDUE)
+    leader = Leader(result="late")
+    with ThreadPoolExecutor(6) as pool:
+        first = pool.submit(flight.run, "user", leader, Deadline(WAIT))
+        assert leader.entered.wait(WAIT)
+        started = time.monotonic()
+        rest = [pool.submit(flight.run, "user", lambda: "own", Deadline(WAIT)) for _ in range(5)]
+        wait_for(lambda: sum(f.done() for f in rest) >= 4)
+        refused_within = time.monotonic() - started
+        assert flight._room.seated == 2
+        with pytest.raises(TooManyWaiting):  # no new exchange either while the seats are taken
+            flight.run("another-user", lambda: "x", Deadline(WAIT))
+        leader.release.set()
+        outcomes = results([first, *rest])
+    refused = [o for o in outcomes if isinstance(o, TooManyWaiting)]
+    assert len(refused) == 4 and outcomes.count("late") == 2
+    assert all(r.status == 503 and r.headers["Retry-After"] == "1" for r in refused)
+    assert refused_within < 1.0
+    assert flight._room.seated == 0
+
+
+def test_a_waiter_becomes_overdue_when_the_exchange_does() -> None:
+    """On time at first, then overdue: the waiters then need seats (1 here)."""
+    flight = flights(capacity=1, patience=0.2)
+    leader = Leader(result="late")
+    with ThreadPoolExecutor(3) as pool:
+        runs = [pool.submit(flight.run, "user", leader, Deadline(WAIT))]
+        assert leader.entered.wait(WAIT)
+        runs += [pool.submit(flight.run, "user", lambda: "own", Deadline(WAIT)) for _ in range(2)]
+        wait_for(lambda: sum(f.done() for f in runs) >= 2)  # ~0.2 s: two of three refused
+        assert flight._room.seated == 1
+        leader.release.set()
+        outcomes = results(runs)
+    assert outcomes.count("late") == 1
+    assert sum(isinstance(o, TooManyWaiting) for o in outcomes) == 2
+
+
+# --- pace ---------------------------------------------------------------------------------------
+
+
+def test_patience_follows_the_slowest_recent_exchange_within_bounds() -> None:
+    pace = EntraPace()
+    assert pace.patience() == PATIENCE_PRIOR  # nothing seen yet
+    pace.observe(0.01)
+    assert pace.patience() == PATIENCE_FLOOR  # fast: overdue soon after a hang starts
+    pace.observe(0.2)
+    assert pace.patience() == pytest.approx(0.6)
+    pace.observe(PATIENCE_CAP)
+    assert pace.patience() == PATIENCE_CAP  # slow: never longer than the cap
+
+
+def test_only_answered_exchanges_set_the_pace() -> None:
+    flight = SingleFlight(WaitingRoom(2, EntraPace(), WorkerRetirement()))
+
+    def fail() -> str:
+        time.sleep(0.01)
+        raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        flight.run("user", fail, Deadline(WAIT))
+    assert flight._room.pace.patience() == PATIENCE_PRIOR
+    assert result_of(flight, "other", lambda: "ok") == "ok"
+    assert flight._room.pace.patience() == PATIENCE_FLOOR
+
+
+# --- retirement -------------------------------------------------------------------------------------
+
+
+def test_retirement_ends_every_wait_on_entra_at_once() -> None:
+    retirement = WorkerRetirement()
+    flight = SingleFlight(WaitingRoom(1, FixedPace(OVERDUE), retirement))
+    leader = Leader()
+    lead, follows = lead_and_follow(flight, leader, 3)  # 1 seated, 3 refused already...
+    wait_for(lambda: sum(f.done() for f in [lead, *follows]) >= 3)
+    on_time = SingleFlight(WaitingRoom(1, FixedPace(ON_TIME), retirement))
+    other = Leader()
+    other_lead, other_follows = lead_and_follow(on_time, other, 2)  # ...and 3 seat-free
     started = time.monotonic()
-    with pytest.raises(TooManyWaiting) as refused, room.seat():
-        pass
-    assert time.monotonic() - started < 0.5
-    assert refused.value.status == 503
-    assert refused.value.headers["Retry-After"] == "1"
-    leave.set()
-    pool.shutdown(wait=True)
-    assert all(f.exception() is None for f in futures)
-    with room.seat():  # the seats are free again
-        pass
+    retirement.begin()
+    ended = results([lead, *follows, other_lead, *other_follows])
+    took = time.monotonic() - started
+    retiring = [e for e in ended if isinstance(e, WorkerRetiring)]
+    assert len(retiring) == 4 and sum(isinstance(e, TooManyWaiting) for e in ended) == 3
+    assert all(e.status == 503 and e.error == "temporarily_unavailable" and e.headers["Retry-After"] == "1"
+               for e in retiring)
+    assert took < 1.0
+    with pytest.raises(WorkerRetiring):  # and nothing new waits on Entra ID
+        on_time.run("someone-else", lambda: "x", Deadline(WAIT))
+    leader.release.set()
+    other.release.set()
 
 
-def test_a_seat_is_released_when_its_holder_fails() -> None:
-    room = WaitingRoom(1)
-    for _ in range(3):
-        with pytest.raises(RuntimeError), room.seat():
-            raise RuntimeError("entra exploded")
-    with room.seat(), pytest.raises(TooManyWaiting), room.seat():
-        pass
+def test_retirement_leaves_other_rooms_of_other_processes_alone() -> None:
+    """Each ``WorkerRetirement`` is one process's; a test's own does not touch the
+    process's (which ``retire_worker`` begins)."""
+    from flask_obo.bulkhead import process_retirement
+
+    WorkerRetirement().begin()
+    assert not process_retirement().begun
+    assert result_of(SingleFlight(WaitingRoom(1)), "user", lambda: "ok") == "ok"
