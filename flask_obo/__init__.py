@@ -23,6 +23,10 @@ from .protector import EntraAccessToken, current_token
 from .request_ids import RequestIdFilter, current_request_id
 from .settings import DownstreamApiSettings, Env, Settings, SettingsError
 
+# The release, single-sourced: setup.cfg reads it (version = attr: flask_obo.__version__) and
+# CHANGELOG.md's top entry names it.
+__version__ = "1.0.0"
+
 __all__ = [
     "DownstreamApi",
     "DownstreamApiSettings",
@@ -35,6 +39,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "TokenCacheStore",
+    "__version__",
     "current_request_id",
     "current_token",
 ]
