@@ -30,8 +30,9 @@ test: $(STAMP) spa-packages
 	@command -v redis-server >/dev/null || echo "NOTE: redis-server is missing, so integration tests are skipped. Install it: sudo apt-get install redis-server"
 	@command -v nginx >/dev/null || echo "NOTE: nginx is missing, so deployment tests are skipped. Install it: sudo apt-get install nginx"
 	@command -v chromium >/dev/null || echo "NOTE: chromium is missing, so the SPA's browser tests are skipped. Install it: sudo apt-get install chromium"
-	$(PY) -m ruff check app flask_obo devtenant tests bench scripts wsgi.py config
+	$(PY) -m ruff check app flask_obo devtenant tests bench scripts wsgi.py config docs
 	$(PY) -m mypy
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir site
 	$(PY) -m pytest
 
 # The sample SPA's npm packages (msal-browser), from the lockfile; without npm, a note.
@@ -51,7 +52,7 @@ dist: $(STAMP)
 
 ## ruff and mypy only (make test runs them too)
 lint: $(STAMP)
-	$(PY) -m ruff check app flask_obo devtenant tests bench scripts wsgi.py config
+	$(PY) -m ruff check app flask_obo devtenant tests bench scripts wsgi.py config docs
 	$(PY) -m mypy
 
 ## benchmarks (not part of the test suite; about 5 minutes; needs redis-server)
@@ -60,9 +61,10 @@ bench: $(STAMP)
 	@status=0; \
 	echo "== bench/token_cache_bench.py"; $(PY) bench/token_cache_bench.py || status=1; \
 	echo "== bench/serving_bench.py"; $(PY) bench/serving_bench.py || status=1; \
+	echo "== bench/session_bench.py"; $(PY) bench/session_bench.py || status=1; \
 	exit $$status
 
 ## remove the virtualenv and the caches
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info build dist spa/node_modules \
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info build dist site spa/node_modules \
 		devtenant-dist/dist devtenant-dist/build devtenant-dist/*.egg-info

@@ -18,6 +18,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from flask_obo import Settings, TokenCacheStore
 
+from .errors import register_json_errors
 from .extensions import obo
 from .health import health
 from .logging_setup import configure_logging
@@ -39,6 +40,7 @@ def create_app(settings: Settings | Mapping[str, str] | None = None,
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
     obo.init_app(app, settings, store=store)
+    register_json_errors(app)
     # Prometheus's scrape, on the API port with no token: nginx refuses it from outside.
     app.add_url_rule("/metrics", "metrics", obo.metrics_view)
     app.before_request(_refuse_large_bodies)

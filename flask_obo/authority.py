@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import requests
 from joserfc.errors import JoseError
@@ -215,9 +216,15 @@ class _Refreshed:
 
     def _fetch(self, url: str) -> str:
         try:
-            response = self._session.get(url, timeout=self._timeout)
+            # Never followed: the keys and the metadata must come from the authority itself.
+            response = self._session.get(url, timeout=self._timeout, allow_redirects=False)
         except requests.RequestException as exc:
             raise AuthorityUnavailable(f"{url}: {type(exc).__name__}") from None
+        if response.is_redirect:
+            location = urlsplit(response.headers.get("Location", ""))
+            raise AuthorityUnavailable(
+                f"{url}: HTTP {response.status_code} redirecting to "
+                f"{location.scheme}://{location.netloc}{location.path}; redirects are not followed")
         if response.status_code != 200:
             raise AuthorityUnavailable(f"{url}: HTTP {response.status_code}")
         return response.text

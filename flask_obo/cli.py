@@ -90,20 +90,37 @@ def stats(as_json: bool) -> None:
         click.echo(f"not strings      {other}  (keys under the cache prefix that are not ours to read)")
 
 
+class NotAGuid(click.ClickException):
+    """An ``--oid``/``--tid`` that is not a GUID: one line, exit status 2 (a usage error).
+    The value is not echoed: an operator may have pasted a token by mistake."""
+
+    exit_code = 2
+
+    def __init__(self, option: str) -> None:
+        super().__init__(f"{option} must be a GUID (the token's {option.lstrip('-')} claim), "
+                         "e.g. 72f988bf-86f1-41af-91ab-2d7cd011db47")
+
+
+def canonical_guid(value: str, option: str) -> str:
+    """``value`` in the spelling tokens carry (lower case, hyphens, no braces), whichever
+    spelling the operator used (``{…}``, upper case, no hyphens, ``urn:uuid:``): the
+    partition is a hash of that spelling, so another one would miss the user's entry."""
+    try:
+        return str(uuid.UUID(value.strip()))
+    except ValueError:
+        raise NotAGuid(option) from None
+
+
 @token_cache_cli.command("evict")
 @click.option("--oid", required=True, help="The user's object id (the token's oid claim).")
 @click.option("--tid", required=True, help="The user's tenant id (the token's tid claim).")
 @with_appcontext
 def evict(oid: str, tid: str) -> None:
     """Remove one user's cached tokens, as their sign-out does: every worker and instance
-    drops its copy within a second, and their next call makes a new OBO."""
-    for name, value in (("--oid", oid), ("--tid", tid)):
-        try:
-            uuid.UUID(value)
-        except ValueError:
-            raise click.BadParameter("must be a GUID (the token's claim)", param_hint=name) from None
+    drops its copy within a second, and their next call makes a new OBO. Any GUID spelling
+    is accepted."""
+    partition = partition_key(canonical_guid(oid, "--oid"), canonical_guid(tid, "--tid"))
     _redis_store()
-    partition = partition_key(oid, tid)
     with _redis_errors():
         removed = _services().tokens.forget(partition)
     if removed:

@@ -36,6 +36,7 @@ import msal
 import requests
 
 from .errors import IdentityProviderUnavailable
+from .http import ResolvedSession
 from .msal_http import EntraUnavailable, bounded_timeout
 from .settings import ClientCertificate, Settings, SettingsError, load_certificate
 
@@ -184,11 +185,12 @@ class ManagedIdentityAssertion(_RotatingAssertion):
         return token
 
 
-class _BoundedSession(requests.Session):
+class _BoundedSession(ResolvedSession):
     """msal's HTTP client for the managed identity endpoint. msal sends those requests with
     no timeout, so each gets the Entra ID timeouts, capped by the request's deadline: a
     hung IMDS must not hold the user's locks and a waiting-room seat past it. A
-    ``requests.Session`` (msal's Service Fabric path requires one)."""
+    ``requests.Session`` (msal's Service Fabric path requires one) that reads the proxy
+    environment once (``NO_PROXY`` must list the IMDS address where a proxy is set)."""
 
     def __init__(self, timeout: tuple[float, float]) -> None:
         super().__init__()

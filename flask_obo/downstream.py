@@ -36,6 +36,7 @@ from .errors import (
     DownstreamThrottled,
     DownstreamTimeout,
     InsufficientClaims,
+    UnsafeDownstreamPath,
 )
 from .metrics import NO_ANSWER, Metrics
 from .request_ids import CLIENT_REQUEST_ID_HEADER, current_request_id
@@ -86,8 +87,9 @@ class DownstreamApi:
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """Send ``method path`` (relative to the base URL) as the user; ``kwargs`` go to
         ``requests`` (``params``, ``json``, ``headers``, ``timeout``...)."""
-        if not path.startswith("/") or "://" in path or _climbs(path):
-            raise ValueError("path must be relative to the downstream API's base URL, e.g. /me")
+        if not path.startswith("/") or "://" in path or _escapes(path):
+            log.warning("%s %s refused: the path could leave the API's base URL", self.name, method)
+            raise UnsafeDownstreamPath()
         response = self._send(method, path, self._tokens(self.scopes, None), kwargs)
         claims = _claims_challenge(response)
         if claims is not None:
@@ -154,10 +156,28 @@ def claims_from_challenge(header: str) -> str | None:
     return claims if InsufficientClaims.is_claims_json(claims) else None
 
 
-def _climbs(path: str) -> bool:
-    """Does ``path`` have a ``.`` or ``..`` segment (percent-encoded too)? The server would
-    resolve it out of the base URL's path, and the user's token would go along."""
-    return any(segment in (".", "..") for segment in unquote(urlsplit(path).path).split("/"))
+#: How many rounds of percent-decoding a path may need before it is plain; more is refused.
+_DECODING_ROUNDS = 3
+
+
+def _escapes(path: str) -> bool:
+    """Could a server resolve ``path`` out of the base URL's path? The user's token would go
+    along. Refused: a ``.`` or ``..`` segment, however often percent-encoded (``%2e``,
+    ``%252e``: a proxy or framework in front of the API may decode twice); a backslash
+    (IIS and some proxies read it as ``/``); a ``;`` (path parameters: Tomcat and Spring
+    resolve ``..;/`` as ``../``); a control character. A path still encoded after a few
+    rounds of decoding is refused too, rather than guessed about."""
+    plain = urlsplit(path).path
+    for _ in range(_DECODING_ROUNDS):
+        decoded = unquote(plain)
+        if decoded == plain:
+            break
+        plain = decoded
+    else:
+        return True
+    if "\\" in plain or ";" in plain or any(ord(c) < 0x20 or ord(c) == 0x7F for c in plain):
+        return True
+    return any(segment in (".", "..") for segment in plain.split("/"))
 
 
 def _path(path: str) -> str:

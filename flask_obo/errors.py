@@ -14,10 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import traceback
 
 from flask import Flask, Response, jsonify
-from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +119,8 @@ class InvalidAccessToken(ApiError):
 
 
 class InsufficientScope(ApiError):
+    """The token lacks the scope the route requires (an app-only token has no scope at all)."""
+
     status = 403
     error = "insufficient_scope"
 
@@ -216,6 +216,17 @@ class DownstreamThrottled(ServiceUnavailable):
     description = "The downstream API is throttling requests; retry later."
 
 
+class UnsafeDownstreamPath(ApiError, ValueError):
+    """A route asked to call a downstream path that could resolve outside the API's base
+    URL (``..``, ``%252e``, ``\\``, ``;``): refused before any token is acquired, so a
+    path built from a caller's input cannot carry the user's token elsewhere. A
+    ``ValueError`` too: it is the route's argument that is wrong."""
+
+    status = 400
+    error = "invalid_request"
+    description = "The path must be relative to the downstream API's base URL, e.g. /me."
+
+
 def bearer_challenge(**params: str) -> str:
     """A ``WWW-Authenticate: Bearer`` value per RFC 6750 (values are ours, never echoed)."""
     parts = [f'realm="{REALM}"', *(f'{name}="{value}"' for name, value in params.items())]
@@ -250,26 +261,14 @@ def http_error(status: int) -> ApiError:
 
 
 def register_error_handlers(app: Flask) -> None:
-    """Render ApiError and every HTTP error as JSON; turn surprises into a logged 500."""
+    """Render flask-obo's own errors (``ApiError``: what the protector, the token provider
+    and the downstream APIs raise) as JSON. Nothing else: an application's own 404 page,
+    its other errors and its handlers stay its own (the reference API renders every HTTP
+    error as JSON too: ``app/errors.py``)."""
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
         return exc.response()
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        response = http_error(exc.code or 500).response()
-        allowed = getattr(exc, "valid_methods", None)
-        if allowed:
-            response.headers["Allow"] = ", ".join(allowed)
-        return response
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        # Log the type and the frames, never str(exc): it may quote a token or a blob.
-        frames = "".join(traceback.format_tb(exc.__traceback__))
-        log.error("unhandled %s\n%s", type(exc).__name__, frames)
-        return ApiError().response()
 
 
 _HTTP_ERRORS = {

@@ -69,20 +69,27 @@ class FlaskOBO:
 
     def init_app(self, app: Flask, settings: Settings | Mapping[str, str] | None = None,
                  store: TokenCacheStore | None = None) -> None:
-        """Build ``app``'s services, register the JSON error handlers and the
-        ``flask token-cache`` commands, and count every request in the application's
-        metrics (``metrics_view`` serves them).
+        """Build ``app``'s services, register the JSON rendering of flask-obo's own errors
+        (``ApiError``; the application's other errors stay its own) and the ``flask
+        token-cache`` commands, and count every request in the application's metrics
+        (``metrics_view`` serves them). Once per application: a second call raises
+        ``RuntimeError``.
 
         ``settings``: a ``Settings``, a mapping of setting names to values (used alone),
         or None for ``app.config`` overlaid on the environment (``Settings.from_app_config``).
         ``store``: the token cache store; by default Redis when ``REDIS_URL`` is set,
         else this process's memory. Raises ``SettingsError`` naming a bad setting.
         """
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                f"FlaskOBO.init_app has already been called for the application {app.name!r}: "
+                "its hooks and commands would be registered twice")
         if settings is None:
             settings = Settings.from_app_config(app.config)
         elif not isinstance(settings, Settings):
             settings = Settings.from_env(settings)
-        session = build_session([api.base_url for api in settings.downstream_apis.values()])
+        session = build_session([api.base_url for api in settings.downstream_apis.values()],
+                                [settings.authority_host])
         # The last good metadata and keys on disk: a recycled worker validates during an outage.
         disk = AuthorityDiskCache(settings.authority_cache_dir)
         entra_timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
@@ -141,11 +148,13 @@ class FlaskOBO:
 
     def protect(self, blueprint: Blueprint, scope: str | None = None) -> None:
         """Require ``scope`` (default: ``API_REQUIRED_SCOPE``) on every route of
-        ``blueprint``. CORS preflights (OPTIONS) pass: browsers send them without a token."""
+        ``blueprint``. Only a CORS preflight passes without a token (browsers send none
+        with it): an ``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``. Any
+        other ``OPTIONS``, a view's own among them, is authenticated like every method."""
 
         @blueprint.before_request
         def _authenticate() -> None:
-            if request.method != "OPTIONS":
+            if not _is_cors_preflight():
                 self.authenticate(scope)
 
         blueprint.after_request(_private)
@@ -251,7 +260,8 @@ def _request_hooks(metrics: Metrics) -> tuple[Callable[[], None], Callable[[Resp
     a client cannot make up label values; unmatched requests (404, 405) share one.
     ``after_request`` functions run in reverse order of registration, so those an app
     registers after ``init_app`` (CORS, say) have run by then. Bound to ``metrics`` and
-    touching Flask's context proxies once each: they are the costly part (see README)."""
+    touching Flask's context proxies once each: they are the costly part (see
+    docs/how-to/metrics-and-logs.md)."""
 
     def start_timer() -> None:
         request.environ[_STARTED] = time.perf_counter()
@@ -267,10 +277,25 @@ def _request_hooks(metrics: Metrics) -> tuple[Callable[[], None], Callable[[Resp
     return start_timer, count_request
 
 
+def _is_cors_preflight() -> bool:
+    """The one request a browser sends without credentials before a cross-origin call
+    (Fetch standard, "CORS-preflight request"): it reveals nothing and changes nothing."""
+    headers = request.headers
+    return (request.method == "OPTIONS" and "Origin" in headers
+            and "Access-Control-Request-Method" in headers)
+
+
 def _private(response: Response) -> Response:
-    """No shared cache (CDN, proxy) may keep a protected answer, whichever origin asked."""
-    response.headers["Cache-Control"] = "no-store"
-    response.vary.add("Origin")
+    """No shared cache (CDN, proxy) may keep a protected answer, whichever origin asked.
+    (The header is edited as a string: ``response.vary`` builds a ``HeaderSet`` with an
+    update callback, several times the cost, on every protected request.)"""
+    headers = response.headers
+    headers["Cache-Control"] = "no-store"
+    vary = headers.get("Vary")
+    if not vary:
+        headers["Vary"] = "Origin"
+    elif "origin" not in {value.strip().lower() for value in vary.split(",")}:
+        headers["Vary"] = f"{vary}, Origin"
     return response
 
 

@@ -1,19 +1,33 @@
-"""The process's one ``requests.Session``: pooled connections for Entra ID and the
-downstream APIs.
+"""The process's one HTTP session: pooled connections for Entra ID and the downstream APIs,
+with the outbound environment read once.
 
 Downstream calls get urllib3's Retry (429/503/504, honouring a capped Retry-After); token
 requests get none, because msal and ``token_acquisition`` decide what a failed token
-request means. The session never sets ``verify``: requests lets ``REQUESTS_CA_BUNDLE``
-override it anyway, so that variable is the one place to trust a private CA.
+request means.
+
+**The environment is read once.** A plain ``requests.Session`` reads the proxy variables,
+``NO_PROXY``, ``~/.netrc`` and ``REQUESTS_CA_BUNDLE`` again on every request
+(``merge_environment_settings``, ``get_netrc_auth``): about a quarter of a warm request's
+time in a profile. ``ResolvedSession`` takes the CA bundle (``REQUESTS_CA_BUNDLE``, else
+``CURL_CA_BUNDLE``) when it is built, and each origin's proxy (``HTTPS_PROXY``,
+``HTTP_PROXY``, ``ALL_PROXY``, less ``NO_PROXY``) and ``.netrc`` credentials the first time
+it talks to that origin, with requests' own functions, so they mean what they mean to
+requests. ``build_session`` resolves the authority's and the downstream APIs' origins at
+once, so for them everything is read at start-up: change these variables, then restart.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterable
 from http.cookiejar import DefaultCookiePolicy
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.utils import get_environ_proxies, get_netrc_auth
 from urllib3.util import Retry
 
 POOL_SIZE = 32
@@ -32,17 +46,73 @@ DOWNSTREAM_RETRIES = Retry(
 )
 
 
-def build_session(downstream_base_urls: Iterable[str]) -> requests.Session:
-    session = requests.Session()
+class OriginSettings(NamedTuple):
+    """What the environment says about one origin: its proxies and ``.netrc`` login."""
+
+    proxies: dict[str, str]
+    auth: tuple[str, str] | None
+
+
+class ResolvedSession(requests.Session):
+    """A ``requests.Session`` that reads the outbound environment once (see the module's
+    docstring) instead of on every request, with the same meaning as requests gives it.
+
+    requests' own per-request reading is switched off (``trust_env``); in its place the CA
+    bundle is read here and each origin's settings on first use, then kept. A caller's
+    explicit ``proxies``, ``auth`` or ``verify`` still wins, as with requests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trust_env = False
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        self.verify = bundle or True
+        self._origins: dict[str, OriginSettings] = {}
+        self._lock = threading.Lock()
+
+    def resolve(self, url: str) -> OriginSettings:
+        """``url``'s origin settings, read from the environment the first time only."""
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}".lower()
+        found = self._origins.get(origin)
+        if found is None:
+            with self._lock:  # one reading per origin, whichever thread gets there first
+                found = self._origins.get(origin)
+                if found is None:
+                    found = OriginSettings(dict(get_environ_proxies(url)), get_netrc_auth(url))
+                    self._origins[origin] = found
+        return found
+
+    def request(self, method: str, url: str | bytes,
+                *args: Any, **kwargs: Any) -> requests.Response:
+        """``Session.request`` with the origin's proxies and ``.netrc`` login from
+        ``resolve`` (the signature is requests', spelled loosely: kwargs pass through)."""
+        origin = self.resolve(url.decode() if isinstance(url, bytes) else url)
+        if kwargs.get("proxies") is None and origin.proxies:
+            kwargs["proxies"] = origin.proxies
+        if kwargs.get("auth") is None and self.auth is None and origin.auth is not None:
+            kwargs["auth"] = origin.auth
+        return super().request(method, url, *args, **kwargs)
+
+
+def build_session(downstream_base_urls: Iterable[str], other_urls: Iterable[str] = ()) -> ResolvedSession:
+    """The session for Entra ID (``other_urls``: the authority) and the downstream APIs,
+    whose origins' settings are read now, at start-up."""
+    session = ResolvedSession()
     session.headers["User-Agent"] = "flask-obo"
     # One session serves every user: a cookie one user's downstream answer set (a session
     # cookie, a load balancer's) must never ride along on another user's requests.
-    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    cookies: Any = session.cookies
+    cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     plain = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
     session.mount("https://", plain)
     session.mount("http://", plain)
+    downstream_base_urls = list(downstream_base_urls)
     for base_url in downstream_base_urls:
         downstream = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE,
                                  max_retries=DOWNSTREAM_RETRIES)
         session.mount(base_url.rstrip("/") + "/", downstream)
+    for url in (*downstream_base_urls, *other_urls):
+        session.resolve(url)
     return session
+
+

@@ -12,8 +12,8 @@ prometheus_client) has each worker write its values to files in that directory, 
 add up whichever worker answers the scrape. Without that variable a process serves its
 own registry.
 
-The names and labels are a contract (dashboards rely on them): see the README,
-"Operating flask-obo".
+The names and labels are a contract (dashboards rely on them): docs/reference/metrics.md is
+generated from this module, docs/how-to/metrics-and-logs.md explains them.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Metrics:
 
     The request path only increments: children of labelled metrics are looked up once
     per label set and kept, so a warm request costs a dictionary lookup and a few
-    increments (see the README for the measured cost).
+    increments (see docs/how-to/metrics-and-logs.md for the measured cost).
     """
 
     def __init__(self) -> None:

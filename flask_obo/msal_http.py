@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
@@ -143,7 +144,8 @@ class MsalHttpClient:
         grant = _grant_type(kwargs.get("data")) if method == "POST" else None
         started = time.perf_counter()
         try:
-            response = self._session.request(method, url, timeout=timeout, stream=True, **kwargs)
+            response = self._session.request(method, url, timeout=timeout, stream=True,
+                                             allow_redirects=False, **kwargs)
             _read_body_by(response, _deadline.get())
         except (requests.RequestException, _TooSlow, urllib3.exceptions.HTTPError) as exc:
             log.error("token endpoint unreachable: %s", type(exc).__name__)
@@ -152,6 +154,11 @@ class MsalHttpClient:
             self._unavailable(DEFAULT_RETRY_AFTER, OUTAGE_GATE_SECONDS)
         if method == "POST":
             self._metrics.token_endpoint(grant, response.status_code, started)
+        if response.is_redirect:  # never followed: the form carries the API's credential
+            log.error("token endpoint %s answered HTTP %d redirecting to %s; redirects are not "
+                      "followed (check AZURE_AUTHORITY_HOST and any proxy in between)",
+                      _origin(url), response.status_code, _origin(response.headers.get("Location", "")))
+            self._unavailable(DEFAULT_RETRY_AFTER, OUTAGE_GATE_SECONDS)
         if response.status_code == 429:
             log.warning("token endpoint throttled this user (HTTP 429)")
             retry_after = _retry_after(response.headers.get("Retry-After"))
@@ -195,6 +202,12 @@ def _read_body_by(response: requests.Response, deadline: Deadline | None) -> Non
     response._content = b"".join(chunks)  # as requests itself fills it when not streaming
     response._content_consumed = True
     response.raw.release_conn()
+
+
+def _origin(url: str) -> str:
+    """``scheme://host[:port]/path`` of ``url``, without its query: enough to name it."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.netloc else "(no location)"
 
 
 def _grant_type(data: Any) -> str | None:

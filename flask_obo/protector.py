@@ -212,8 +212,8 @@ class EntraTokenValidator(BearerTokenValidator):
                 raise ValueError("scp is not a string")
             if "scp" not in claims and "roles" not in claims:
                 raise ValueError("neither scp nor roles")
-        except AuthorityUnavailable:
-            log.warning("cannot validate tokens: the authority's signing keys are unavailable")
+        except AuthorityUnavailable as exc:
+            log.warning("cannot validate tokens: the authority's signing keys are unavailable (%s)", exc)
             raise IdentityProviderUnavailable() from None
         except (_UnknownSigningKey, JoseError, ValueError, TypeError, KeyError, AttributeError,
                 RecursionError) as exc:

@@ -21,7 +21,7 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives import serialization
 
 DEFAULT_TTL_SECONDS = 90 * 24 * 3600
-# Bounds on waiting for dependencies (see "Failure isolation" in the README).
+# Bounds on waiting for dependencies (see docs/explanation/how-it-works.md, "When a dependency fails").
 DEFAULT_ENTRA_CONNECT_TIMEOUT = 3.0
 DEFAULT_ENTRA_READ_TIMEOUT = 10.0
 DEFAULT_TOKEN_ACQUISITION_TIMEOUT = 12.0

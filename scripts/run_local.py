@@ -234,7 +234,8 @@ def print_usage(tenant, spa_url: str | None) -> None:  # tenant: devtenant.DevTe
     print(f'curl -s -H "Authorization: Bearer {token}" {base}/api/me/manager\n')
     if spa_url:
         print(f"SPA: {spa_url}")
-        print(f"  (sign in as any user; your browser must trust {tenant.ca_bundle_path}, see the README)\n")
+        print(f"  (sign in as any user; your browser must trust the dev tenant's CA, {tenant.paths.ca_cert}: "
+              "see docs/how-to/sample-spa.md)\n")
     print("Tokens for other users: .venv/bin/python -m devtenant token "
           f"nestor|patti|alex|lynne|megan --state-dir {STATE_DIR}")
 

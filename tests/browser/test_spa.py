@@ -9,7 +9,8 @@ browser's, for real.
 
 The browser is Debian's ``chromium`` (``executable_path``; Playwright downloads nothing).
 It does not trust the dev tenant's CA: each context sets ``ignore_https_errors=True``
-(a person's browser would trust ``<state dir>/ca-bundle.pem`` instead; see the README).
+(a person's browser would trust the dev tenant's CA, ``<state dir>/ca.pem``, instead; see
+docs/how-to/sample-spa.md).
 Missing chromium or spa's npm packages skip locally and fail under CI=true.
 
 Every wait is Playwright's auto-waiting ``expect`` or a bounded timeout; nothing sleeps.

@@ -54,8 +54,10 @@ def render_nginx_conf(
     key: Path,
     run_dir: Path,
     log_dir: Path,
+    spa_dir: Path,
 ) -> str:
-    """The shipped config with loopback upstreams/ports, the given certificate, files in tmp."""
+    """The shipped config with loopback upstreams/ports, the given certificate, files in
+    tmp, and the sample SPA served from ``spa_dir`` (see ``stage_spa``)."""
     servers = iter(upstreams)
     text = _sub(r"^(\s*server\s+)api-\d+:8000\b", lambda m: m.group(1) + next(servers), text,
                 len(upstreams), "upstream 'server api-N:8000' lines")
@@ -67,8 +69,8 @@ def render_nginx_conf(
     _expect(r"^\s*listen\s+\S+.*\bdefault_server;", text, 2, "'listen ... default_server;' lines")
     text = _sub(r"^(\s*ssl_certificate\s+)\S+;", rf"\g<1>{cert};", text, 1, "ssl_certificate lines")
     text = _sub(r"^(\s*ssl_certificate_key\s+)\S+;", rf"\g<1>{key};", text, 1, "ssl_certificate_key lines")
-    # The sample SPA's files: from the checkout's spa/ (root twice, alias once).
-    text = _sub(rf"(?<=\s){re.escape(SPA_MOUNT)}(?=[/;])", str(ROOT / "spa"), text, 3, f"'{SPA_MOUNT}' paths")
+    # The sample SPA's files (root twice, alias once).
+    text = _sub(rf"(?<=\s){re.escape(SPA_MOUNT)}(?=[/;])", str(spa_dir), text, 3, f"'{SPA_MOUNT}' paths")
     text = _sub(r"^(\s*pid\s+)\S+;", rf"\g<1>{run_dir / 'nginx.pid'};", text, 1, "pid lines")
     text = _sub(r"^(\s*error_log\s+)\S+", rf"\g<1>{log_dir / 'nginx-error.log'}", text, 1, "error_log lines")
     text = _sub(r"^(\s*access_log\s+)(?!off\b)\S+", rf"\g<1>{log_dir / 'nginx-access.log'}", text, 1,
@@ -87,6 +89,31 @@ def world_traversable_dir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     path.chmod(0o755)
     return path
+
+
+#: What of spa/ the tests' nginx gets: the files it serves and some it must not.
+SPA_FILES = ("*.html", "*.js", "*.json", "node_modules/@azure/msal-browser/lib/msal-browser.min.js",
+             "node_modules/@azure/msal-common/package.json")
+
+
+def stage_spa(run_dir: Path) -> Path:
+    """A world-readable copy of the checkout's sample SPA under ``run_dir``.
+
+    nginx's workers run as another user (``nobody``, ``www-data``) when the tests run as
+    root, and cannot read a checkout in a private (0700) directory: they read this copy,
+    as compose's read-only mount gives them theirs. Files nginx must refuse (package.json,
+    another package's files) are copied too, so that a 404 for them still tests nginx."""
+    staged = run_dir / "spa"
+    source = ROOT / "spa"
+    for pattern in SPA_FILES:
+        for path in source.glob(pattern):
+            target = staged / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            target.chmod(0o644)
+    for directory in [staged, *(d for d in staged.rglob("*") if d.is_dir())]:
+        directory.chmod(0o755)
+    return staged
 
 
 @dataclass
@@ -112,7 +139,7 @@ def run_nginx(
     conf = tmp_path / "nginx.conf"
     conf.write_text(render_nginx_conf(
         NGINX_CONF.read_text(), upstreams=upstreams, http_port=http_port, tls_port=tls_port,
-        cert=cert, key=key, run_dir=run_dir, log_dir=tmp_path,
+        cert=cert, key=key, run_dir=run_dir, log_dir=tmp_path, spa_dir=stage_spa(run_dir),
     ))
     error_log = tmp_path / "nginx-error.log"
     process = subprocess.Popen(

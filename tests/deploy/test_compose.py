@@ -34,6 +34,7 @@ from tests.deploy.conftest import (
     SPA_MOUNT,
     nginx_test_config,
     render_nginx_conf,
+    stage_spa,
     world_traversable_dir,
 )
 from tests.support.servers import require_binary
@@ -165,10 +166,11 @@ def test_devtenant_service_names_its_state_dir_for_every_command(compose: dict) 
 
 
 def _documented_compose_commands() -> list[str]:
-    """The ``docker compose ...`` lines of docker-compose.yml's header and the README."""
+    """The ``docker compose ...`` lines of docker-compose.yml's header and of the compose
+    guide (docs/how-to/compose.md)."""
     header = [line.lstrip("# ") for line in COMPOSE_FILE.read_text().splitlines() if line.startswith("#")]
-    readme = (ROOT / "README.md").read_text().splitlines()
-    return [line.strip() for line in header + readme if "docker compose " in line and "`" not in line]
+    guide = (ROOT / "docs" / "how-to" / "compose.md").read_text().splitlines()
+    return [line.strip() for line in header + guide if "docker compose " in line and "`" not in line]
 
 
 def test_documented_exec_commands_capture_without_a_terminal(compose: dict) -> None:
@@ -728,6 +730,7 @@ def test_nginx_accepts_the_rendered_config(tmp_path: Path) -> None:
         conf.write_text(render_nginx_conf(
             NGINX_CONF.read_text(), upstreams=["127.0.0.1:1", "127.0.0.1:2"], http_port=1, tls_port=2,
             cert=tenant.paths.server_cert, key=tenant.paths.server_key, run_dir=run_dir, log_dir=tmp_path,
+            spa_dir=stage_spa(run_dir),
         ))
         result = nginx_test_config(binary, conf, run_dir)
         assert result.returncode == 0, result.stderr

@@ -208,6 +208,23 @@ def test_evict_is_honoured_by_every_worker_within_a_second(
     assert code == 0 and "had no cached tokens" in output
 
 
+@pytest.mark.parametrize("spell", [str.upper, lambda g: "{" + g + "}", lambda g: g.replace("-", ""),
+                                   lambda g: "urn:uuid:" + g], ids=["upper", "braces", "no-hyphens", "urn"])
+def test_evict_takes_any_spelling_of_the_users_guids(
+    spell, worker, entra: RecordingEntra, operator: Flask, control: redis.Redis  # noqa: F811
+) -> None:
+    app = worker()
+    assert app.me() == 200
+    app.settle()
+    key = app.store.key(partition_key(ADELE, TENANT_ID))
+    assert control.strlen(key) > 0
+
+    code, output = cli(operator, "evict", "--oid", spell(ADELE), "--tid", spell(TENANT_ID))
+    assert code == 0, output
+    assert output.strip() == f"evicted partition {partition_key(ADELE, TENANT_ID)}"
+    assert control.strlen(key) == 0  # the very entry the user's requests use is gone (a tombstone)
+
+
 # --- stats -------------------------------------------------------------------------------------
 
 

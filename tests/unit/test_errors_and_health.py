@@ -328,3 +328,18 @@ def test_readiness_probes_never_call_the_authority(client, entra):
     for _ in range(5):
         assert client.get("/readyz").status_code == 200
     assert (entra.metadata_fetches, entra.jwks_fetches) == (0, 0)
+
+
+@pytest.mark.parametrize("existing, expected", [(None, "Origin"), ("Accept", "Accept, Origin"),
+                                                ("Accept, origin", "Accept, origin"),
+                                                ("X-Origin-Hint", "X-Origin-Hint, Origin")])
+def test_a_protected_answer_varies_on_origin_once(existing, expected):
+    from flask import Response
+
+    from flask_obo.extension import _private
+
+    response = Response()
+    if existing:
+        response.headers["Vary"] = existing
+    assert _private(response).headers["Vary"] == expected
+    assert response.headers["Cache-Control"] == "no-store"

@@ -65,7 +65,29 @@ def test_a_users_app_is_protected_and_calls_graph_as_the_user(entra: FakeEntra, 
 
     assert client.get("/reports/mine").status_code == 401
     assert client.get("/reports/mine", headers=bearer(token)).json["scopes"] == ["user_impersonation"]
-    assert client.options("/reports/mine").status_code == 200  # a CORS preflight carries no token
+    preflight = {"Origin": "https://spa.example", "Access-Control-Request-Method": "GET"}
+    assert client.options("/reports/mine", headers=preflight).status_code == 200  # carries no token
+    assert client.options("/reports/mine").status_code == 401  # a plain OPTIONS is no preflight
+    assert client.options("/reports/mine", headers={"Origin": "https://spa.example"}).status_code == 401
+
+
+def test_a_views_own_options_handler_is_protected_unless_the_request_is_a_preflight(entra: FakeEntra):
+    obo = FlaskOBO()
+    app = Flask(__name__)
+    app.config.update(settings_env())
+    obo.init_app(app)
+    reports = Blueprint("reports", __name__, url_prefix="/reports")
+    obo.protect(reports)
+
+    @reports.route("/mine", methods=["GET", "OPTIONS"])
+    def mine():  # answers OPTIONS itself, with data that needs the caller's token
+        return {"tid": current_token.tid}
+
+    app.register_blueprint(reports)
+    client = app.test_client()
+    assert client.options("/reports/mine").status_code == 401
+    response = client.options("/reports/mine", headers=bearer(entra.api_token(ADELE)))
+    assert response.status_code == 200 and response.json["tid"]
 
 
 def test_one_extension_object_serves_two_apps_with_their_own_settings(entra: FakeEntra):
@@ -128,3 +150,35 @@ def test_misuse_gets_a_clear_error(entra: FakeEntra):
             obo.acquire_token("https://graph.microsoft.com/.default")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="relative to the downstream API's base URL"):
             obo.downstream("graph").get("https://evil.example.com/me")
+
+
+def test_init_app_twice_on_one_app_is_refused(entra: FakeEntra):
+    obo = FlaskOBO()
+    app = Flask(__name__)
+    app.config.update(settings_env())
+    obo.init_app(app)
+    with pytest.raises(RuntimeError, match="already been called"):
+        obo.init_app(app)
+    with pytest.raises(RuntimeError, match="already been called"):
+        FlaskOBO().init_app(app)  # another FlaskOBO object: the same hooks twice all the same
+
+
+def test_an_adopters_own_error_pages_and_handlers_stay_theirs(entra: FakeEntra):
+    app = users_app(FlaskOBO())
+
+    @app.errorhandler(404)
+    def html_not_found(exc):
+        return "<h1>Nothing here</h1>", 404, {"Content-Type": "text/html"}
+
+    @app.get("/broken")
+    def broken():
+        raise KeyError("an unrelated bug")
+
+    app.config["PROPAGATE_EXCEPTIONS"] = False  # as in production: Flask's own 500 page
+    client = app.test_client()
+    missing = client.get("/no-such-page")
+    assert missing.status_code == 404 and missing.mimetype == "text/html"
+    assert missing.text == "<h1>Nothing here</h1>"
+    failing = client.get("/broken")
+    assert failing.status_code == 500 and failing.mimetype == "text/html"  # not flask-obo's JSON
+    assert client.get("/profile").json["error"] == "missing_token"  # its own errors: still JSON

@@ -16,7 +16,7 @@ from app import create_app
 from flask_obo import Settings
 from flask_obo.credentials import CertificateFile, FederatedTokenFile, _BoundedSession
 from flask_obo.downstream import DownstreamApi
-from flask_obo.errors import IdentityProviderUnavailable
+from flask_obo.errors import IdentityProviderUnavailable, UnsafeDownstreamPath
 from flask_obo.extension import services_of
 from flask_obo.http import build_session
 from flask_obo.protector import EntraAccessToken
@@ -41,13 +41,46 @@ def test_a_cookie_set_for_one_user_never_goes_out_with_another_users_request():
     assert "Cookie" not in bob.headers
 
 
-@pytest.mark.parametrize("path", ["/../admin-api/secrets", "/%2e%2e/admin-api", "/a/./b", "/a/%2E/b",
-                                  "/me/..", "https://evil.example/me", "me"])
+@pytest.mark.parametrize("path", [
+    "/../admin-api/secrets", "/%2e%2e/admin-api", "/a/./b", "/a/%2E/b", "/me/..",
+    "https://evil.example/me", "me",
+    "/..\\admin-api", "/a\\..\\..\\admin-api", "/..%5cadmin-api", "/..%5Cadmin-api",  # IIS, proxies
+    "/..;/admin-api", "/me;jsessionid=1", "/users/me;/..;/..;/admin",  # Tomcat and Spring path parameters
+    "/%252e%252e/admin-api", "/%25252e%25252e/admin-api", "/a/%252E/b",  # decoded twice downstream
+    "/%2525252e%2525252e/admin",  # still encoded after every round: refused, not guessed
+    "/me%0d%0aX-Injected:%201", "/me%00",
+])
 def test_a_path_cannot_leave_the_base_url(path):
-    api = DownstreamApi("tasks", DownstreamApiSettings(API, ("api://tasks/.default",)), requests.Session(),
-                        lambda scopes, claims: "TOKEN")
-    with pytest.raises(ValueError, match="relative to the downstream API's base URL"):
+    acquired: list[object] = []
+    session = requests.Session()
+    session.request = lambda *a, **k: pytest.fail("no request may be sent")  # type: ignore[method-assign]
+    api = DownstreamApi("tasks", DownstreamApiSettings(API, ("api://tasks/.default",)), session,
+                        lambda scopes, claims: acquired.append(scopes) or "TOKEN")
+    with pytest.raises(UnsafeDownstreamPath) as raised:
         api.get(path)
+    assert acquired == []  # refused before any token was acquired
+    assert isinstance(raised.value, ValueError) and raised.value.status == 400
+
+
+@pytest.mark.parametrize("path", ["/me", "/users/adele%40contoso.com", "/me/photo/$value",
+                                  "/groups?$filter=startswith(displayName,'a.b')", "/a.b/..c/d..",
+                                  "/sites/root:/drive:"])
+def test_ordinary_paths_still_go_out(path):
+    with responses.RequestsMock() as rsps:
+        rsps.get(f"{API}{path.split('?')[0]}", json={})
+        api = DownstreamApi("tasks", DownstreamApiSettings(API, ("api://tasks/.default",)),
+                            build_session([API]), lambda scopes, claims: "TOKEN")
+        assert api.get(path).status_code == 200
+
+
+def test_an_unsafe_path_built_from_a_callers_input_is_a_json_400_not_a_500(app):
+    @app.get("/echo/<path:rest>")
+    def echo(rest: str):  # a route that (unwisely) puts its caller's input in a downstream path
+        return {"status": services_of(app).downstream_apis["graph"].get("/users/" + rest).status_code}
+
+    response = app.test_client().get("/echo/..%3B/..%3B/admin")
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "invalid_request"
 
 
 def test_a_certificate_rotated_while_an_app_is_built_is_picked_up_by_the_next_build(tmp_path, store, entra):
@@ -101,9 +134,13 @@ def test_the_managed_identity_endpoint_gets_a_timeout():
         assert rsps.calls[0].request.req_kwargs["timeout"] == (3.0, 10.0)
 
 
-def test_evict_takes_guids_only(app):
-    result = app.test_cli_runner().invoke(args=["token-cache", "evict", "--oid", "adele", "--tid", "x"])
-    assert result.exit_code == 2 and "must be a GUID" in result.output
+@pytest.mark.parametrize("oid, tid", [("adele", TENANT_ID), (ADELE, "x"), (ADELE, "eyJ0eXAiOiJKV1Qi.x.y")])
+def test_evict_refuses_what_is_not_a_guid_in_one_line(app, oid, tid):
+    result = app.test_cli_runner().invoke(args=["token-cache", "evict", "--oid", oid, "--tid", tid])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "must be a GUID" in lines[0]
+    assert "eyJ" not in result.output  # what was typed is not echoed: it may be a token
 
 
 def test_a_federated_token_is_never_used_past_its_exp(tmp_path):

@@ -1,4 +1,4 @@
-"""Metrics: each label of the contract (README, "Operating flask-obo") counted where it
+"""Metrics: each label of the contract (docs/reference/metrics.md) counted where it
 happens, msal unpatched against the HTTP double. Counts are read from the application's
 own registry, and the text format from ``GET /metrics`` of the reference API."""
 

@@ -1,6 +1,6 @@
 """The API document, ``GET /openapi.json`` (app/openapi.py): valid OpenAPI 3.1, every route
 of the application in it, its security scheme built from the application's settings, and
-its error vocabulary the code's and the README's. Every error the code renders conforms to
+its error vocabulary the code's and the documentation's. Every error the code renders conforms to
 it. (tests/e2e/test_openapi_conformance.py runs schemathesis against the running API.)"""
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""What the README tells a newcomer stays true: every error code the API can answer is in
-its error table, a ``.env`` copied from ``config/example.env`` keeps ``make run`` on the
-dev tenant, and ``make`` alone lists the targets."""
+"""What the README and the documentation tell a newcomer stays true: every error code the
+API can answer is in the reference API's error table (docs/reference/reference-api.md), a
+``.env`` copied from ``config/example.env`` keeps ``make run`` on the dev tenant, ``make``
+alone lists the targets, and the README stays short with its two commands."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dotenv import dotenv_values
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+ERROR_TABLE_PAGE = ROOT / "docs" / "reference" / "reference-api.md"
 EXAMPLE_ENV = ROOT / "config" / "example.env"
 # The API's code: the reference API and the extension.
 API_PACKAGES = [ROOT / "app", ROOT / "flask_obo"]
@@ -67,8 +69,9 @@ def api_error_codes() -> set[str]:
 
 
 def readme_error_table() -> set[str]:
-    """The codes in the second column of the README's ``| status | `error` | when |`` table."""
-    lines = README.read_text().splitlines()
+    """The codes in the second column of the ``| status | `error` | when |`` table of the
+    reference API's page."""
+    lines = ERROR_TABLE_PAGE.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if re.match(r"\|\s*status\s*\|\s*`error`\s*\|", line))
     codes: set[str] = set()
     for line in lines[start + 2:]:
@@ -101,12 +104,21 @@ if error == "not_a_code":
 def test_readme_error_table_lists_every_error_the_api_returns() -> None:
     codes = api_error_codes()
     missing = codes - readme_error_table()
-    assert not missing, f"README's error table lacks {sorted(missing)}"
+    assert not missing, f"the reference API's error table lacks {sorted(missing)}"
 
 
 def test_readme_error_table_lists_only_errors_the_api_returns() -> None:
     stale = readme_error_table() - api_error_codes()
-    assert not stale, f"README's error table lists codes the API never answers: {sorted(stale)}"
+    assert not stale, f"the reference API's error table lists codes the API never answers: {sorted(stale)}"
+
+
+def test_the_readme_is_short_and_keeps_the_two_commands() -> None:
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    assert "make run" in text and "make test" in text
+    # its links into the documentation lead to pages that exist
+    links = re.findall(r"\]\((docs/[^)#]+)", text)
+    assert links and not [link for link in links if not (ROOT / link).is_file()]
 
 
 # --- make run with a .env copied from config/example.env ---------------------------------------

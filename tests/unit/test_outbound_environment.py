@@ -1,0 +1,172 @@
+"""The outbound environment (``REQUESTS_CA_BUNDLE``, ``HTTPS_PROXY``/``HTTP_PROXY``,
+``NO_PROXY``, ``.netrc``) means what it means to requests, but is read at start-up, not
+on every request: real sockets on loopback, a real TLS server and a recording proxy."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+import trustme
+
+from flask_obo.http import build_session
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Answers 200 and remembers each request line and its Authorization header."""
+
+    seen: list[tuple[str, str | None]]
+
+    def do_GET(self) -> None:
+        self.seen.append((self.requestline, self.headers.get("Authorization")))
+        body = b'{"ok": true}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_CONNECT(self) -> None:
+        self.seen.append((self.requestline, None))
+        self.send_response(502)  # a proxy that tunnels nowhere: enough to see it was asked
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+def _serve(tls: ssl.SSLContext | None = None) -> Iterator[tuple[str, list[tuple[str, str | None]]]]:
+    seen: list[tuple[str, str | None]] = []
+    handler = type("Handler", (_Recorder,), {"seen": seen})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    scheme = "https" if tls else "http"
+    yield f"{scheme}://localhost:{server.server_address[1]}", seen
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.fixture
+def plain() -> Iterator[tuple[str, list[tuple[str, str | None]]]]:
+    yield from _serve()
+
+
+@pytest.fixture
+def proxy() -> Iterator[tuple[str, list[tuple[str, str | None]]]]:
+    yield from _serve()
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls(ca: trustme.CA) -> Iterator[tuple[str, list[tuple[str, str | None]]]]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(context)
+    yield from _serve(context)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY",
+                 "NO_PROXY", "https_proxy", "http_proxy", "all_proxy", "no_proxy", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_requests_ca_bundle_is_trusted(tls, ca: trustme.CA, tmp_path: Path, monkeypatch) -> None:
+    url, seen = tls
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    with pytest.raises(requests.exceptions.SSLError):
+        build_session([]).get(url + "/untrusted", timeout=5)  # without it, the private CA is unknown
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    session = build_session([url])
+    assert session.get(url + "/me", timeout=5).status_code == 200
+
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")  # read at start-up: the session keeps trusting it
+    assert session.get(url + "/again", timeout=5).status_code == 200
+    assert [line for line, _ in seen] == ["GET /me HTTP/1.1", "GET /again HTTP/1.1"]
+
+
+def test_curl_ca_bundle_is_the_fallback(tls, ca: trustme.CA, tmp_path: Path, monkeypatch) -> None:
+    url, _ = tls
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("CURL_CA_BUNDLE", str(bundle))
+    assert build_session([url]).get(url + "/me", timeout=5).status_code == 200
+
+
+def test_https_proxy_carries_https_requests(proxy, monkeypatch) -> None:
+    proxy_url, through_proxy = proxy
+    monkeypatch.setenv("HTTPS_PROXY", proxy_url)
+    target = f"https://localhost:{_unused_port()}"
+    session = build_session([], [target])  # the authority: no retries
+    with pytest.raises(requests.exceptions.ProxyError):
+        session.get(target + "/me", timeout=5)
+    assert through_proxy[0][0].startswith(f"CONNECT localhost:{target.rsplit(':', 1)[1]} ")
+
+    monkeypatch.delenv("HTTPS_PROXY")  # read at start-up: still the proxy
+    with pytest.raises(requests.exceptions.ProxyError):
+        session.get(target + "/again", timeout=5)
+    assert len(through_proxy) == 2
+
+
+def test_http_proxy_and_no_proxy(proxy, plain, monkeypatch) -> None:
+    proxy_url, through_proxy = proxy
+    url, direct = plain
+    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    assert build_session([url]).get(url + "/via-proxy", timeout=5).status_code == 200
+    assert through_proxy[-1][0] == f"GET {url}/via-proxy HTTP/1.1" and direct == []
+
+    monkeypatch.setenv("NO_PROXY", "example.org,localhost")
+    session = build_session([url])
+    assert session.get(url + "/direct", timeout=5).status_code == 200
+    assert direct[-1][0] == "GET /direct HTTP/1.1" and len(through_proxy) == 1
+
+    monkeypatch.delenv("NO_PROXY")  # read at start-up: still direct
+    assert session.get(url + "/still-direct", timeout=5).status_code == 200
+    assert direct[-1][0] == "GET /still-direct HTTP/1.1" and len(through_proxy) == 1
+
+
+def test_an_origin_first_met_later_is_resolved_then_and_kept(proxy, plain, monkeypatch) -> None:
+    proxy_url, through_proxy = proxy
+    url, direct = plain
+    session = build_session([])  # this origin is not known at start-up
+    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    assert session.get(url + "/first", timeout=5).status_code == 200
+    monkeypatch.delenv("HTTP_PROXY")
+    assert session.get(url + "/second", timeout=5).status_code == 200
+    assert [line for line, _ in through_proxy] == [f"GET {url}/first HTTP/1.1", f"GET {url}/second HTTP/1.1"]
+    assert direct == []
+
+
+def test_netrc_logins_apply_unless_the_request_has_its_own(plain, tmp_path: Path, monkeypatch) -> None:
+    url, seen = plain
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine localhost login robot password hunter2\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    session = build_session([url])
+    session.get(url + "/netrc", timeout=5)
+    session.get(url + "/bearer", headers={"Authorization": "Bearer t"}, auth=lambda r: r, timeout=5)
+    assert seen[0][1] is not None and seen[0][1].startswith("Basic ")
+    assert seen[1][1] == "Bearer t"
+
+
+def _unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
