@@ -11,8 +11,8 @@ Installed with the distribution (its ``pytest11`` entry point), nothing to impor
 ``devtenant_settings``
     The settings that point an API at it, a mapping for ``FlaskOBO.init_app(app,
     settings=...)`` (or ``app.config.update``), with this test's own authority cache
-    directory. Sets ``REQUESTS_CA_BUNDLE`` in the environment (requests reads it there) for
-    the test.
+    directory. Sets ``REQUESTS_CA_BUNDLE`` in the environment for the test: flask-obo reads
+    it there when ``init_app`` builds its HTTP session.
 ``devtenant_env``
     The same settings put in the environment for the test (an app that reads its settings
     from the environment, ``FlaskOBO(app)``).

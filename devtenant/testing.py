@@ -161,9 +161,9 @@ class DevTenantServer:
         ``FlaskOBO.init_app(app, settings=...)``, ``app.config`` or the environment:
         tenant, client and its secret (``options``: :meth:`DevTenant.env`'s ``certificate``,
         ``federated``, ...), authority host, Graph's base URL, the CA bundle
-        (``REQUESTS_CA_BUNDLE``, which must also be in the process environment: requests
-        reads it there). With ``redis_url``, the token cache is in that Redis, sealed with
-        ``token_cache_keys`` (a new Fernet key by default)."""
+        (``REQUESTS_CA_BUNDLE``, which must also be in the process environment when the app
+        is created: flask-obo reads it there). With ``redis_url``, the token cache is in that
+        Redis, sealed with ``token_cache_keys`` (a new Fernet key by default)."""
         values = self.tenant.env(**options)
         if self.public_url:  # Entra ID through the public URL, Graph straight to the process
             values["GRAPH_BASE_URL"] = f"{self.url}/v1.0"
