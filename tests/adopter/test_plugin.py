@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "tests/adopter/test_adopter_example.py"
 DOCUMENTED_IN = [ROOT / "docs/how-to/testing-with-the-dev-tenant.md", ROOT / "devtenant-dist/README.md"]
 MAX_LINES = 30
+ENVIRON_AT_IMPORT = dict(os.environ)
 
 
 def _python_blocks(markdown: Path) -> list[str]:
@@ -72,10 +73,11 @@ def test_a_shared_token_cache_in_redis(devtenant, devtenant_redis, user_token, t
     assert redis.Redis.from_url(devtenant_redis).keys("flask-obo:cache:*")
 
 
-def test_the_environment_app_tokens_and_a_second_api(devtenant, devtenant_env, user_token, app_token) -> None:
+def test_the_environment_app_tokens_and_a_second_api(devtenant, devtenant_env, user_token, app_token,
+                                                    monkeypatch) -> None:
     assert os.environ["AZURE_CLIENT_ID"] == devtenant_env["AZURE_CLIENT_ID"]
     for name, value in devtenant.tasks_api_settings().items():
-        os.environ[name] = value  # devtenant_env's monkeypatch restores the environment after
+        monkeypatch.setenv(name, value)
     app = Flask(__name__)
     obo = FlaskOBO(app)  # settings from the environment
 
@@ -95,6 +97,15 @@ def test_the_environment_app_tokens_and_a_second_api(devtenant, devtenant_env, u
     refused = client.get("/api/tasks", headers={"Authorization": f"Bearer {app_only}"})
     assert refused.status_code == 403 and refused.json["error"] == "insufficient_scope"
     assert devtenant.token_calls() == {"on_behalf_of": 1}  # the user's exchange alone
+
+
+def test_the_environment_is_restored_after_a_test() -> None:
+    """devtenant_env (and the test above) left nothing behind in the process environment."""
+    def settings(environ) -> dict[str, str]:
+        prefixes = ("DOWNSTREAM_APIS__", "AZURE_", "REQUESTS_")
+        return {k: v for k, v in environ.items() if k.startswith(prefixes)}
+
+    assert settings(os.environ) == settings(ENVIRON_AT_IMPORT)
 
 
 def _claims(token: str) -> dict:
