@@ -6,9 +6,12 @@ sole client: it overwrites those headers (X-Forwarded-Host with a host from its 
 server_name list), whereas a client reaching gunicorn directly would choose the host in
 redirects (``Location``) and the address in the logs. Hence gunicorn binds loopback by
 default (config/gunicorn.conf.py) and, in docker-compose.yml, listens on a network only
-nginx shares. A bad setting stops start-up with one line naming the variable (never its
-value). Under gunicorn that line comes from config/gunicorn.conf.py, which checks the same
-settings in the master before forking; this one serves ``flask --app wsgi`` and the like.
+nginx shares. Bad settings stop start-up with one line per bad setting, each naming the
+variable (never its value), all at once. Under gunicorn those lines come from
+config/gunicorn.conf.py, which checks the same settings in the master before forking;
+these serve ``flask --app wsgi run`` and the like. ``flask --app wsgi obo check`` and
+``token-cache`` load anyway (an application with only those commands): the first reports
+the settings, the others need only Redis's.
 """
 
 import sys
@@ -16,12 +19,14 @@ import sys
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import create_app
-from flask_obo import SettingsError
+from flask_obo import SettingsError, loading_for_a_command, operator_app, settings_error_lines
 
 try:
     app = create_app()
 except SettingsError as exc:
-    print(f"flask-obo: configuration error: {exc}", file=sys.stderr)
-    sys.exit(3)
+    if not loading_for_a_command():
+        print("\n".join(settings_error_lines(exc)), file=sys.stderr)
+        sys.exit(3)
+    app = operator_app(exc)
 
 app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)

@@ -51,7 +51,8 @@ def create_app(settings: Settings | Mapping[str, str] | None = None,
         CORS(
             app,
             resources={r"/api/*": {"origins": list(settings.cors_allowed_origins)}},
-            allow_headers=["Authorization", "Content-Type"],
+            # traceparent/tracestate: an SPA's OpenTelemetry (W3C trace context) continues into the API.
+            allow_headers=["Authorization", "Content-Type", "traceparent", "tracestate"],
             expose_headers=["WWW-Authenticate", "Retry-After"],
             methods=["GET", "DELETE", "OPTIONS"],  # DELETE: the SPA's sign-out (token cache)
             max_age=600,

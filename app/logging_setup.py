@@ -4,7 +4,8 @@ that redacts anything shaped like a secret.
 ``LOG_FORMAT=text`` (the default) writes ``time level logger [request id] message``;
 ``LOG_FORMAT=json`` writes one JSON object per line (python-json-logger) with ``time``,
 ``level``, ``logger``, ``message``, ``request_id`` and, where known, ``route`` (in the
-app's lines) and ``status`` (in gunicorn's access lines). Under gunicorn the same
+app's lines), ``status`` (in gunicorn's access lines) and, while an OpenTelemetry span is
+active (docs/how-to/tracing.md), ``trace_id`` and ``span_id``. Under gunicorn the same
 handlers come from ``logconfig_dict`` (config/gunicorn.conf.py, via ``logging_config``),
 so the app, gunicorn's error log and its access log write the same format.
 
@@ -27,7 +28,7 @@ import logging.config
 import re
 from typing import Any
 
-from flask_obo import RequestIdFilter
+from flask_obo import RequestIdFilter, TraceContextFilter
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s %(route)s"
@@ -73,22 +74,26 @@ def logging_config(level: str = "INFO", log_format: str = "text") -> dict[str, A
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"redact": {"()": RedactSecrets}, "request_id": {"()": RequestIdFilter}},
+        "filters": {"redact": {"()": RedactSecrets}, "request_id": {"()": RequestIdFilter},
+                    "trace": {"()": TraceContextFilter}},
         "formatters": {"flask_obo": formatter},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "flask_obo",
-                                "filters": ["request_id", "redact"], "stream": "ext://sys.stderr"}},
+                                "filters": ["request_id", "trace", "redact"],
+                                "stream": "ext://sys.stderr"}},
         "root": {"level": level.upper(), "handlers": ["stderr"]},
     }
 
 
 def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     """Configure the root logger unless someone (gunicorn's ``logconfig_dict``, a test
-    harness) already has; either way every root handler gets the two filters."""
+    harness) already has; either way every root handler gets the three filters."""
     root = logging.getLogger()
     if not root.handlers:
         logging.config.dictConfig(logging_config(level, log_format))
     for handler in root.handlers:
         if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
             handler.addFilter(RequestIdFilter())
+        if not any(isinstance(f, TraceContextFilter) for f in handler.filters):
+            handler.addFilter(TraceContextFilter())
         if not any(isinstance(f, RedactSecrets) for f in handler.filters):
             handler.addFilter(RedactSecrets())

@@ -104,8 +104,11 @@ def openapi_document(settings: Settings) -> JsonObject:
             )},
             "/readyz": {"get": _operation(
                 "readyz", "Readiness: 200 whenever this process can serve; the body says how "
-                "its dependencies look. Never calls Entra ID.",
-                [], {"200": _json("The process can serve.", "Readiness")},
+                "its dependencies look. 503 when Entra ID refuses this API's settings (a wrong "
+                "tenant, an unknown client id, a rejected credential, an untrusted CA): "
+                "`reasons` names the cause. Never waits on Entra ID.",
+                [], {"200": _json("The process can serve.", "Readiness"),
+                     "503": _json("The API is misconfigured: see `reasons`.", "Readiness")},
                 generic,
             )},
             "/openapi.json": {"get": _operation(
@@ -180,20 +183,32 @@ def _schemas() -> JsonObject:
         "Readiness": {
             "type": "object",
             "properties": {
-                "status": {"const": "ready"},
+                "status": {"enum": ["ready", "misconfigured"]},
                 "checks": {
                     "type": "object",
                     "properties": {
-                        "redis": {"enum": ["ok", "degraded", "not_configured"],
+                        "redis": {"enum": ["ok", "degraded", "misconfigured", "not_configured"],
                                   "description": "degraded: Redis is down or its circuit open; users "
-                                                 "are served from memory and Entra ID meanwhile."},
-                        "authority": {"enum": ["ok", "stale", "unavailable"],
+                                                 "are served from memory and Entra ID meanwhile; "
+                                                 "misconfigured: it refuses the password or user "
+                                                 "(served from memory meanwhile too)."},
+                        "authority": {"enum": ["ok", "stale", "unavailable", "misconfigured"],
                                       "description": "stale: signing keys kept past their refresh "
                                                      "time while Entra ID is down; unavailable: none "
-                                                     "loaded yet."},
+                                                     "loaded yet; misconfigured: a wrong tenant or "
+                                                     "an untrusted CA."},
+                        "credential": {"const": "rejected",
+                                       "description": "present only when Entra ID refuses the API's "
+                                                      "own credential or client id."},
                     },
                     "required": ["redis", "authority"],
                     "additionalProperties": False,
+                },
+                "reasons": {
+                    "type": "object",
+                    "description": "Per misconfigured component, the reason code: AADSTS90002, "
+                                   "AADSTS7000215, untrusted_ca, redis_auth...",
+                    "additionalProperties": {"type": "string"},
                 },
             },
             "required": ["status", "checks"],

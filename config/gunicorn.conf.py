@@ -3,9 +3,9 @@
 Every value can be overridden with the environment variable named beside it.
 
 gunicorn runs this file in its master, before it forks any worker, so every setting is
-checked here: gunicorn's own and the API's (``Settings.from_env``). A bad one stops
-start-up with one line naming the variable, never its value, and exit status 1: not a
-traceback from each worker in turn. Only the values are read when something else runs this
+checked here: gunicorn's own and the API's (``Settings.from_env``). Bad ones stop
+start-up with one line each, all at once, naming the variable, never its value, and exit
+status 1: not a traceback from each worker in turn. Only the values are read when something else runs this
 file (tests, tools), as the API's settings may then legitimately be absent.
 """
 
@@ -48,11 +48,11 @@ if __name__ == "__config__" and not os.environ.get(_METRICS_DIR):  # (a HUP re-r
     atexit.register(_remove_metrics_dir, _private, os.getpid())
 
 from app.gunicorn_logging import logging_config  # noqa: E402
-from flask_obo import Env, Settings, SettingsError  # noqa: E402
+from flask_obo import Env, Settings, SettingsError, settings_error_lines  # noqa: E402
 from flask_obo.settings import LOG_FORMATS  # noqa: E402
 
 _cores = multiprocessing.cpu_count()
-_env = Env(os.environ)
+_env = Env(os.environ, collect=True)  # every bad setting at once, one line each
 
 # Loopback unless told otherwise: gunicorn must only be reachable through nginx. It trusts
 # one hop of X-Forwarded-* (wsgi.py's ProxyFix), so a client that reaches it directly picks
@@ -68,23 +68,26 @@ keepalive = 5  # nginx keeps upstream connections open; reuse them
 # (MAX_TOKEN_LENGTH), as nginx allows (large_client_header_buffers); gunicorn's default,
 # 8190, would answer such a token 431 before the API could judge it.
 limit_request_field_size = 16 * 1024 + 64
-try:
-    workers = _env.positive_int("GUNICORN_WORKERS", max(2, _cores), unit="workers")
-    threads = _env.positive_int("GUNICORN_THREADS", 4 * _cores, unit="threads")
-    # A request may wait on a token request (~13 s worst case) and Graph retries; a worker
-    # silent for longer than this is stuck and gets replaced (so 0, "never", is refused).
-    timeout = _env.positive_int("GUNICORN_TIMEOUT", 60)
-    graceful_timeout = _env.whole_number("GUNICORN_GRACEFUL_TIMEOUT", 30, unit="seconds")  # drain on SIGTERM
-    # Recycle slowly: bounds memory (0: never).
-    max_requests = _env.whole_number("GUNICORN_MAX_REQUESTS", 5000, unit="requests")
-    max_requests_jitter = _env.whole_number("GUNICORN_MAX_REQUESTS_JITTER", max_requests // 10,
-                                            unit="requests")
-    loglevel = _env.log_level("LOG_LEVEL")
-    log_format = _env.choice("LOG_FORMAT", LOG_FORMATS)
-    if __name__ == "__config__":  # gunicorn's name for this file: it is about to start the API
+workers = _env.positive_int("GUNICORN_WORKERS", max(2, _cores), unit="workers")
+threads = _env.positive_int("GUNICORN_THREADS", 4 * _cores, unit="threads")
+# A request may wait on a token request (~13 s worst case) and Graph retries; a worker
+# silent for longer than this is stuck and gets replaced (so 0, "never", is refused).
+timeout = _env.positive_int("GUNICORN_TIMEOUT", 60)
+graceful_timeout = _env.whole_number("GUNICORN_GRACEFUL_TIMEOUT", 30, unit="seconds")  # drain on SIGTERM
+# Recycle slowly: bounds memory (0: never).
+max_requests = _env.whole_number("GUNICORN_MAX_REQUESTS", 5000, unit="requests")
+max_requests_jitter = _env.whole_number("GUNICORN_MAX_REQUESTS_JITTER", max_requests // 10,
+                                        unit="requests")
+loglevel = _env.log_level("LOG_LEVEL")
+log_format = _env.choice("LOG_FORMAT", LOG_FORMATS)
+_errors = list(_env.errors)
+if __name__ == "__config__":  # gunicorn's name for this file: it is about to start the API
+    try:
         Settings.from_env()
-except SettingsError as error:
-    sys.exit(f"flask-obo: configuration error: {error}")
+    except SettingsError as error:
+        _errors += [line for line in error.errors if line not in _errors]
+if _errors:
+    sys.exit("\n".join(settings_error_lines(SettingsError(*_errors))))
 if __name__ == "__config__":
     # gunicorn's own answers (a header or request line over its limits, a malformed request)
     # in the API's JSON error vocabulary, not an HTML page: see app/gunicorn_errors.py.
@@ -126,3 +129,16 @@ def child_exit(server, worker):  # in the master, for each worker that exited (o
 
         # Drops its live gauges only: its counters and histograms stay in the sums.
         multiprocess.mark_process_dead(worker.pid)
+
+
+# --- OpenTelemetry traces (flask_obo.tracing; off unless OTEL_EXPORTER_OTLP_*ENDPOINT is set) --
+def post_fork(server, worker):  # in each worker, after the fork: its own exporter and thread
+    from flask_obo import tracing
+
+    tracing.configure()
+
+
+def worker_exit(server, worker):  # in the worker as it exits: send the spans still queued
+    from flask_obo import tracing
+
+    tracing.shutdown()

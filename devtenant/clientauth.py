@@ -13,9 +13,11 @@ the app trusts through a federated identity credential (issuer + subject + audie
 the dev tenant's AKS-style issuer (``/federation/<name>``, its own keys) or the tenant
 itself (a managed identity's token for ``api://AzureADTokenExchange``). The client is
 the request's ``client_id``. Failures are Entra's: no credential with the assertion's
-issuer and subject AADSTS70021, a credential whose audiences miss the assertion's
+issuer AADSTS70021, one with its issuer but another subject AADSTS700213 (AADSTS7002138
+when only the case differs), a credential whose audiences miss the assertion's
 AADSTS700212, expired AADSTS700024, bad signature AADSTS700027 (all
-``invalid_client``, 401).
+``invalid_client``, 401). A certificate whose registration on the app has expired:
+AADSTS7000274.
 """
 
 from __future__ import annotations
@@ -176,6 +178,8 @@ class CertificateAssertion(JWTBearerClientAssertion):
         sent_sha1 = str(headers.get("x5t", "")).rstrip("=")
         for cert in client.certificates:
             if sent_sha256 == pki.thumbprint(cert, "sha256") or sent_sha1 == pki.thumbprint(cert, "sha1"):
+                if cert.not_valid_after_utc.timestamp() < time.time():  # the registration expired
+                    raise errors.certificate_expired(client.client_id, sent_sha256 or sent_sha1)
                 g.devtenant_certificate = pki.thumbprint(cert, "sha256")  # counted once accepted
                 return RSAKey.import_key(pki.cert_pem(cert))
         raise self._bad(
@@ -248,11 +252,13 @@ def federated_client(
     iss, sub = str(claims.get("iss", "")), str(claims.get("sub", ""))
     audiences = _audiences(claims)
     shown_audience = ",".join(audiences)
-    records = [
-        c for c in client.federated_credentials if _issuer_matches(c, iss) and c.subject == sub
-    ]
-    if not records:
+    trusted_issuer = [c for c in client.federated_credentials if _issuer_matches(c, iss)]
+    if not trusted_issuer:
         raise errors.no_federated_record(iss, sub, shown_audience)
+    records = [c for c in trusted_issuer if c.subject == sub]
+    if not records:  # Entra names the subject when the issuer is one the app trusts
+        raise errors.federated_subject_mismatch(sub, case_only=any(
+            c.subject.casefold() == sub.casefold() for c in trusted_issuer))
     if len(audiences) != 1 or not any(audiences[0] in c.audiences for c in records):
         raise errors.federated_audience_mismatch(shown_audience)
     keys = _issuer_keys(iss)

@@ -267,6 +267,34 @@ def no_federated_record(issuer: str, subject: str, audience: str) -> EntraError:
     )
 
 
+def federated_subject_mismatch(subject: str, case_only: bool = False) -> EntraError:
+    """A credential of the app has the assertion's issuer, none its subject."""
+    if case_only:
+        return invalid_client(
+            7002138,
+            f"No matching federated identity record found for presented assertion subject "
+            f"'{subject}'. The subject matches with case-insensitive comparison, but not with "
+            f"case-sensitive comparison. Check your federated identity credential Subject, "
+            f"Audience and Issuer against the presented assertion. {FEDERATION_DOCS}",
+        )
+    return invalid_client(
+        700213,
+        f"No matching federated identity record found for presented assertion subject "
+        f"'{subject}'. Check your federated identity credential Subject, Audience and Issuer "
+        f"against the presented assertion. {FEDERATION_DOCS}",
+    )
+
+
+def certificate_expired(client_id: str, thumbprint: str) -> EntraError:
+    """The assertion is signed with a registered certificate whose validity has ended."""
+    return invalid_client(
+        7000274,
+        "The certificate used to sign the client assertion has expired on application "
+        f"'{client_id}'. [Reason - The key was found, but it has expired., Thumbprint of key "
+        f"used by client: '{thumbprint}']. Upload a valid certificate to the application.",
+    )
+
+
 def federated_audience_mismatch(audience: str) -> EntraError:
     """A credential matches issuer + subject, but not the assertion's audience."""
     return invalid_client(

@@ -83,7 +83,7 @@ def _render_error(exc: GraphError) -> Response:
 
 @bp.after_request
 def _count(response: Response) -> Response:
-    current().counters.count_graph(request.path, response.status_code)
+    current().counters.count_graph(request.path, response.status_code, request.headers.get("traceparent"))
     return response
 
 

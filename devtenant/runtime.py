@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ AUTHORIZATION_CODE_PREFIX = "1.AdevC"
 TOKEN_COUNTER_KEYS = (
     "authorization_code", "on_behalf_of", "refresh_token", "client_credentials", "other", "errors",
 )  # fmt: skip
+GRAPH_TRACEPARENTS_KEPT = 100
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,10 @@ class Counters:
     certificates: Counter[str] = field(default_factory=Counter)
     #: Tokens the managed identity endpoint issued, by the identity's client id.
     managed_identity: Counter[str] = field(default_factory=Counter)
+    #: The W3C ``traceparent`` header of Graph's latest calls (None: the call had none),
+    #: so tests see that a caller's trace went on to Graph.
+    graph_traceparents: deque[str | None] = field(
+        default_factory=lambda: deque(maxlen=GRAPH_TRACEPARENTS_KEPT))
 
     def count_managed_identity(self, client_id: str) -> None:
         with self._lock:
@@ -151,8 +156,10 @@ class Counters:
             if status >= 400:
                 errors[str(status)] += 1
 
-    def count_graph(self, path: str, status: int) -> None:
+    def count_graph(self, path: str, status: int, traceparent: str | None = None) -> None:
         self._count_call(self.graph, self.graph_errors, path, status)
+        with self._lock:
+            self.graph_traceparents.append(traceparent)
 
     def count_tasks_api(self, path: str, status: int) -> None:
         self._count_call(self.tasks_api, self.tasks_api_errors, path, status)
@@ -169,6 +176,7 @@ class Counters:
                     "errors": sum(self.graph_errors.values()),
                 },
                 "graph_errors": dict(self.graph_errors),
+                "graph_traceparents": list(self.graph_traceparents),
                 "tasks_api": {
                     "/tasks-api/v1/me/tasks": 0,
                     **self.tasks_api,
@@ -183,6 +191,7 @@ class Counters:
         with self._lock:
             for counter in (value for value in vars(self).values() if isinstance(value, Counter)):
                 counter.clear()
+            self.graph_traceparents.clear()
 
 
 class Runtime:

@@ -12,7 +12,8 @@ what the code reads, registers, counts and answers:
   variable is unset. A setting the code reads that the table lacks, or a row for a name the
   code does not read, stops the build (``SettingsDocError``); tests/unit/test_docs.py
   checks the same without mkdocs.
-* ``<!-- cli -->``: every command of the ``flask token-cache`` group, its help and options.
+* ``<!-- cli -->``: every command of the ``flask token-cache`` and ``flask obo`` groups, its help
+  and options.
 * ``<!-- metrics -->``: every metric a ``Metrics`` registers, its type, labels and help,
   and the acquisition outcomes.
 * ``<!-- error-codes -->``: every ``flask_obo.errors.ApiError`` class and generic HTTP
@@ -196,28 +197,30 @@ def settings_table(block: str) -> str:
 
 # --- CLI --------------------------------------------------------------------------------------
 def cli_reference() -> str:
-    """The ``flask token-cache`` group: each command's usage, help and options."""
+    """The ``flask token-cache`` and ``flask obo`` groups: each command's usage, help and options."""
     import click
 
+    from flask_obo.check import obo_cli
     from flask_obo.cli import token_cache_cli
 
     lines: list[str] = []
-    group_context = click.Context(token_cache_cli, info_name="flask token-cache")
-    lines += [f"`flask {token_cache_cli.name}`: {token_cache_cli.help}", ""]
-    for name in token_cache_cli.list_commands(group_context):
-        command = token_cache_cli.get_command(group_context, name)
-        assert command is not None
-        context = click.Context(command, info_name=name, parent=group_context)
-        usage = " ".join(command.collect_usage_pieces(context))
-        lines += [f"### `{name}`", "", "```text", f"flask token-cache {name} {usage}".rstrip(), "```", "",
-                  inspect.cleandoc(command.help or ""), ""]
-        options = [p for p in command.params if isinstance(p, click.Option)]
-        if options:
-            lines += ["| option | required | meaning |", "|---|---|---|"]
-            for option in options:
-                flag = ", ".join(f"`{o}`" for o in option.opts)
-                lines.append(f"| {flag} | {'yes' if option.required else 'no'} | {option.help or ''} |")
-            lines.append("")
+    for group in (token_cache_cli, obo_cli):
+        group_context = click.Context(group, info_name=f"flask {group.name}")
+        lines += [f"## `flask {group.name}`", "", f"{group.help}", ""]
+        for name in group.list_commands(group_context):
+            command = group.get_command(group_context, name)
+            assert command is not None
+            context = click.Context(command, info_name=name, parent=group_context)
+            usage = " ".join(command.collect_usage_pieces(context))
+            lines += [f"### `{name}`", "", "```text", f"flask {group.name} {name} {usage}".rstrip(), "```",
+                      "", inspect.cleandoc(command.help or ""), ""]
+            options = [p for p in command.params if isinstance(p, click.Option)]
+            if options:
+                lines += ["| option | required | meaning |", "|---|---|---|"]
+                for option in options:
+                    flag = ", ".join(f"`{o}`" for o in option.opts)
+                    lines.append(f"| {flag} | {'yes' if option.required else 'no'} | {option.help or ''} |")
+                lines.append("")
     return "\n".join(lines)
 
 

@@ -17,11 +17,13 @@ memory tier) and downstream APIs (``downstream``). Errors are ``flask_obo.errors
 """
 
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
+from .cli import loading_for_a_command, operator_app, settings_error_lines
 from .downstream import DownstreamApi
 from .extension import FlaskOBO
 from .protector import EntraAccessToken, current_token
 from .request_ids import RequestIdFilter, current_request_id
 from .settings import DownstreamApiSettings, Env, Settings, SettingsError
+from .tracing import TraceContextFilter
 
 # The release, single-sourced: setup.cfg reads it (version = attr: flask_obo.__version__) and
 # CHANGELOG.md's top entry names it.
@@ -39,7 +41,11 @@ __all__ = [
     "Settings",
     "SettingsError",
     "TokenCacheStore",
+    "TraceContextFilter",
     "__version__",
     "current_request_id",
     "current_token",
+    "loading_for_a_command",
+    "operator_app",
+    "settings_error_lines",
 ]

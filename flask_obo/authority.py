@@ -32,6 +32,8 @@ import requests
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
+from .diagnosis import AUTHORITY, Diagnosis
+
 log = logging.getLogger(__name__)
 
 METADATA_MAX_AGE = 24 * 3600
@@ -184,8 +186,10 @@ class _Refreshed:
     max_age = 0.0
 
     def __init__(self, session: requests.Session, clock: Callable[[], float],
-                 disk: AuthorityDiskCache | None, timeout: tuple[float, float]) -> None:
+                 disk: AuthorityDiskCache | None, timeout: tuple[float, float],
+                 diagnosis: Diagnosis | None = None) -> None:
         self._session = session
+        self._diagnosis = diagnosis  # names a wrong tenant or an untrusted CA (once a minute)
         self._clock = clock
         self._disk = disk
         self._timeout = timeout
@@ -219,6 +223,8 @@ class _Refreshed:
             # Never followed: the keys and the metadata must come from the authority itself.
             response = self._session.get(url, timeout=self._timeout, allow_redirects=False)
         except requests.RequestException as exc:
+            if self._diagnosis is not None:
+                self._diagnosis.failed(AUTHORITY, url, exc)
             raise AuthorityUnavailable(f"{url}: {type(exc).__name__}") from None
         if response.is_redirect:
             location = urlsplit(response.headers.get("Location", ""))
@@ -226,7 +232,11 @@ class _Refreshed:
                 f"{url}: HTTP {response.status_code} redirecting to "
                 f"{location.scheme}://{location.netloc}{location.path}; redirects are not followed")
         if response.status_code != 200:
+            if self._diagnosis is not None:
+                self._diagnosis.answered(url, response)
             raise AuthorityUnavailable(f"{url}: HTTP {response.status_code}")
+        if self._diagnosis is not None:
+            self._diagnosis.clear(AUTHORITY)
         return response.text
 
     def _fetched(self, url: str, text: str) -> None:
@@ -274,8 +284,9 @@ class OpenIdConfiguration(_Refreshed):
         *,
         disk: AuthorityDiskCache | None = None,
         timeout: tuple[float, float] = AUTHORITY_TIMEOUT,
+        diagnosis: Diagnosis | None = None,
     ) -> None:
-        super().__init__(session, clock, disk, timeout)
+        super().__init__(session, clock, disk, timeout, diagnosis)
         self.url = url
         self._document: dict[str, Any] | None = None
         self._text = ""
@@ -353,8 +364,9 @@ class SigningKeys(_Refreshed):
         *,
         disk: AuthorityDiskCache | None = None,
         timeout: tuple[float, float] = AUTHORITY_TIMEOUT,
+        diagnosis: Diagnosis | None = None,
     ) -> None:
-        super().__init__(session, clock, disk, timeout)
+        super().__init__(session, clock, disk, timeout, diagnosis)
         self._metadata = metadata
         self._keys: dict[str, RSAKey] | None = None
         self._last_unknown_kid_fetch = float("-inf")
@@ -492,9 +504,11 @@ class TenantConfigurations:
     def __init__(self, home: OpenIdConfiguration, session: requests.Session, *,
                  authority_host: str, allowed: Callable[[str], bool], multi_tenant: bool,
                  disk: AuthorityDiskCache | None = None,
-                 timeout: tuple[float, float] = AUTHORITY_TIMEOUT, limit: int = 1000) -> None:
+                 timeout: tuple[float, float] = AUTHORITY_TIMEOUT, limit: int = 1000,
+                 diagnosis: Diagnosis | None = None) -> None:
         self.home = home
         self._session, self._disk, self._timeout = session, disk, timeout
+        self.diagnosis = diagnosis  # what msal's HTTP client reports token endpoint answers to
         self._allowed, self._multi_tenant, self._limit = allowed, multi_tenant, limit
         self._tenant_url = re.compile(
             re.escape(authority_host) + r"/([0-9a-fA-F-]{36})/v2\.0/\.well-known/openid-configuration")
@@ -513,7 +527,8 @@ class TenantConfigurations:
             config = self._tenants.get(tid)
             if config is None:
                 config = self._tenants[tid] = OpenIdConfiguration(
-                    url, self._session, disk=self._disk, timeout=self._timeout)
+                    url, self._session, disk=self._disk, timeout=self._timeout,
+                    diagnosis=self.diagnosis)
                 if len(self._tenants) > self._limit:
                     self._tenants.popitem(last=False)
             self._tenants.move_to_end(tid)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 from .errors import TokenAcquisitionBusy, TooManyWaiting
+from .tracing import WAIT_SPAN, span
 
 T = TypeVar("T")
 
@@ -70,7 +71,8 @@ class SingleFlight(Generic[T]):
                     flight = self._flights[key] = Future()
                     break
             try:
-                return flight.result(timeout=deadline.remaining())
+                with span(WAIT_SPAN):  # waiting on another thread's call (its exchange)
+                    return flight.result(timeout=deadline.remaining())
             except FutureTimeout:
                 raise TokenAcquisitionBusy() from None
             except self._private_errors:

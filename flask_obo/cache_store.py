@@ -32,6 +32,7 @@ from redis.exceptions import LockError, RedisClusterException, RedisError, Respo
 
 from .breaker import CircuitBreaker, State
 from .bulkhead import Deadline, TokenAcquisitionBusy, held
+from .diagnosis import Diagnosis
 from .errors import CacheUnavailable
 from .metrics import Metrics
 from .redis_topology import RedisClient, invalidation_for, redis_client
@@ -162,6 +163,9 @@ class RedisTokenCacheStore:
     The hash tag puts a user's entry and lock in one cluster slot, so the conditional
     write (a script over both keys) is allowed; key names carry only the partition hash.
     """
+
+    #: Where a refused password or ACL is named (``FlaskOBO.init_app`` sets its application's).
+    diagnosis: Diagnosis | None = None
 
     def __init__(self, client: RedisClient | Callable[[], RedisClient], prefix: str, ttl_seconds: int,
                  lock_ttl_seconds: float = 30.0, listen: bool = False,
@@ -440,6 +444,8 @@ class RedisTokenCacheStore:
             self._failed(what)
             self.breaker.failure()
             log.error("redis %s failed: %s", what, type(exc).__name__)
+            if self.diagnosis is not None:  # a wrong password is named, not taken for an outage
+                self.diagnosis.failed("redis", "REDIS_URL", exc)
             raise CacheUnavailable() from None
         except BaseException:
             self.breaker.success()  # Redis answered; the caller failed for its own reasons

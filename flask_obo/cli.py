@@ -2,7 +2,9 @@
 
 Registered on every application by ``FlaskOBO.init_app``; run them as
 ``flask --app wsgi token-cache stats|evict|rekey`` with the API's own settings (the same
-``REDIS_URL``, topology and ``TOKEN_CACHE_KEYS``). They work on one Redis, a Cluster (every
+``REDIS_URL``, topology and ``TOKEN_CACHE_KEYS``). They need only those: on an application
+whose other settings are missing or wrong (``operator_app``), they read the Redis and
+token-cache settings alone (``Settings.for_token_cache``). They work on one Redis, a Cluster (every
 primary is scanned) and Sentinel alike, never run ``KEYS``, and print no token, blob or key:
 partitions (SHA-256 hashes) at most. Without ``REDIS_URL`` there is no shared cache to work
 on: they say so and exit 1.
@@ -26,20 +28,21 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import click
 from cryptography.fernet import InvalidToken
-from flask import current_app
+from flask import Flask, current_app
 from flask.cli import with_appcontext
 
 from .bulkhead import Deadline
 from .cache_store import SCAN_BATCH, RedisTokenCacheStore
 from .errors import CacheUnavailable, TokenAcquisitionBusy
-from .token_cache import partition_key
+from .settings import Settings, SettingsError
+from .token_cache import TokenCacheCodec, partition_key
 
-if TYPE_CHECKING:
-    from .extension import OboServices
+#: Where ``operator_app`` keeps the settings error that kept the API from being built.
+SETTINGS_ERROR_KEY = "flask-obo.settings-error"
 
 # What ``rekey`` did with each entry, in the order it reports them.
 REKEYED, CHANGED, UNDECRYPTABLE, CURRENT, GONE = (
@@ -56,7 +59,7 @@ def token_cache_cli() -> None:
 @with_appcontext
 def stats(as_json: bool) -> None:
     """Entries, their bytes, and bytes per entry (p50, p99). SCANs, never KEYS."""
-    store = _redis_store()
+    store = _cache().store
     sizes: list[int] = []
     tombstones = other = 0
     with _redis_errors():
@@ -120,9 +123,9 @@ def evict(oid: str, tid: str) -> None:
     drops its copy within a second, and their next call makes a new OBO. Any GUID spelling
     is accepted."""
     partition = partition_key(canonical_guid(oid, "--oid"), canonical_guid(tid, "--tid"))
-    _redis_store()
+    cache = _cache()
     with _redis_errors():
-        removed = _services().tokens.forget(partition)
+        removed = cache.forget(partition)
     if removed:
         click.echo(f"evicted partition {partition}")
     else:
@@ -134,10 +137,9 @@ def evict(oid: str, tid: str) -> None:
 def rekey() -> None:
     """Re-encrypt every entry with the first TOKEN_CACHE_KEYS key, so that the others can
     be dropped before the TTL runs out. Safe to interrupt and run again."""
-    store = _redis_store()
-    services = _services()
-    codec = services.codec
-    timeout = services.settings.token_acquisition_timeout
+    cache = _cache()
+    store, codec = cache.store, cache.codec
+    timeout = cache.settings.token_acquisition_timeout
     counts: Counter[str] = Counter()
 
     def rekeyed(blob: bytes | None) -> tuple[str, bytes | None]:
@@ -204,21 +206,84 @@ def _batches(items: list[str]) -> Iterator[list[str]]:
         yield items[start:start + SCAN_BATCH]
 
 
-def _services() -> OboServices:
-    from .extension import services_of  # the extension registers these commands
+@dataclass(frozen=True)
+class _SharedCache:
+    """What the commands work on: the shared cache, its keys, and a user's sign-out."""
 
-    return services_of(current_app)
+    settings: Settings
+    store: RedisTokenCacheStore
+    codec: TokenCacheCodec
+    forget: Callable[[str], bool]
 
 
-def _redis_store() -> RedisTokenCacheStore:
-    services = _services()
-    if not services.settings.redis_url:
+def _cache() -> _SharedCache:
+    """The application's shared cache, or, on an ``operator_app``, one built from the
+    Redis and token-cache settings alone."""
+    from .extension import EXTENSION_KEY, OboServices  # the extension registers these commands
+
+    services = current_app.extensions.get(EXTENSION_KEY)
+    if isinstance(services, OboServices):
+        settings = services.settings
+    else:
+        try:
+            settings = Settings.for_token_cache()
+        except SettingsError as error:
+            raise click.ClickException("configuration error:\n" + str(error)) from None
+    if not settings.redis_url:
         raise click.ClickException(
             "no shared token cache: REDIS_URL is not set, so each process caches tokens in "
             "its own memory and there is nothing here to work on")
+    if not isinstance(services, OboServices):
+        store = RedisTokenCacheStore.from_settings(settings)
+        return _SharedCache(settings, store, TokenCacheCodec(settings.token_cache_keys),
+                            _sign_out(store, settings.token_acquisition_timeout))
     if not isinstance(services.store, RedisTokenCacheStore):
         raise click.ClickException("the token cache store is not Redis; these commands work on Redis only")
-    return services.store
+    return _SharedCache(settings, services.store, services.codec, services.tokens.forget)
+
+
+def _sign_out(store: RedisTokenCacheStore, timeout: float) -> Callable[[str], bool]:
+    """A user's sign-out as the API does it, less its memory tier (this process has none)."""
+
+    def forget(partition: str) -> bool:
+        with store.lock(partition, Deadline(timeout)) as guard:
+            return store.remove(partition, guard)
+
+    return forget
+
+
+def register_commands(app: Flask) -> None:
+    """``flask token-cache …`` and ``flask obo …`` on ``app``."""
+    from .check import obo_cli
+
+    app.cli.add_command(token_cache_cli)
+    app.cli.add_command(obo_cli)
+
+
+def settings_error_lines(error: SettingsError) -> list[str]:
+    """What start-up prints for ``error``: one line per bad setting, no traceback."""
+    return [f"flask-obo: configuration error: {line}" for line in error.errors]
+
+
+def loading_for_a_command() -> bool:
+    """Is the application being loaded by the ``flask`` command to find one of its
+    commands (``flask obo check``, ``flask token-cache``)? Then bad settings must not stop
+    it: those commands report them, or need only some. Not for ``flask run``, ``shell``,
+    ``routes``: those load the application inside their own command, and must refuse it."""
+    from flask.cli import FlaskGroup
+
+    context = click.get_current_context(silent=True)
+    return context is not None and isinstance(context.command, FlaskGroup)
+
+
+def operator_app(error: SettingsError, name: str = "flask-obo") -> Flask:
+    """An application with only the operator's commands, for when the API's settings are
+    wrong: ``flask obo check`` then reports every bad setting (and checks what it can), and
+    ``flask token-cache`` works from the Redis settings alone. It serves no request."""
+    app = Flask(name)
+    app.extensions[SETTINGS_ERROR_KEY] = error
+    register_commands(app)
+    return app
 
 
 @contextmanager

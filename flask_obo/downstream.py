@@ -24,6 +24,7 @@ import binascii
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -158,6 +159,7 @@ def claims_from_challenge(header: str) -> str | None:
 
 #: How many rounds of percent-decoding a path may need before it is plain; more is refused.
 _DECODING_ROUNDS = 3
+_IIS_UNICODE_ESCAPE = re.compile(r"%u[0-9a-f]{4}", re.IGNORECASE)
 
 
 def _escapes(path: str) -> bool:
@@ -166,10 +168,18 @@ def _escapes(path: str) -> bool:
     ``%252e``: a proxy or framework in front of the API may decode twice); a backslash
     (IIS and some proxies read it as ``/``); a ``;`` (path parameters: Tomcat and Spring
     resolve ``..;/`` as ``../``); a control character. A path still encoded after a few
-    rounds of decoding is refused too, rather than guessed about."""
-    plain = urlsplit(path).path
+    rounds of decoding is refused too, rather than guessed about.
+
+    The query and fragment are cut off by hand, not with ``urlsplit``: that would read a
+    path starting ``//`` as a host (``//%2e%2e/admin`` would hide its ``..`` from these
+    checks, and urllib3 sends it as ``…//../admin``, which nginx's slash merging resolves
+    out of the base path) and silently drops tabs and newlines."""
+    plain = path.partition("#")[0].partition("?")[0]
     for _ in range(_DECODING_ROUNDS):
-        decoded = unquote(plain)
+        try:  # not UTF-8 (an overlong %c0%ae is a "." to some old servers): refused
+            decoded = unquote(plain, errors="strict")
+        except UnicodeDecodeError:
+            return True
         if decoded == plain:
             break
         plain = decoded
@@ -177,7 +187,10 @@ def _escapes(path: str) -> bool:
         return True
     if "\\" in plain or ";" in plain or any(ord(c) < 0x20 or ord(c) == 0x7F for c in plain):
         return True
-    return any(segment in (".", "..") for segment in plain.split("/"))
+    if _IIS_UNICODE_ESCAPE.search(plain):  # IIS decodes %u002e as "."
+        return True
+    # NFKC: a server that normalises Unicode reads U+FF0E (fullwidth) as "." and U+2025 as "..".
+    return any(unicodedata.normalize("NFKC", segment) in (".", "..") for segment in plain.split("/"))
 
 
 def _path(path: str) -> str:

@@ -216,6 +216,21 @@ class DownstreamThrottled(ServiceUnavailable):
     description = "The downstream API is throttling requests; retry later."
 
 
+class DownstreamNotConfigured(ApiError, LookupError):
+    """A route asked ``FlaskOBO.downstream`` for a name no setting configures: the API's
+    own mistake (500), logged with the name and the configured names, answered with a
+    description that says so rather than a bare ``server_error``. A ``LookupError`` too."""
+
+    description = "This route needs a downstream API that is not configured on the server."
+
+    def __init__(self, name: str = "", configured: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.name, self.configured = name, configured
+
+    def __str__(self) -> str:  # for the developer; the caller gets ``description``
+        return f"no downstream API named {self.name!r}; configured: {', '.join(self.configured)}"
+
+
 class UnsafeDownstreamPath(ApiError, ValueError):
     """A route asked to call a downstream path that could resolve outside the API's base
     URL (``..``, ``%252e``, ``\\``, ``;``): refused before any token is acquired, so a

@@ -25,10 +25,11 @@ from flask import Blueprint, Flask, Response, after_this_request, current_app, g
 
 from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys, TenantConfigurations
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
-from .cli import token_cache_cli
+from .cli import register_commands
 from .credentials import client_credential
+from .diagnosis import REDIS, STATUS, Diagnosis
 from .downstream import DownstreamApi
-from .errors import register_error_handlers
+from .errors import DownstreamNotConfigured, register_error_handlers
 from .http import build_session
 from .metrics import Metrics
 from .protector import EntraResourceProtector, EntraTokenValidator, current_token
@@ -36,6 +37,7 @@ from .request_ids import REQUEST_ID_HEADER, begin_request, end_request
 from .settings import Settings
 from .token_acquisition import OnBehalfOfTokenProvider
 from .token_cache import TokenCacheCodec, partition_key
+from .tracing import VALIDATE_SPAN, instrument_app, span
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class OboServices:
     tokens: OnBehalfOfTokenProvider
     downstream_apis: Mapping[str, DownstreamApi]
     metrics: Metrics
+    diagnosis: Diagnosis  # misconfigurations met at run time (/readyz, the log)
 
 
 class FlaskOBO:
@@ -88,23 +91,27 @@ class FlaskOBO:
             settings = Settings.from_app_config(app.config)
         elif not isinstance(settings, Settings):
             settings = Settings.from_env(settings)
+        for warning in settings.warnings:  # a typo in a setting's name would otherwise pass unseen
+            log.warning("%s", warning)
+        diagnosis = Diagnosis()
         session = build_session([api.base_url for api in settings.downstream_apis.values()],
                                 [settings.authority_host])
         # The last good metadata and keys on disk: a recycled worker validates during an outage.
         disk = AuthorityDiskCache(settings.authority_cache_dir)
         entra_timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
         metadata = OpenIdConfiguration(settings.openid_configuration_url, session, disk=disk,
-                                       timeout=entra_timeout)
-        keys = SigningKeys(metadata, session, disk=disk, timeout=entra_timeout)
+                                       timeout=entra_timeout, diagnosis=diagnosis)
+        keys = SigningKeys(metadata, session, disk=disk, timeout=entra_timeout, diagnosis=diagnosis)
         metrics = Metrics()  # this application's own registry: apps in one process never collide
         store = store or _default_store(settings, metrics)
         if isinstance(store, RedisTokenCacheStore):
             store.report_to(metrics)
+            store.diagnosis = diagnosis
         # Without REDIS_URL the in-process cache is sealed too, with a key that dies with the process.
         codec = TokenCacheCodec(settings.token_cache_keys or (Fernet.generate_key().decode(),))
         tenants = TenantConfigurations(
             metadata, session, authority_host=settings.authority_host, allowed=settings.tenant_allowed,
-            multi_tenant=settings.multi_tenant, disk=disk, timeout=entra_timeout)
+            multi_tenant=settings.multi_tenant, disk=disk, timeout=entra_timeout, diagnosis=diagnosis)
         tokens = OnBehalfOfTokenProvider(settings, store, codec, session, tenants,
                                          client_credential(settings, session), metrics)
         app.extensions[EXTENSION_KEY] = OboServices(
@@ -119,15 +126,17 @@ class FlaskOBO:
                 for name, api in settings.downstream_apis.items()
             },
             metrics=metrics,
+            diagnosis=diagnosis,
         )
         register_error_handlers(app)
         app.before_request(_begin_request)
         app.after_request(_return_request_id)
         app.teardown_request(_end_request)
-        app.cli.add_command(token_cache_cli)
+        register_commands(app)
         start_timer, count_request = _request_hooks(metrics)
         app.before_request(start_timer)
         app.after_request(count_request)
+        instrument_app(app)  # OpenTelemetry, when OTEL_EXPORTER_OTLP_*ENDPOINT asks (flask_obo.tracing)
 
     # --- protecting the API ----------------------------------------------------------------------
     def require_scope(self, scope: str | None = None) -> Callable[[View], View]:
@@ -149,8 +158,9 @@ class FlaskOBO:
     def protect(self, blueprint: Blueprint, scope: str | None = None) -> None:
         """Require ``scope`` (default: ``API_REQUIRED_SCOPE``) on every route of
         ``blueprint``. Only a CORS preflight passes without a token (browsers send none
-        with it): an ``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``. Any
-        other ``OPTIONS``, a view's own among them, is authenticated like every method."""
+        with it): an ``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method`` that
+        Flask answers itself. Any other ``OPTIONS`` is authenticated like every method, and
+        so is every ``OPTIONS`` to a view that handles that method itself."""
 
         @blueprint.before_request
         def _authenticate() -> None:
@@ -163,7 +173,8 @@ class FlaskOBO:
         """Validate the current request's token for ``scope`` (default: ``API_REQUIRED_SCOPE``);
         then ``current_token`` holds it. Raises the ``ApiError`` to answer with."""
         services = self._services()
-        services.protector.authenticate(scope or services.settings.required_scope)
+        with span(VALIDATE_SPAN):
+            services.protector.authenticate(scope or services.settings.required_scope)
 
     # --- acquiring tokens and calling downstream APIs --------------------------------------------
     def acquire_token(self, scopes: Sequence[str], claims_challenge: str | None = None) -> str:
@@ -181,9 +192,10 @@ class FlaskOBO:
         try:
             return apis[name.lower()]
         except KeyError:
-            raise LookupError(
-                f"no downstream API named {name!r}; configured: {', '.join(sorted(apis))}"
-            ) from None
+            error = DownstreamNotConfigured(name, tuple(sorted(apis)))
+            log.error("%s (set DOWNSTREAM_APIS__%s__BASE_URL and __SCOPES, or fix the name)",
+                      error, name.upper() if name.isidentifier() else "<NAME>")
+            raise error from None
 
     def forget_user(self) -> None:
         """Sign-out: remove ``current_token``'s user's cached downstream tokens everywhere.
@@ -214,11 +226,26 @@ class FlaskOBO:
     def readiness(self) -> dict[str, str]:
         """What a readiness probe reports, with no call to Entra ID and at most one Redis
         PING: ``redis`` is ``ok``, ``degraded`` (down or its circuit open: users are served
-        from memory and Entra ID meanwhile) or ``not_configured``; ``authority`` is ``ok``,
-        ``stale`` (keys kept past their refresh time while Entra ID is down) or
-        ``unavailable`` (none loaded yet)."""
+        from memory and Entra ID meanwhile), ``misconfigured`` (it refuses the password or
+        ACL user: served from memory meanwhile too) or ``not_configured``; ``authority`` is
+        ``ok``, ``stale`` (keys kept past their refresh time while Entra ID is down),
+        ``unavailable`` (none loaded yet) or ``misconfigured`` (a wrong tenant, an untrusted
+        CA); ``credential`` is there only as ``rejected`` (Entra ID refuses the API's own
+        credential or does not know its client id). ``misconfiguration`` says why."""
         services = self._services()
-        return {"redis": services.store.status(), "authority": services.keys.status()}
+        checks = {"redis": services.store.status(), "authority": services.keys.status()}
+        if checks["redis"] == "ok":
+            services.diagnosis.clear(REDIS)  # it answered: a fixed password is not a sticky failure
+        for component in services.diagnosis.findings():
+            checks[component] = STATUS[component]
+        return checks
+
+    def misconfiguration(self) -> dict[str, str]:
+        """For each misconfigured component (see ``readiness``), its reason code
+        (``AADSTS90002``, ``AADSTS7000215``, ``untrusted_ca``, ``redis_auth``...): what
+        ``/readyz`` answers 503 with. Empty when nothing is known to be misconfigured."""
+        return {component: finding.cause.reason
+                for component, finding in self._services().diagnosis.findings().items()}
 
     @staticmethod
     def _services() -> OboServices:
@@ -279,10 +306,14 @@ def _request_hooks(metrics: Metrics) -> tuple[Callable[[], None], Callable[[Resp
 
 def _is_cors_preflight() -> bool:
     """The one request a browser sends without credentials before a cross-origin call
-    (Fetch standard, "CORS-preflight request"): it reveals nothing and changes nothing."""
+    (Fetch standard, "CORS-preflight request"), answered by Flask's automatic ``OPTIONS``
+    response: it reveals nothing and changes nothing. Anyone can send those two headers,
+    so a route whose view handles ``OPTIONS`` itself is never exempted: its view would
+    run without a token."""
     headers = request.headers
     return (request.method == "OPTIONS" and "Origin" in headers
-            and "Access-Control-Request-Method" in headers)
+            and "Access-Control-Request-Method" in headers
+            and bool(getattr(request.url_rule, "provide_automatic_options", False)))
 
 
 def _private(response: Response) -> Response:

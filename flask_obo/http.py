@@ -46,6 +46,12 @@ DOWNSTREAM_RETRIES = Retry(
 )
 
 
+#: Origins whose settings are kept; past that (origins a downstream API's redirects or an
+#: application's own calls named), each is read per request, as requests does, rather than
+#: kept forever.
+MAX_ORIGINS_KEPT = 256
+
+
 class OriginSettings(NamedTuple):
     """What the environment says about one origin: its proxies and ``.netrc`` login."""
 
@@ -59,7 +65,10 @@ class ResolvedSession(requests.Session):
 
     requests' own per-request reading is switched off (``trust_env``); in its place the CA
     bundle is read here and each origin's settings on first use, then kept. A caller's
-    explicit ``proxies``, ``auth`` or ``verify`` still wins, as with requests."""
+    explicit ``proxies``, ``auth`` or ``verify`` still wins, as with requests (one
+    difference: an explicit ``verify=True`` means the default CA store here, where requests
+    would swap in ``REQUESTS_CA_BUNDLE``). A redirect to another origin takes that origin's
+    settings, as requests does."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -79,7 +88,8 @@ class ResolvedSession(requests.Session):
                 found = self._origins.get(origin)
                 if found is None:
                     found = OriginSettings(dict(get_environ_proxies(url)), get_netrc_auth(url))
-                    self._origins[origin] = found
+                    if len(self._origins) < MAX_ORIGINS_KEPT:
+                        self._origins[origin] = found
         return found
 
     def request(self, method: str, url: str | bytes,
@@ -92,6 +102,22 @@ class ResolvedSession(requests.Session):
         if kwargs.get("auth") is None and self.auth is None and origin.auth is not None:
             kwargs["auth"] = origin.auth
         return super().request(method, url, *args, **kwargs)
+
+    # A redirect to another origin takes that origin's settings, as with requests: with
+    # ``trust_env`` off, requests would keep the first origin's proxies (so a redirect from
+    # a NO_PROXY API to, say, a file's download host would try to go direct) and skip
+    # ``.netrc``.
+    def rebuild_proxies(self, prepared_request: Any, proxies: Any) -> dict[str, str]:
+        merged = dict(proxies or {})
+        for scheme, proxy in self.resolve(prepared_request.url).proxies.items():
+            merged.setdefault(scheme, proxy)
+        return super().rebuild_proxies(prepared_request, merged)
+
+    def rebuild_auth(self, prepared_request: Any, response: Any) -> None:
+        super().rebuild_auth(prepared_request, response)
+        login = self.resolve(prepared_request.url).auth
+        if login is not None:
+            prepared_request.prepare_auth(login)
 
 
 def build_session(downstream_base_urls: Iterable[str], other_urls: Iterable[str] = ()) -> ResolvedSession:

@@ -23,6 +23,7 @@ import urllib3
 
 from .authority import TenantConfigurations
 from .bulkhead import Deadline
+from .diagnosis import AUTHORITY, CREDENTIAL, Diagnosis
 from .metrics import NO_ANSWER, Metrics
 from .request_ids import CLIENT_REQUEST_ID_HEADER, current_request_id
 
@@ -117,6 +118,8 @@ class MsalHttpClient:
         self._timeout = timeout
         self._metrics = metrics or Metrics()
         self.blocked_until = 0.0
+        # Where misconfigurations are named: the application's, shared through its metadata.
+        self._diagnosis: Diagnosis | None = getattr(metadata, "diagnosis", None)
 
     def get(self, url: str, params: Any = None, headers: Any = None, **_: Any) -> Any:
         config = None if params else self._metadata.for_url(url)
@@ -149,6 +152,8 @@ class MsalHttpClient:
             _read_body_by(response, _deadline.get())
         except (requests.RequestException, _TooSlow, urllib3.exceptions.HTTPError) as exc:
             log.error("token endpoint unreachable: %s", type(exc).__name__)
+            if self._diagnosis is not None:  # an untrusted CA is named, once a minute
+                self._diagnosis.failed(AUTHORITY, url, exc)
             if method == "POST":
                 self._metrics.token_endpoint(grant, NO_ANSWER, started)
             self._unavailable(DEFAULT_RETRY_AFTER, OUTAGE_GATE_SECONDS)
@@ -169,6 +174,12 @@ class MsalHttpClient:
         if not _is_json_object(response):  # a proxy's HTML page, an empty body: msal would
             log.warning("token endpoint answered HTTP %d without JSON", response.status_code)
             self._unavailable(DEFAULT_RETRY_AFTER, OUTAGE_GATE_SECONDS)  # crash and log it
+        diagnosis = self._diagnosis
+        if diagnosis is not None:  # a wrong tenant, an unknown app, a rejected credential
+            if response.status_code == 200 and method == "POST":
+                diagnosis.clear(AUTHORITY, CREDENTIAL)
+            else:
+                diagnosis.answered(url, response)
         return response
 
     def _unavailable(self, retry_after: int, gate_seconds: float) -> NoReturn:

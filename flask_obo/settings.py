@@ -6,19 +6,23 @@ echoed, so a start-up failure is safe to paste into a ticket.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives import serialization
+
+_T = TypeVar("_T")
 
 DEFAULT_TTL_SECONDS = 90 * 24 * 3600
 # Bounds on waiting for dependencies (see docs/explanation/how-it-works.md, "When a dependency fails").
@@ -38,10 +42,65 @@ DOWNSTREAM_PREFIX = "DOWNSTREAM_APIS__"
 MULTI_TENANT_IDS = ("organizations", "common")
 DOWNSTREAM_FIELDS = ("BASE_URL", "SCOPES")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # gunicorn's and logging's common names
+PLACEHOLDER_GUID = "00000000-0000-0000-0000-000000000000"  # stands in for a setting that failed
+
+# --- the names this package reads -------------------------------------------------------------
+#: A variable (or app.config key) under one of these prefixes is meant for flask-obo (or its
+#: gunicorn and logging configuration): one that is not a known name is a typo until shown
+#: otherwise, and start-up warns about it with the closest known name.
+SETTING_PREFIXES = ("AZURE_", "REDIS_", "TOKEN_CACHE_", "TOKEN_MEMORY_", "ENTRA_", DOWNSTREAM_PREFIX,
+                    "GUNICORN_", "LOG_", "API_", "GRAPH_", "CORS_", "AUTHORITY_")
+#: What ``Settings.from_env`` reads (tests/unit/test_settings_diagnosis.py keeps it in step).
+API_SETTINGS = (
+    "AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PATH",
+    "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_CLIENT_ASSERTION",
+    "AZURE_MANAGED_IDENTITY_CLIENT_ID", "AZURE_CLIENT_CAPABILITIES", "AZURE_APP_ID_URI",
+    "AZURE_AUTHORITY_HOST", "AZURE_V1_ISSUER_HOST", "AZURE_ALLOWED_TENANTS", "API_REQUIRED_SCOPE",
+    "GRAPH_BASE_URL", "GRAPH_SCOPES", "REDIS_URL", "REDIS_CLUSTER", "REDIS_SENTINELS",
+    "REDIS_SENTINEL_PASSWORD", "REDIS_TIMEOUT_SECONDS", "TOKEN_CACHE_KEYS", "TOKEN_CACHE_PREFIX",
+    "TOKEN_CACHE_TTL_SECONDS", "TOKEN_MEMORY_CACHE_USERS", "TOKEN_ACQUISITION_TIMEOUT_SECONDS",
+    "CORS_ALLOWED_ORIGINS", "ENTRA_CONNECT_TIMEOUT_SECONDS", "ENTRA_READ_TIMEOUT_SECONDS",
+    "ENTRA_MAX_WAITING_THREADS", "AUTHORITY_CACHE_DIR", "LOG_LEVEL", "LOG_FORMAT",
+)
+#: Read by config/gunicorn.conf.py (and by gunicorn itself: GUNICORN_CMD_ARGS).
+GUNICORN_SETTINGS = (
+    "GUNICORN_BIND", "GUNICORN_WORKERS", "GUNICORN_THREADS", "GUNICORN_TIMEOUT",
+    "GUNICORN_GRACEFUL_TIMEOUT", "GUNICORN_MAX_REQUESTS", "GUNICORN_MAX_REQUESTS_JITTER",
+    "GUNICORN_WORKER_TMP_DIR", "GUNICORN_ACCESS_LOG", "GUNICORN_ERROR_LOG", "GUNICORN_CMD_ARGS",
+)
+#: Others' names under those prefixes, set beside the API's in real deployments: msal's
+#: (AZURE_REGIONAL_AUTHORITY_NAME), the Azure SDKs' and CLI's, docker-compose.yml's Redis
+#: password, ``make run``'s port.
+OTHER_KNOWN_SETTINGS = (
+    "AZURE_REGIONAL_AUTHORITY_NAME", "AZURE_SUBSCRIPTION_ID", "AZURE_USERNAME", "AZURE_PASSWORD",
+    "AZURE_CLIENT_CERTIFICATE_SEND_CERTIFICATE_CHAIN", "AZURE_LOG_LEVEL", "AZURE_CONFIG_DIR",
+    "AZURE_CLOUD", "REDIS_PASSWORD", "API_PORT",
+)
+KNOWN_SETTINGS = frozenset(API_SETTINGS + GUNICORN_SETTINGS + OTHER_KNOWN_SETTINGS)
+
+
+def unknown_setting_warnings(names: Iterable[str]) -> tuple[str, ...]:
+    """One warning per name under ``SETTING_PREFIXES`` that this package does not read,
+    with the closest known name (``LOG_FROMAT`` → ``LOG_FORMAT``). ``DOWNSTREAM_APIS__*``
+    names are checked where they are read (an unknown field is an error there)."""
+    warnings = []
+    for name in sorted(set(names)):
+        if (not name.startswith(SETTING_PREFIXES) or name in KNOWN_SETTINGS
+                or name.startswith(DOWNSTREAM_PREFIX)):
+            continue
+        close = difflib.get_close_matches(name, sorted(KNOWN_SETTINGS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "flask-obo reads no similar name"
+        warnings.append(f"{name}: not a setting of flask-obo, ignored; {hint}")
+    return tuple(warnings)
 
 
 class SettingsError(ValueError):
-    """A missing or malformed setting; ``str()`` is one line naming the variable."""
+    """Missing or malformed settings: ``errors`` holds one line per setting, each naming
+    the variable (never its value); ``str()`` is those lines."""
+
+    def __init__(self, *errors: str) -> None:
+        super().__init__("\n".join(errors))
+        self.errors: tuple[str, ...] = errors
 
 
 @dataclass(frozen=True)
@@ -107,6 +166,8 @@ class Settings:
     authority_cache_dir: str | None = None  # None: a private directory under the system temp dir
     log_level: str = "INFO"  # LOG_LEVEL, checked here; the application's logging applies it
     log_format: str = "text"  # LOG_FORMAT: text or json (one JSON object per line)
+    # Names set under flask-obo's prefixes that it does not read (typos): ``init_app`` logs them.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if not self.app_id_uri:
@@ -152,8 +213,11 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from ``environ`` (default: ``.env`` overlaid by ``os.environ``)."""
-        env = Env(_default_environ() if environ is None else environ)
+        """Build settings from ``environ`` (default: ``.env`` overlaid by ``os.environ``).
+
+        Raises one ``SettingsError`` listing every bad setting, one line each."""
+        environ = default_environ() if environ is None else environ
+        env = Env(environ, collect=True)
         client_id = env.guid("AZURE_CLIENT_ID")
         app_id_uri = env.app_id_uri("AZURE_APP_ID_URI") or f"api://{client_id}"
         secret = env.optional("AZURE_CLIENT_SECRET")
@@ -165,37 +229,27 @@ class Settings:
             ("AZURE_CLIENT_SECRET", secret), ("AZURE_CLIENT_CERTIFICATE_PATH", cert_path),
             ("AZURE_FEDERATED_TOKEN_FILE", token_file), ("AZURE_CLIENT_ASSERTION", assertion)) if value]
         if len(given) > 1:
-            raise SettingsError(f"{given[0]}: set only one of {', '.join(given)} (the API's credential)")
-        if not given:
-            raise SettingsError(
+            env.error(f"{given[0]}: set only one of {', '.join(given)} (the API's credential)")
+        if not given and not env.failed("AZURE_FEDERATED_TOKEN_FILE", "AZURE_CLIENT_ASSERTION"):
+            env.error(
                 "AZURE_CLIENT_SECRET: missing (or set AZURE_CLIENT_CERTIFICATE_PATH, "
                 "AZURE_FEDERATED_TOKEN_FILE or AZURE_CLIENT_ASSERTION=managed_identity)"
             )
-        certificate = load_certificate(cert_path, cert_password) if cert_path else None
+        # With two credentials given, which one is meant is unknown: the certificate waits.
+        certificate = (env.checked(lambda: load_certificate(cert_path, cert_password))
+                       if cert_path and len(given) == 1 else None)
         identity_client_id = env.optional_guid("AZURE_MANAGED_IDENTITY_CLIENT_ID")
         if identity_client_id and not assertion:
-            raise SettingsError(
-                "AZURE_MANAGED_IDENTITY_CLIENT_ID: needs AZURE_CLIENT_ASSERTION=managed_identity")
-        redis_url = env.redis_url("REDIS_URL")
-        keys = env.fernet_keys("TOKEN_CACHE_KEYS")
-        if redis_url and not keys:
-            raise SettingsError("TOKEN_CACHE_KEYS: required when REDIS_URL is set")
-        redis_cluster = env.boolean("REDIS_CLUSTER")
-        sentinels = env.addresses("REDIS_SENTINELS")
-        if (redis_cluster or sentinels) and not redis_url:
-            raise SettingsError("REDIS_URL: required with REDIS_CLUSTER or REDIS_SENTINELS")
-        if redis_cluster and sentinels:
-            raise SettingsError("REDIS_SENTINELS: set either it or REDIS_CLUSTER, not both")
-        if redis_url and redis_url.startswith("unix:") and (redis_cluster or sentinels):
-            raise SettingsError("REDIS_URL: must be redis:// or rediss:// with a cluster or sentinels")
+            env.error("AZURE_MANAGED_IDENTITY_CLIENT_ID: needs AZURE_CLIENT_ASSERTION=managed_identity")
+        cache = _cache_values(env)
         tenant_id = env.tenant("AZURE_TENANT_ID")
         allowed = env.tenants("AZURE_ALLOWED_TENANTS")
         if tenant_id in MULTI_TENANT_IDS and not allowed:
-            raise SettingsError(f"AZURE_ALLOWED_TENANTS: required with AZURE_TENANT_ID={tenant_id} "
-                                "(tenant ids, comma-separated, or * for any tenant)")
+            env.error(f"AZURE_ALLOWED_TENANTS: required with AZURE_TENANT_ID={tenant_id} "
+                      "(tenant ids, comma-separated, or * for any tenant)")
         if allowed and tenant_id not in MULTI_TENANT_IDS:
-            raise SettingsError("AZURE_ALLOWED_TENANTS: only with AZURE_TENANT_ID=organizations")
-        return cls(
+            env.error("AZURE_ALLOWED_TENANTS: only with AZURE_TENANT_ID=organizations")
+        values: dict[str, Any] = dict(
             tenant_id=tenant_id,
             allowed_tenants=allowed,
             v1_issuer_host=env.https_url("AZURE_V1_ISSUER_HOST", "https://sts.windows.net"),
@@ -215,31 +269,37 @@ class Settings:
             graph_base_url=env.https_url("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0"),
             graph_scopes=env.scopes("GRAPH_SCOPES", "https://graph.microsoft.com/.default"),
             extra_downstream_apis=env.downstream_apis(),
-            redis_url=redis_url,
-            redis_cluster=redis_cluster,
-            redis_sentinels=sentinels,
-            redis_sentinel_password=env.optional("REDIS_SENTINEL_PASSWORD"),
-            token_cache_keys=keys,
-            token_cache_prefix=env.matching("TOKEN_CACHE_PREFIX", "flask-obo", _PREFIX),
-            token_cache_ttl_seconds=env.positive_int("TOKEN_CACHE_TTL_SECONDS", DEFAULT_TTL_SECONDS),
             cors_allowed_origins=env.origins("CORS_ALLOWED_ORIGINS"),
             entra_connect_timeout=env.seconds("ENTRA_CONNECT_TIMEOUT_SECONDS", DEFAULT_ENTRA_CONNECT_TIMEOUT),
             entra_read_timeout=env.seconds("ENTRA_READ_TIMEOUT_SECONDS", DEFAULT_ENTRA_READ_TIMEOUT),
-            token_acquisition_timeout=env.seconds(
-                "TOKEN_ACQUISITION_TIMEOUT_SECONDS", DEFAULT_TOKEN_ACQUISITION_TIMEOUT
-            ),
             entra_max_waiting_threads=env.positive_int(
                 "ENTRA_MAX_WAITING_THREADS", DEFAULT_ENTRA_MAX_WAITING_THREADS, unit="threads"
             ),
-            redis_timeout=env.seconds("REDIS_TIMEOUT_SECONDS", DEFAULT_REDIS_TIMEOUT),
             memory_cache_users=env.positive_int(
                 "TOKEN_MEMORY_CACHE_USERS", DEFAULT_MEMORY_CACHE_USERS, unit="users"
             ),
             authority_cache_dir=env.optional("AUTHORITY_CACHE_DIR"),
             log_level=env.log_level("LOG_LEVEL").upper(),
             log_format=env.choice("LOG_FORMAT", LOG_FORMATS),
+            warnings=unknown_setting_warnings(environ),
+            **cache,
         )
+        if env.errors:
+            raise SettingsError(*env.errors)
+        return cls(**values)
 
+    @classmethod
+    def for_token_cache(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Only what the ``flask token-cache`` commands use: ``REDIS_*``, ``TOKEN_CACHE_*``
+        and ``TOKEN_ACQUISITION_TIMEOUT_SECONDS`` (how long ``evict`` waits for a user's
+        lock). The Entra ID settings may be missing: they are placeholders here, so these
+        settings must never serve requests."""
+        environ = default_environ() if environ is None else environ
+        env = Env(environ, collect=True)
+        cache = _cache_values(env)
+        if env.errors:
+            raise SettingsError(*env.errors)
+        return cls(tenant_id=PLACEHOLDER_GUID, client_id=PLACEHOLDER_GUID, **cache)
 
     @classmethod
     def from_app_config(cls, config: Mapping[str, Any],
@@ -271,32 +331,122 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def _default_environ() -> dict[str, str]:
+def default_environ() -> dict[str, str]:
+    """What settings are read from by default: ``.env`` overlaid by ``os.environ``."""
     from dotenv import dotenv_values
 
     dotenv = {k: v for k, v in dotenv_values(".env").items() if v is not None}
     return {**dotenv, **os.environ}
 
 
+def _cache_values(env: Env) -> dict[str, Any]:
+    """The shared token cache's settings (Redis, its topology, the keys), checked together."""
+    redis_url = env.redis_url("REDIS_URL")
+    keys = env.fernet_keys("TOKEN_CACHE_KEYS")
+    if redis_url and not keys:
+        env.error("TOKEN_CACHE_KEYS: required when REDIS_URL is set")
+    redis_cluster = env.boolean("REDIS_CLUSTER")
+    sentinels = env.addresses("REDIS_SENTINELS")
+    if (redis_cluster or sentinels) and not redis_url and not env.failed("REDIS_URL"):
+        env.error("REDIS_URL: required with REDIS_CLUSTER or REDIS_SENTINELS")
+    if redis_cluster and sentinels:
+        env.error("REDIS_SENTINELS: set either it or REDIS_CLUSTER, not both")
+    if redis_url and redis_url.startswith("unix:") and (redis_cluster or sentinels):
+        env.error("REDIS_URL: must be redis:// or rediss:// with a cluster or sentinels")
+    return dict(
+        redis_url=redis_url,
+        redis_cluster=redis_cluster,
+        redis_sentinels=sentinels,
+        redis_sentinel_password=env.optional("REDIS_SENTINEL_PASSWORD"),
+        token_cache_keys=keys,
+        token_cache_prefix=env.matching("TOKEN_CACHE_PREFIX", "flask-obo", _PREFIX),
+        token_cache_ttl_seconds=env.positive_int("TOKEN_CACHE_TTL_SECONDS", DEFAULT_TTL_SECONDS),
+        redis_timeout=env.seconds("REDIS_TIMEOUT_SECONDS", DEFAULT_REDIS_TIMEOUT),
+        token_acquisition_timeout=env.seconds(
+            "TOKEN_ACQUISITION_TIMEOUT_SECONDS", DEFAULT_TOKEN_ACQUISITION_TIMEOUT
+        ),
+    )
+
+
+_Accessor = TypeVar("_Accessor", bound=Callable[..., Any])
+
+
+def _or(fallback: Callable[..., Any]) -> Callable[[_Accessor], _Accessor]:
+    """An accessor that, in a collecting ``Env``, keeps its error and answers
+    ``fallback(<its other arguments>)``, so that the other settings are checked too."""
+
+    def decorate(accessor: _Accessor) -> _Accessor:
+        @functools.wraps(accessor)
+        def checked(self: Env, name: str, *args: Any, **kwargs: Any) -> Any:
+            self.read.add(name)
+            try:
+                return accessor(self, name, *args, **kwargs)
+            except SettingsError as error:
+                if not self.collect:
+                    raise
+                for line in error.errors:
+                    self.error(line)
+                return fallback(*args, **kwargs)
+
+        return checked  # type: ignore[return-value]
+
+    return decorate
+
+
 class Env:
     """Typed accessors; each error message names the variable and never its value.
 
     Public so that config/gunicorn.conf.py checks gunicorn's own variables the same way.
+    With ``collect``, a bad setting does not raise: its error is kept (``errors``, one per
+    variable) and a fallback answered, so that one pass finds every bad setting.
     """
 
-    def __init__(self, environ: Mapping[str, str]) -> None:
+    def __init__(self, environ: Mapping[str, str], collect: bool = False) -> None:
         self._environ = environ
+        self.collect = collect
+        self._errors: dict[str, str] = {}
+        self.read: set[str] = set()  # the names asked for (a test checks KNOWN_SETTINGS)
+
+    @property
+    def errors(self) -> tuple[str, ...]:
+        """One line per bad setting, in the order found."""
+        return tuple(self._errors.values())
+
+    def error(self, message: str) -> None:
+        """``message`` (``"NAME: what is wrong"``): raised, or kept when collecting (the
+        first error of each variable: any other follows from it)."""
+        if not self.collect:
+            raise SettingsError(message)
+        self._errors.setdefault(message.partition(":")[0], message)
+
+    def failed(self, *names: str) -> bool:
+        """Has one of ``names`` already been found bad?"""
+        return any(name in self._errors for name in names)
+
+    def checked(self, produce: Callable[[], _T]) -> _T | None:
+        """``produce()``, or None once its ``SettingsError`` is kept (when collecting)."""
+        try:
+            return produce()
+        except SettingsError as error:
+            if not self.collect:
+                raise
+            for line in error.errors:
+                self.error(line)
+            return None
 
     def optional(self, name: str) -> str | None:
+        self.read.add(name)
         value = self._environ.get(name, "").strip()
         return value or None
 
+    @_or(lambda: "")
     def required(self, name: str) -> str:
         value = self.optional(name)
         if value is None:
             raise SettingsError(f"{name}: missing")
         return value
 
+    @_or(lambda: PLACEHOLDER_GUID)
     def guid(self, name: str) -> str:
         value = self.required(name)
         try:
@@ -304,6 +454,7 @@ class Env:
         except ValueError:
             raise SettingsError(f"{name}: must be a GUID") from None
 
+    @_or(lambda default: default.rstrip("/"))
     def https_url(self, name: str, default: str) -> str:
         value = (self.optional(name) or default).rstrip("/")
         try:
@@ -317,6 +468,7 @@ class Env:
             raise SettingsError(f"{name}: must not have a query (?...) or a fragment (#...)")
         return value
 
+    @_or(lambda: None)
     def app_id_uri(self, name: str) -> str | None:
         """An App ID URI, the audience of v1 tokens: ``api://...``, ``https://...``, ``urn:...``."""
         value = self.optional(name)
@@ -324,6 +476,7 @@ class Env:
             raise SettingsError(f"{name}: must be a URI such as api://<client id> (the Application ID URI)")
         return value
 
+    @_or(lambda: None)
     def redis_url(self, name: str) -> str | None:
         value = self.optional(name)
         if value is None:
@@ -337,12 +490,14 @@ class Env:
             raise SettingsError(f"{name}: must start with redis://, rediss:// or unix://")
         return value
 
+    @_or(lambda: False)
     def boolean(self, name: str) -> bool:
         value = (self.optional(name) or "false").lower()
         if value not in {"true", "false", "1", "0", "yes", "no"}:
             raise SettingsError(f"{name}: must be true or false")
         return value in {"true", "1", "yes"}
 
+    @_or(lambda: ())
     def addresses(self, name: str) -> tuple[tuple[str, int], ...]:
         """``host:port,host:port`` (IPv6 hosts in brackets)."""
         result = []
@@ -356,12 +511,14 @@ class Env:
             result.append((match.group(1), int(match.group(2))))
         return tuple(result)
 
+    @_or(lambda default: default)
     def token(self, name: str, default: str) -> str:
         value = self.optional(name) or default
         if not re.fullmatch(r"[\x21\x23-\x5B\x5D-\x7E]+", value):
             raise SettingsError(f"{name}: must be a single scope value without spaces or quotes")
         return value
 
+    @_or(lambda default, api: default)
     def scope_name(self, name: str, default: str, api: tuple[str, ...]) -> str:
         """A scope as tokens carry it in ``scp``: its bare name (``user_impersonation``).
 
@@ -388,26 +545,32 @@ class Env:
         for variable in self._environ:
             if not variable.startswith(DOWNSTREAM_PREFIX):
                 continue
+            self.read.add(variable)
             name, _, field_name = variable[len(DOWNSTREAM_PREFIX):].partition("__")
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", name) or name.endswith("_"):
-                raise SettingsError(f"{variable}: the API's name must be letters, digits and _")
-            if field_name not in DOWNSTREAM_FIELDS:
-                raise SettingsError(f"{variable}: unknown; use {DOWNSTREAM_PREFIX}<NAME>__BASE_URL "
-                                    f"or {DOWNSTREAM_PREFIX}<NAME>__SCOPES")
-            if name.lower() == "graph":
-                raise SettingsError(f"{variable}: graph is set by GRAPH_BASE_URL and GRAPH_SCOPES")
-            names.add(name)
+                self.error(f"{variable}: the API's name must be letters, digits and _")
+            elif field_name not in DOWNSTREAM_FIELDS:
+                close = difflib.get_close_matches(field_name, DOWNSTREAM_FIELDS, n=1)
+                hint = f" (did you mean {DOWNSTREAM_PREFIX}{name}__{close[0]}?)" if close else ""
+                self.error(f"{variable}: unknown; use {DOWNSTREAM_PREFIX}<NAME>__BASE_URL "
+                           f"or {DOWNSTREAM_PREFIX}<NAME>__SCOPES{hint}")
+            elif name.lower() == "graph":
+                self.error(f"{variable}: graph is set by GRAPH_BASE_URL and GRAPH_SCOPES")
+            else:
+                names.add(name)
         apis = {}
         for name in sorted(names):
             prefix = f"{DOWNSTREAM_PREFIX}{name}__"
             if name.lower() in apis:
-                raise SettingsError(f"{prefix}BASE_URL: {name} is configured twice (names ignore case)")
+                self.error(f"{prefix}BASE_URL: {name} is configured twice (names ignore case)")
+                continue
             apis[name.lower()] = DownstreamApiSettings(
                 base_url=self.https_url(prefix + "BASE_URL", self.required(prefix + "BASE_URL")),
                 scopes=self.scopes(prefix + "SCOPES", self.required(prefix + "SCOPES")),
             )
         return apis
 
+    @_or(lambda: LOG_LEVELS[1])
     def log_level(self, name: str) -> str:
         """One of ``LOG_LEVELS``, lower-case: gunicorn would quietly take another as info and
         ``logging`` would raise in every worker."""
@@ -416,6 +579,7 @@ class Env:
             raise SettingsError(f"{name}: must be one of {', '.join(LOG_LEVELS)}")
         return value
 
+    @_or(lambda choices: choices[0])
     def choice(self, name: str, choices: tuple[str, ...]) -> str:
         """One of ``choices`` (any case, returned lower-case); unset: the first."""
         value = (self.optional(name) or choices[0]).lower()
@@ -423,6 +587,7 @@ class Env:
             raise SettingsError(f"{name}: must be one of {', '.join(c for c in choices if c)}")
         return value
 
+    @_or(lambda: PLACEHOLDER_GUID)
     def tenant(self, name: str) -> str:
         """A tenant id (GUID), or ``organizations`` / ``common`` for a multi-tenant API."""
         value = self.required(name)
@@ -430,6 +595,7 @@ class Env:
             return value.lower()
         return self.guid(name)
 
+    @_or(lambda: ())
     def tenants(self, name: str) -> tuple[str, ...]:
         """Tenant ids, comma-separated, or ``*`` alone."""
         items = tuple(item.strip().lower() for item in (self.optional(name) or "").split(",") if item.strip())
@@ -443,15 +609,18 @@ class Env:
                                     "or give * alone for any tenant") from None
         return tuple(str(uuid.UUID(item)) for item in items)
 
+    @_or(lambda: None)
     def optional_guid(self, name: str) -> str | None:
         return self.guid(name) if self.optional(name) else None
 
+    @_or(lambda: None)
     def readable_file(self, name: str) -> str | None:
         value = self.optional(name)
         if value is not None and not os.access(value, os.R_OK):
             raise SettingsError(f"{name}: cannot read the file")
         return value
 
+    @_or(lambda default: ())
     def capabilities(self, name: str, default: str) -> tuple[str, ...]:
         """Client capabilities msal declares (``cp1``: CAE); ``none`` declares none."""
         value = self.optional(name) or default
@@ -462,18 +631,21 @@ class Env:
             raise SettingsError(f"{name}: must be capabilities such as cp1, comma-separated (or none)")
         return items
 
+    @_or(lambda default, pattern: default)
     def matching(self, name: str, default: str, pattern: re.Pattern[str]) -> str:
         value = self.optional(name) or default
         if not pattern.fullmatch(value):
             raise SettingsError(f"{name}: must match {pattern.pattern}")
         return value
 
+    @_or(lambda default: tuple(default.replace(",", " ").split()))
     def scopes(self, name: str, default: str) -> tuple[str, ...]:
         values = tuple((self.optional(name) or default).replace(",", " ").split())
         if not values:
             raise SettingsError(f"{name}: must list at least one scope")
         return values
 
+    @_or(lambda default, unit="seconds": default)
     def positive_int(self, name: str, default: int, unit: str = "seconds") -> int:
         raw = self.optional(name)
         if raw is None:
@@ -482,6 +654,7 @@ class Env:
             raise SettingsError(f"{name}: must be a positive whole number of {unit}")
         return int(raw)
 
+    @_or(lambda default, unit: default)
     def whole_number(self, name: str, default: int, unit: str) -> int:
         """Like ``positive_int``, for settings where 0 means something (e.g. "never")."""
         raw = self.optional(name)
@@ -491,6 +664,7 @@ class Env:
             raise SettingsError(f"{name}: must be a whole number of {unit} (0 or more)")
         return int(raw)
 
+    @_or(lambda default: default)
     def seconds(self, name: str, default: float) -> float:
         """A duration in seconds, fractions allowed, from 0.01 to one hour."""
         raw = self.optional(name)
@@ -500,9 +674,17 @@ class Env:
             raise SettingsError(f"{name}: must be a number of seconds from 0.01 to 3600")
         return float(raw)
 
+    @_or(lambda: ())
     def fernet_keys(self, name: str) -> tuple[str, ...]:
+        """Fernet keys separated by commas and nothing else. Whitespace inside a key is
+        refused: ``"new old"`` can pass for one key (base64 decoding skips spaces), and
+        then no entry decrypts after the deploy and every user silently re-exchanges."""
         keys = tuple(k.strip() for k in (self.optional(name) or "").split(",") if k.strip())
         for position, key in enumerate(keys, start=1):
+            if any(character.isspace() for character in key):
+                raise SettingsError(
+                    f"{name}: key {position} contains whitespace; separate keys with commas "
+                    "only (new,old)")
             try:
                 Fernet(key)
             except (ValueError, TypeError):
@@ -511,6 +693,7 @@ class Env:
                 ) from None
         return keys
 
+    @_or(lambda: ())
     def origins(self, name: str) -> tuple[str, ...]:
         origins = tuple(o.strip().rstrip("/") for o in (self.optional(name) or "").split(","))
         origins = tuple(o for o in origins if o)

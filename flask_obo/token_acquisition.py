@@ -52,6 +52,7 @@ from .msal_http import EntraUnavailable, MsalHttpClient, NetworkNeeded, offline,
 from .protector import EntraAccessToken
 from .settings import Settings
 from .token_cache import TokenCacheCodec, partition_key
+from .tracing import acquisition
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class OnBehalfOfTokenProvider:
         self._metrics.acquisition(outcome)
         return token
 
+    @acquisition  # the flask_obo.token.acquire span, with the outcome as its source
     def _acquire(self, user: EntraAccessToken, scopes: Sequence[str],
                  claims_challenge: str | None) -> tuple[str, str]:
         deadline = Deadline(self._settings.token_acquisition_timeout)

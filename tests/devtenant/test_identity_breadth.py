@@ -107,14 +107,24 @@ def test_federated_assertion_errors_are_entras(dt_server: Server, msal_app) -> N
         app = msal_app({"client_assertion": lambda: assertion})
         return app.acquire_token_on_behalf_of(user_token, GRAPH_DEFAULT)
 
+    # The issuer is trusted, the subject is not the credential's: Entra names the subject.
     wrong_subject = obo(tenant.federated_token(subject="system:serviceaccount:default:intruder"))
-    assert wrong_subject["error"] == "invalid_client" and wrong_subject["error_codes"] == [70021]
+    assert wrong_subject["error"] == "invalid_client" and wrong_subject["error_codes"] == [700213]
+    assert ("No matching federated identity record found for presented assertion subject "
+            "'system:serviceaccount:default:intruder'.") in wrong_subject["error_description"]
+    case_only = obo(tenant.federated_token(subject="system:serviceaccount:default:Flask-OBO"))
+    assert case_only["error_codes"] == [7002138]
+
+    # An issuer no federated credential of the app names: AADSTS70021.
+    foreign = {**claims_of(tenant.federated_token()), "iss": "https://issuer.example/cluster"}
+    untrusted = obo(jwt.encode({"alg": "RS256"}, foreign, tenant._minter().keys.active))
+    assert untrusted["error"] == "invalid_client" and untrusted["error_codes"] == [70021]
     assert (
         "No matching federated identity record found for presented assertion. "
-        f"Assertion Issuer: '{tenant.federation_issuer()}'. "
-        "Assertion Subject: 'system:serviceaccount:default:intruder'. "
+        "Assertion Issuer: 'https://issuer.example/cluster'. "
+        "Assertion Subject: 'system:serviceaccount:default:flask-obo'. "
         f"Assertion Audience: '{TOKEN_EXCHANGE_AUDIENCE}'."
-    ) in wrong_subject["error_description"]
+    ) in untrusted["error_description"]
 
     wrong_audience = obo(tenant.federated_token(audience="api://not-token-exchange"))
     assert wrong_audience["error"] == "invalid_client" and wrong_audience["error_codes"] == [700212]
@@ -142,7 +152,7 @@ def test_federated_assertion_errors_are_entras(dt_server: Server, msal_app) -> N
             "client_assertion": tenant.federated_token(subject="system:serviceaccount:x:y"),
         },
     )
-    assert raw.status_code == 401 and raw.json()["error_codes"] == [70021]
+    assert raw.status_code == 401 and raw.json()["error_codes"] == [700213]
 
 
 # --- managed identity (App Service) as the federated credential ------------------------

@@ -149,3 +149,31 @@ def test_key_rotation_reaches_running_server(dt_server: Server, msal_app) -> Non
     assert header_of(result["access_token"])["kid"] == new_kid
     jwks = dt_server.get(f"/{TENANT_ID}/discovery/v2.0/keys").json()
     assert {new_kid, old_kid} <= {key["kid"] for key in jwks["keys"]}
+
+
+def test_an_expired_registered_certificate_is_aadsts7000274(dt_server: Server, msal_app) -> None:
+    """A certificate still registered on the app but past its end date: Entra finds the key
+    and refuses it as expired (AADSTS7000274), not as unknown (AADSTS700027)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    key = pki.new_rsa_key()
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "flask-obo API (expired)")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=400)).not_valid_after(now - dt.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    url = f"/_devtenant/apps/{API_CLIENT_ID}/certificates"
+    added = dt_server.post(url, data=pki.cert_pem(cert))
+    assert added.status_code == 201
+    try:
+        pem = (pki.key_pem(key) + pki.cert_pem(cert)).decode()
+        result = msal_app({"private_key": pem, "public_certificate": pem}).acquire_token_for_client(
+            GRAPH_DEFAULT)
+        assert result["error"] == "invalid_client" and result["error_codes"] == [7000274], result
+        assert "has expired" in result["error_description"]
+    finally:
+        assert dt_server.delete(f"{url}/{added.json()['thumbprint']}").status_code == 200

@@ -145,7 +145,7 @@ def test_obo_with_a_federated_token_file_read_again_when_rotated(tenant, federat
 
 
 @pytest.mark.parametrize(("bad", "code"), [
-    ({"subject": "system:serviceaccount:default:someone-else"}, 70021),
+    ({"subject": "system:serviceaccount:default:someone-else"}, 700213),
     ({"audience": "api://not-the-token-exchange"}, 700212),
     ({"expired": True}, 700024),
 ], ids=["wrong-subject", "wrong-audience", "expired"])

@@ -72,6 +72,7 @@ class FakeEntra:
     graph_urls: list[str] = field(default_factory=list)
     # client-request-id of each token and Graph request, in order ("token" / "graph", id)
     client_request_ids: list[tuple[str, str | None]] = field(default_factory=list)
+    graph_traceparents: list[str | None] = field(default_factory=list)  # W3C trace context
     jwks_fetches: int = 0
     metadata_fetches: int = 0
     behaviours: dict[str, Behaviour] = field(default_factory=dict)
@@ -230,6 +231,7 @@ class FakeEntra:
         self.graph_requests.append(path)
         self.graph_urls.append(request.url)
         self.client_request_ids.append(("graph", request.headers.get("client-request-id")))
+        self.graph_traceparents.append(request.headers.get("traceparent"))
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
         oid = self.graph_tokens.get(token) or (token[9:45] if token.startswith("graph-at-") else None)
         if oid is None:

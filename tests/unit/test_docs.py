@@ -173,12 +173,16 @@ def test_the_hand_written_docs_name_only_settings_the_code_knows(gen: ModuleType
 
 
 def test_the_cli_page_has_every_command_and_option(gen: ModuleType) -> None:
+    from flask_obo.check import obo_cli
+
     page = gen.cli_reference()
-    for name, command in token_cache_cli.commands.items():
-        assert f"### `{name}`" in page
-        for parameter in command.params:
-            for opt in getattr(parameter, "opts", []):
-                assert f"`{opt}`" in page
+    for group in (token_cache_cli, obo_cli):
+        assert f"## `flask {group.name}`" in page
+        for name, command in group.commands.items():
+            assert f"### `{name}`" in page
+            for parameter in command.params:
+                for opt in getattr(parameter, "opts", []):
+                    assert f"`{opt}`" in page
     assert "`--oid`" in page and "`--json`" in page  # the known ones, so an empty page cannot pass
 
 
@@ -231,6 +235,11 @@ def test_the_site_builds_offline() -> None:
     assert config["theme"]["font"] == "false"
     plugins = {next(iter(p)) if isinstance(p, dict) else p for p in config["plugins"]}
     assert plugins <= {"search", "mkdocstrings"}
+    # mkdocstrings downloads the object inventories it is told to import (Python's, requests')
+    handlers = next((p["mkdocstrings"] for p in config["plugins"] if isinstance(p, dict)
+                     and "mkdocstrings" in p), {}).get("handlers", {})
+    for name, handler in handlers.items():
+        assert not {"import", "inventories"} & set(handler), f"mkdocstrings' {name} handler downloads"
 
 
 # --- the tutorial ---------------------------------------------------------------------------------

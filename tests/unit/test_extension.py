@@ -88,6 +88,10 @@ def test_a_views_own_options_handler_is_protected_unless_the_request_is_a_prefli
     assert client.options("/reports/mine").status_code == 401
     response = client.options("/reports/mine", headers=bearer(entra.api_token(ADELE)))
     assert response.status_code == 200 and response.json["tid"]
+    # Anyone can add the preflight's two headers: that must not run the view without a token.
+    spoofed = client.options("/reports/mine", headers={"Origin": "https://evil.example",
+                                                       "Access-Control-Request-Method": "GET"})
+    assert spoofed.status_code == 401 and "tid" not in spoofed.json
 
 
 def test_one_extension_object_serves_two_apps_with_their_own_settings(entra: FakeEntra):

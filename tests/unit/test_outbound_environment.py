@@ -170,3 +170,52 @@ def _unused_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+class _Redirector(BaseHTTPRequestHandler):
+    """Answers every GET with a 302 to ``target`` (as Graph does for a file's content)."""
+
+    target: str
+
+    def do_GET(self) -> None:
+        self.send_response(302)
+        self.send_header("Location", self.target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize("make_session", [build_session, None], ids=["resolved", "requests"])
+def test_a_redirect_to_another_origin_gets_that_origins_proxy(proxy, make_session, monkeypatch) -> None:
+    proxy_url, through_proxy = proxy
+    elsewhere = f"http://127.0.0.1:{_unused_port()}/content"  # not in NO_PROXY: via the proxy
+    handler = type("Handler", (_Redirector,), {"target": elsewhere})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        monkeypatch.setenv("NO_PROXY", "localhost")  # the API itself is reached directly
+        api = f"http://localhost:{server.server_address[1]}"
+        session = make_session([api]) if make_session else requests.Session()
+        assert session.get(api + "/me/drive/content", timeout=5).status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert [line for line, _ in through_proxy] == [f"GET {elsewhere} HTTP/1.1"]
+
+
+def test_origins_met_at_run_time_are_kept_within_a_bound(monkeypatch) -> None:
+    """A downstream API's redirects (or an app's own calls) can name any number of hosts:
+    the session keeps a bounded number of them, and past that still reads each correctly."""
+    from flask_obo import http
+
+    session = build_session([])
+    for n in range(http.MAX_ORIGINS_KEPT + 100):
+        session.resolve(f"https://host{n}.example/file")
+    assert len(session._origins) <= http.MAX_ORIGINS_KEPT
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert session.resolve("https://one-more.example/x").proxies["https"] == "http://proxy.example:3128"
