@@ -1,6 +1,7 @@
 """The reference API: flask-obo's own Flask API, built only from ``flask_obo``'s public API.
 
-It is the example for users: ``/api/whoami`` reads the validated token, ``/api/me`` and
+It is the example for users: ``/api/whoami`` reads the validated token (a user's, or an
+application's with the app role ``API_APP_ROLE``), ``/api/me`` and
 ``/api/me/manager`` call Microsoft Graph on behalf of the caller, ``DELETE
 /api/me/token-cache`` signs the caller out of the token cache, ``/healthz`` and
 ``/readyz`` are the probes, ``/openapi.json`` describes them all and ``/metrics`` is for
@@ -23,7 +24,7 @@ from .extensions import obo
 from .health import health
 from .logging_setup import configure_logging
 from .openapi import openapi
-from .routes import api
+from .routes import api, identity_blueprint
 
 
 def create_app(settings: Settings | Mapping[str, str] | None = None,
@@ -45,6 +46,7 @@ def create_app(settings: Settings | Mapping[str, str] | None = None,
     app.add_url_rule("/metrics", "metrics", obo.metrics_view)
     app.before_request(_refuse_large_bodies)
     app.register_blueprint(health)
+    app.register_blueprint(identity_blueprint(settings.api_app_role))
     app.register_blueprint(api)
     app.register_blueprint(openapi)
     if settings.cors_allowed_origins:

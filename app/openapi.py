@@ -54,10 +54,28 @@ def api_scope(settings: Settings) -> str:
     return f"{settings.app_id_uri}/{settings.required_scope}"
 
 
+def app_scope(settings: Settings) -> str:
+    """What a daemon asks Entra ID for to call this API (client credentials)."""
+    return f"{settings.app_id_uri}/.default"
+
+
 def openapi_document(settings: Settings) -> JsonObject:
     """The OpenAPI 3.1 document for an application with these settings."""
     scope = api_scope(settings)
     protected = [{SECURITY_SCHEME: [scope]}]
+    # /api/whoami: a user's token, or (API_APP_ROLE set) an application's with that role.
+    role = settings.api_app_role
+    whoami_security = [*protected, {SECURITY_SCHEME: [app_scope(settings)]}] if role else protected
+    flows: JsonObject = {"authorizationCode": {
+        "authorizationUrl": f"{settings.authority}/oauth2/v2.0/authorize",
+        "tokenUrl": f"{settings.authority}/oauth2/v2.0/token",
+        "scopes": {scope: "Call the API as the signed-in user."},
+    }}
+    if role:
+        flows["clientCredentials"] = {
+            "tokenUrl": f"{settings.authority}/oauth2/v2.0/token",
+            "scopes": {app_scope(settings): f"Call the API as an application (app role `{role}`)."},
+        }
     # Any request may be malformed, oversized or use a method the path does not take.
     generic = ["400", "405", "413", "414", "431", "500"]
     protected_errors = [*generic, "401", "403", "503"]
@@ -78,8 +96,10 @@ def openapi_document(settings: Settings) -> JsonObject:
         },
         "paths": {
             "/api/whoami": {"get": _operation(
-                "whoami", "The caller's identity, read from the validated access token.",
-                protected, {"200": _json("The validated token's claims.", "Whoami")},
+                "whoami", "The caller's identity, read from the validated access token: a user's "
+                "(with the API's scope) or an application's (an app-only token with the app role "
+                + (f"`{role}`)." if role else "named by `API_APP_ROLE`; unset here: refused)."),
+                whoami_security, {"200": _json("The validated token's claims.", "Whoami")},
                 protected_errors,
             )},
             "/api/me": {"get": _operation(
@@ -124,11 +144,7 @@ def openapi_document(settings: Settings) -> JsonObject:
                     "A Microsoft Entra ID access token for this API, sent as "
                     "`Authorization: Bearer <token>`."
                 ),
-                "flows": {"authorizationCode": {
-                    "authorizationUrl": f"{settings.authority}/oauth2/v2.0/authorize",
-                    "tokenUrl": f"{settings.authority}/oauth2/v2.0/token",
-                    "scopes": {scope: "Call the API as the signed-in user."},
-                }},
+                "flows": flows,
             }},
             "schemas": _schemas(),
             "responses": _error_responses(),
@@ -165,13 +181,18 @@ def _schemas() -> JsonObject:
         },
         "Whoami": {
             "type": "object",
-            "description": "Claims of the validated access token (null when absent).",
+            "description": "Claims of the validated access token (null when absent): a user's "
+                           "(`scp`), or an application's (`app_id`, `roles`, no user claims).",
             "properties": {
-                claim: ({"type": "string", "format": "uuid"} if claim in ("oid", "tid")
-                        else _nullable_string())
-                for claim in WHOAMI_CLAIMS
+                **{claim: ({"type": "string", "format": "uuid"} if claim in ("oid", "tid")
+                           else _nullable_string())
+                   for claim in WHOAMI_CLAIMS},
+                "roles": {"type": ["array", "null"], "items": {"type": "string"},
+                          "description": "The token's app roles."},
+                "app_id": {**_nullable_string(),
+                           "description": "The client application (`azp`, or `appid` in v1)."},
             },
-            "required": list(WHOAMI_CLAIMS),
+            "required": [*WHOAMI_CLAIMS, "roles", "app_id"],
             "additionalProperties": False,
         },
         "Health": {
@@ -260,9 +281,11 @@ _ERROR_RESPONSES: dict[str, tuple[str, str, dict[str, bool]]] = {
     "401": ("Unauthorized", "No bearer token, an invalid or expired one, or Entra ID wants the user "
                             "to sign in again (`insufficient_claims` carries the claims to sign in "
                             "with).", {"WWW-Authenticate": True}),
-    "403": ("Forbidden", "The token lacks the API's scope (`insufficient_scope`, with a "
-                         "`WWW-Authenticate` challenge) or an administrator must consent "
-                         "(`consent_required`).", {"WWW-Authenticate": False}),
+    "403": ("Forbidden", "The token lacks the API's scope or the route's app role "
+                         "(`insufficient_scope`, with a `WWW-Authenticate` challenge), is an "
+                         "app-only token on a route that acts on behalf of a user "
+                         "(`user_token_required`, with a challenge), or an administrator must "
+                         "consent (`consent_required`).", {"WWW-Authenticate": False}),
     "404": ("NotFound", "No such path (`not_found`), the downstream API has no such resource "
                         "(`not_found`), or the user has no manager (`manager_not_found`).", {}),
     "405": ("MethodNotAllowed", "The path does not take this method; `Allow` lists those it does.",

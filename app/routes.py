@@ -1,4 +1,6 @@
-"""The API's routes: ``/api/*``, every one requiring the API scope (``API_REQUIRED_SCOPE``).
+"""The API's routes: ``/api/*``, every one requiring the API scope (``API_REQUIRED_SCOPE``);
+``/api/whoami`` also admits applications (app-only tokens) with the app role
+``API_APP_ROLE``, when that is set.
 
 Reading a Graph route top-down is the request path: the protector (``obo.protect``, before
 each request) → a token on behalf of the caller (``downstream`` asks ``acquire_token``,
@@ -19,15 +21,27 @@ from flask_obo.errors import ApiError, DownstreamError, DownstreamNotFound
 from .extensions import obo
 
 api = Blueprint("api", __name__, url_prefix="/api")
-obo.protect(api)
+obo.protect(api)  # users only: every route here acts on behalf of the caller
 
 WHOAMI_CLAIMS = ("oid", "tid", "name", "preferred_username", "scp")
 USER_FIELDS = ("id", "displayName", "mail", "userPrincipalName", "jobTitle")
 
 
-@api.get("/whoami")
 def whoami() -> Response:
-    return jsonify({claim: current_token.get(claim) for claim in WHOAMI_CLAIMS})
+    """The caller's identity from the validated token: a user's (``scp``) or, for an
+    app-only token, the application's (``app_id``, ``roles``; no user claims)."""
+    claims = {claim: current_token.get(claim) for claim in WHOAMI_CLAIMS}
+    return jsonify({**claims, "roles": list(current_token.roles) or None, "app_id": current_token.app_id})
+
+
+def identity_blueprint(app_role: str | None) -> Blueprint:
+    """``GET /api/whoami``: users with the API's scope and, when ``app_role``
+    (``API_APP_ROLE``) is set, applications whose app-only token carries that role.
+    Built per application, as the role is a setting."""
+    identity = Blueprint("identity", __name__, url_prefix="/api")
+    guard = obo.require_scope(app_roles=(app_role,) if app_role else ())
+    identity.add_url_rule("/whoami", "whoami", guard(whoami), methods=["GET"])
+    return identity
 
 
 @api.get("/me")

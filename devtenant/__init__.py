@@ -6,7 +6,8 @@ client_credentials, Graph ``/me`` and ``/me/manager``) so that the API can run i
 real, unpatched msal code against it, and the browser sign-in a SPA does with
 msal-browser (``/authorize`` with authorization code + PKCE, ``/logout``; see
 :mod:`devtenant.signin`). Identity breadth: workload identity federation
-(:mod:`devtenant.federation`, client assertions in :mod:`devtenant.clientauth`), an
+(:mod:`devtenant.federation`, client assertions in :mod:`devtenant.clientauth`), daemons
+with app roles (client credentials: ``DAEMON_CLIENT_ID``), an
 App Service managed identity endpoint (:mod:`devtenant.managed_identity`), v1 tokens
 (:mod:`devtenant.tokens`), a second tenant (``other_tenants`` in directory.json) and
 CAE session revocation (:mod:`devtenant.revocation`).
@@ -28,6 +29,12 @@ API_CLIENT_SECRET = "Dev8Q~flaskobo.devtenant.secret-NOT-FOR-PRODUCTION"
 API_SCOPE = "user_impersonation"
 API_APP_ROLE = "access_as_application"
 SPA_CLIENT_ID = "9b2d4f6a-8c1e-4a3b-b5d7-e9f0a1c2d3e4"
+#: Daemons calling the API with app-only tokens (client credentials): the first is assigned
+#: the API's app role API_APP_ROLE, the second no app role at all.
+DAEMON_CLIENT_ID = "7d1c9e42-3a5b-4c8d-9e0f-1a2b3c4d5e6f"
+DAEMON_CLIENT_SECRET = "Dev8Q~daemon.devtenant.secret-NOT-FOR-PRODUCTION"
+UNASSIGNED_DAEMON_CLIENT_ID = "9f3e1a64-5c7d-4eaf-9021-3c4d5e6f7a81"
+UNASSIGNED_DAEMON_CLIENT_SECRET = "Dev8Q~unassigned.devtenant.secret-NOT-FOR-PRODUCTION"
 GRAPH_RESOURCE = "https://graph.microsoft.com"
 GRAPH_APP_ID = "00000003-0000-0000-c000-000000000000"
 GRAPH_DELEGATED_PERMISSIONS = ("User.Read", "User.ReadBasic.All")
@@ -81,6 +88,8 @@ __all__ = [
     "API_CLIENT_ID",
     "API_CLIENT_SECRET",
     "API_SCOPE",
+    "DAEMON_CLIENT_ID",
+    "DAEMON_CLIENT_SECRET",
     "DEFAULT_AUTHORITY_HOST",
     "FEDERATED_SUBJECT",
     "GRAPH_APP_ID",
@@ -100,6 +109,8 @@ __all__ = [
     "TENANT_DOMAIN",
     "TENANT_ID",
     "TOKEN_EXCHANGE_AUDIENCE",
+    "UNASSIGNED_DAEMON_CLIENT_ID",
+    "UNASSIGNED_DAEMON_CLIENT_SECRET",
     "USER_ASSIGNED_IDENTITY_CLIENT_ID",
     "USER_ASSIGNED_IDENTITY_OBJECT_ID",
     "DevTenant",

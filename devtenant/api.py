@@ -13,7 +13,14 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from devtenant import API_CLIENT_ID, API_CLIENT_SECRET, SPA_CLIENT_ID, TENANT_ID, revocation
+from devtenant import (
+    API_APP_ROLE,
+    API_CLIENT_ID,
+    API_CLIENT_SECRET,
+    SPA_CLIENT_ID,
+    TENANT_ID,
+    revocation,
+)
 from devtenant.directory import Directory, User
 from devtenant.federation import (
     DEFAULT_ISSUER,
@@ -298,6 +305,8 @@ class DevTenant:
             "AZURE_AUTHORITY_HOST": self.authority_host,
             "AZURE_V1_ISSUER_HOST": self.v1_issuer_host,
             "GRAPH_BASE_URL": f"{self.authority_host}/v1.0",
+            # Daemons with this role on the API may call /api/whoami (see DevTenant.daemon_env).
+            "API_APP_ROLE": API_APP_ROLE,
             "REQUESTS_CA_BUNDLE": str(self.ca_bundle_path),
         }
         if federated:

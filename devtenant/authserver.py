@@ -45,9 +45,10 @@ def generate_token(
     the ``scope`` *returned* follows the runtime short/prefixed switch.
     """
     runtime = current()
-    lifetime = expires_in or random_lifetime()
+    lifetime = expires_in or runtime.access_token_lifetime or random_lifetime()
     azpacr = g.get("devtenant_azpacr", "1")
     if user is None:
+        lifetime = expires_in or runtime.app_token_lifetime or lifetime
         resource = scopes.app_only_resource(scope, runtime.directory)
         access_token = runtime.minter.app_token(
             issuer=issuer(),

@@ -25,6 +25,7 @@ that validate v1 tokens; the keys are the same.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -206,6 +207,8 @@ def token(tenant: str) -> Response:
     kind = GRANT_KINDS.get(grant_type or "", "other")
     if kind == "on_behalf_of" and form.get("requested_token_use") != "on_behalf_of":
         kind = "other"
+    if kind == "client_credentials" and current().app_token_delay:
+        time.sleep(current().app_token_delay)  # a slow Entra ID, as /_devtenant/app-tokens asks
     server: EntraAuthorizationServer = current_app.extensions["devtenant.authserver"]
     implied = _implied_tenant() if _multi_tenant() else None
     if implied:

@@ -1,4 +1,6 @@
-"""Blueprint for the two Microsoft Graph calls the API makes: ``/me`` and ``/me/manager``.
+"""Blueprint for the Microsoft Graph calls the API makes: ``/me`` and ``/me/manager`` on
+behalf of a user, and ``/users/{id | userPrincipalName}``, which app-only tokens (client
+credentials, application permission ``User.Read.All``) may read too.
 
 Responses and errors copy Graph's shapes (``@odata.context``, ``$select``,
 ``InvalidAuthenticationToken`` with a ``WWW-Authenticate`` challenge,
@@ -87,8 +89,8 @@ def _count(response: Response) -> Response:
     return response
 
 
-def _signed_in_user() -> User:
-    """Validate the bearer token and return the user it was issued for."""
+def _caller_claims() -> dict[str, Any]:
+    """Validate the bearer token (signature, audience, lifetime, revocation); its claims."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -103,6 +105,13 @@ def _signed_in_user() -> User:
         raise GraphError(401, "InvalidAuthenticationToken", message) from exc
     runtime.use_tenant(str(claims["tid"]))
     _check_revocation(claims)
+    return claims
+
+
+def _signed_in_user() -> User:
+    """Validate the bearer token and return the user it was issued for."""
+    claims = _caller_claims()
+    runtime = current()
     if "scp" not in claims:
         raise GraphError(400, "BadRequest", "/me request is only valid with delegated authentication flow.")
     if not READ_PERMISSIONS & set(str(claims["scp"]).split()):
@@ -178,6 +187,31 @@ def manager() -> Response:
     body = _project(boss, "directoryObjects")
     context = body.pop("@odata.context")
     return jsonify({"@odata.context": context, "@odata.type": "#microsoft.graph.user", **body})
+
+
+@bp.get("/users/<ref>")
+def user(ref: str) -> Response:
+    """A user by object id or UPN, as an app reads the directory: an app-only token with the
+    application permission ``User.Read.All`` (``roles``), or a delegated token with
+    ``User.ReadBasic.All`` or ``User.Read.All``."""
+    claims = _caller_claims()
+    if "scp" in claims:
+        allowed = {"User.ReadBasic.All", "User.Read.All"} & set(str(claims["scp"]).split())
+    else:
+        allowed = {"User.Read.All"} & {str(r) for r in claims.get("roles", ())}
+    if not allowed:
+        raise GraphError(
+            403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation."
+        )
+    found = current().directory.user(ref)
+    if found is None:
+        raise GraphError(
+            404,
+            "Request_ResourceNotFound",
+            f"Resource '{ref}' does not exist or one of its queried reference-property objects "
+            "are not present.",
+        )
+    return jsonify(_project(found, "users"))
 
 
 @bp.route("/<path:rest>", methods=["GET", "POST", "PATCH", "PUT", "DELETE"])

@@ -40,14 +40,41 @@ def reset_counters() -> Response:
 
 @bp.route("/_devtenant/config", methods=["GET", "POST"])
 def config() -> Response | tuple[Response, int]:
-    """``{"short_scopes": bool}`` switches the form of the returned ``scope``."""
+    """``{"short_scopes": bool}`` switches the form of the returned ``scope``;
+    ``{"access_token_lifetime": seconds | null}`` how long issued access tokens live
+    (null: Entra's randomised 60-90 minutes). Either key, or both."""
     runtime = current()
     if request.method == "POST":
         data = request.get_json(silent=True)
-        if not isinstance(data, dict) or not isinstance(data.get("short_scopes"), bool):
-            return jsonify({"error": 'expected JSON {"short_scopes": true|false}'}), 400
-        runtime.short_scopes = data["short_scopes"]
-    return jsonify({"short_scopes": runtime.short_scopes})
+        expected = 'expected JSON {"short_scopes": true|false, "access_token_lifetime": seconds|null}'
+        if not isinstance(data, dict) or not data.keys() & {"short_scopes", "access_token_lifetime"}:
+            return jsonify({"error": expected}), 400
+        lifetime = data.get("access_token_lifetime")
+        if ("short_scopes" in data and not isinstance(data["short_scopes"], bool)) or (
+                lifetime is not None and (type(lifetime) is not int or not 60 <= lifetime <= 86400)):
+            return jsonify({"error": expected}), 400
+        if "short_scopes" in data:
+            runtime.short_scopes = data["short_scopes"]
+        if "access_token_lifetime" in data:
+            runtime.access_token_lifetime = lifetime
+    return jsonify({"short_scopes": runtime.short_scopes,
+                    "access_token_lifetime": runtime.access_token_lifetime})
+
+
+@bp.route("/_devtenant/app-tokens", methods=["GET", "POST"])
+def app_tokens() -> Response | tuple[Response, int]:
+    """``{"lifetime": <seconds> | null, "delay": <seconds>}``: client-credentials tokens live
+    ``lifetime`` seconds (null: Entra's 60-90 minutes), e.g. 240 for a token already four
+    minutes from its expiry, and each takes ``delay`` seconds (at most 30) to be issued."""
+    runtime = current()
+    if request.method == "POST":
+        data = request.get_json(silent=True)
+        lifetime, delay = (data.get("lifetime"), data.get("delay", 0)) if isinstance(data, dict) else (0, -1)
+        if not (lifetime is None or (isinstance(lifetime, int) and 0 < lifetime <= 86400)) or not (
+                isinstance(delay, int | float) and 0 <= delay <= 30):
+            return jsonify({"error": 'expected JSON {"lifetime": 1..86400 | null, "delay": 0..30}'}), 400
+        runtime.app_token_lifetime, runtime.app_token_delay = lifetime, float(delay)
+    return jsonify({"lifetime": runtime.app_token_lifetime, "delay": runtime.app_token_delay})
 
 
 @bp.route("/_devtenant/revoke", methods=["POST", "DELETE"])

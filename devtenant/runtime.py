@@ -205,6 +205,15 @@ class Runtime:
         #: ``/_devtenant/mfa``), they sign in with a password alone and Conditional Access
         #: bites later, at the OBO for Graph: the claims challenge an SPA has to answer.
         self.mfa_at_sign_in = True
+        #: Seconds that issued access tokens live (``/_devtenant/config``); None: Entra's
+        #: randomised 60-90 minutes. Short-lived, a client finds its cached token aged at
+        #: once and must redeem its refresh token: "two hours later" without a clock.
+        self.access_token_lifetime: int | None = None
+        #: Client-credentials tokens: their lifetime in seconds (None: Entra's 60-90 min) and
+        #: how long the token endpoint takes to issue one (``/_devtenant/app-tokens``), so a
+        #: test can hand out a token already close to its expiry and watch a slow renewal.
+        self.app_token_lifetime: int | None = None
+        self.app_token_delay = 0.0
         self.directories = Directory.load_all(paths.root)
         self.home = self.directories[0]
         self.keys = KeyStore(paths.signing_keys)

@@ -11,9 +11,14 @@ Entra ID-protected API) on behalf of the signed-in user.
         return obo.downstream("graph").get("/me/drive").json()
 
 The seams, as in Microsoft.Identity.Web: protecting the API (``require_scope``,
-``protect``, ``current_token``), acquiring tokens (``acquire_token``, On-Behalf-Of
-through msal), the token cache (``TokenCacheStore``: Redis, sealed per user, with a
-memory tier) and downstream APIs (``downstream``). Errors are ``flask_obo.errors``.
+``require_app_role``, ``protect``, ``current_token``), acquiring tokens (``acquire_token``,
+On-Behalf-Of through msal; ``acquire_app_token``, client credentials, for calls as the
+app), the token cache (``TokenCacheStore``: Redis, sealed per user, with a memory tier)
+and downstream APIs (``downstream``, as the user or ``as_app``). Errors are
+``flask_obo.errors``.
+Beyond the request: ``background_handle`` and ``on_behalf_of=`` (jobs acting as a user,
+``flask_obo.background``) and azure-core credentials for Azure SDKs and the Graph SDK
+(``user_credential``, ``app_credential``: ``flask_obo.azure_credentials``, the ``azure`` extra).
 """
 
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore

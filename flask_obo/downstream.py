@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import logging
 import re
 import time
@@ -69,6 +70,12 @@ class DownstreamApi:
         self._session = session
         self._tokens = tokens
         self._metrics = metrics or Metrics()
+
+    def with_tokens(self, tokens: TokenSource) -> DownstreamApi:
+        """This API, called with tokens from ``tokens`` instead (a background job's user)."""
+        other = copy.copy(self)
+        other._tokens = tokens
+        return other
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         return self.request("GET", path, **kwargs)

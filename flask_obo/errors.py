@@ -131,6 +131,32 @@ class InsufficientScope(ApiError):
         )
 
 
+class MissingAppRole(InsufficientScope):
+    """An app-only token without any of the route's app roles (or a delegated token on a
+    route for apps alone). The roles are the route's own names, never the token's."""
+
+    def __init__(self, roles: tuple[str, ...]) -> None:
+        ApiError.__init__(
+            self, f"The access token lacks an app role this route requires: {', '.join(roles)}.",
+            headers={"WWW-Authenticate": bearer_challenge(error="insufficient_scope")},
+        )
+
+
+class UserTokenRequired(ApiError):
+    """An app-only token on a route that acts on behalf of a user (an On-Behalf-Of
+    exchange): no user is behind it, so it is refused before any call to Entra ID. The
+    challenge is RFC 6750's for a token with too few privileges, naming the scope a
+    user's token needs."""
+
+    status = 403
+    error = "user_token_required"
+    description = "This operation acts on behalf of a signed-in user; an app-only token cannot be used."
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(headers={"WWW-Authenticate": bearer_challenge(error="insufficient_scope",
+                                                                       scope=scope)})
+
+
 # --- acquiring tokens from Entra ID ------------------------------------------------------------
 class IdentityProviderUnavailable(ServiceUnavailable):
     description = "The identity provider is unavailable; retry later."
@@ -180,6 +206,32 @@ class TokenAcquisitionFailed(ApiError):
     status = 502
     error = "token_acquisition_failed"
     description = "The identity provider refused to issue a token for the downstream API."
+
+
+# --- background jobs (flask_obo.background) ----------------------------------------------------
+class InvalidBackgroundHandle(ApiError):
+    """A background handle this API did not issue, or one that was altered: refused before
+    anything is read for it. The same answer whatever was wrong with it (the generic
+    ``invalid_request`` code: a malformed input, told apart by this class and its text)."""
+
+    status = 400
+    error = "invalid_request"
+    description = "The background handle is not one this API issued."
+
+
+class BackgroundHandleRevoked(InteractionRequired):
+    """The user signed out (or their cached session ended) after the handle was taken: the
+    job can no longer act for them until they sign in and start it again."""
+
+    description = "The user's session behind this background job has ended; the user must sign in again."
+
+
+class RefreshTokenExpired(InteractionRequired):
+    """A background job's user has no usable refresh token any more: Entra ID refused it
+    (expired, revoked) or there is none. Only the user, signing in again, can renew it."""
+
+    description = ("The identity provider no longer honours the user's refresh token; "
+                   "the user must sign in again.")
 
 
 # --- the token cache ---------------------------------------------------------------------------

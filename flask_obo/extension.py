@@ -18,26 +18,37 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.fernet import Fernet
 from flask import Blueprint, Flask, Response, after_this_request, current_app, g, request
 
+from .app_tokens import AppTokenProvider
 from .authority import AuthorityDiskCache, OpenIdConfiguration, SigningKeys, TenantConfigurations
+from .background import BackgroundHandles
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
 from .cli import register_commands
 from .credentials import client_credential
 from .diagnosis import REDIS, STATUS, Diagnosis
 from .downstream import DownstreamApi
-from .errors import DownstreamNotConfigured, register_error_handlers
+from .errors import DownstreamNotConfigured, UserTokenRequired, register_error_handlers
 from .http import build_session
 from .metrics import Metrics
-from .protector import EntraResourceProtector, EntraTokenValidator, current_token
+from .protector import (
+    EntraAccessToken,
+    EntraResourceProtector,
+    EntraTokenValidator,
+    current_token,
+    validated_token,
+)
 from .request_ids import REQUEST_ID_HEADER, begin_request, end_request
-from .settings import Settings
+from .settings import DownstreamApiSettings, Settings
 from .token_acquisition import OnBehalfOfTokenProvider
 from .token_cache import TokenCacheCodec, partition_key
 from .tracing import VALIDATE_SPAN, instrument_app, span
+
+if TYPE_CHECKING:  # azure-core is an optional extra (flask-obo[azure])
+    from .azure_credentials import AppCredential, AsyncCredential, UserCredential
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +69,9 @@ class OboServices:
     downstream_apis: Mapping[str, DownstreamApi]
     metrics: Metrics
     diagnosis: Diagnosis  # misconfigurations met at run time (/readyz, the log)
+    app_tokens: AppTokenProvider
+    downstream_app_apis: Mapping[str, DownstreamApi]  # the same APIs, called as the app
+    handles: BackgroundHandles
 
 
 class FlaskOBO:
@@ -108,12 +122,14 @@ class FlaskOBO:
             store.report_to(metrics)
             store.diagnosis = diagnosis
         # Without REDIS_URL the in-process cache is sealed too, with a key that dies with the process.
-        codec = TokenCacheCodec(settings.token_cache_keys or (Fernet.generate_key().decode(),))
+        cache_keys = settings.token_cache_keys or (Fernet.generate_key().decode(),)
+        codec = TokenCacheCodec(cache_keys)
         tenants = TenantConfigurations(
             metadata, session, authority_host=settings.authority_host, allowed=settings.tenant_allowed,
             multi_tenant=settings.multi_tenant, disk=disk, timeout=entra_timeout, diagnosis=diagnosis)
-        tokens = OnBehalfOfTokenProvider(settings, store, codec, session, tenants,
-                                         client_credential(settings, session), metrics)
+        credential = client_credential(settings, session)
+        tokens = OnBehalfOfTokenProvider(settings, store, codec, session, tenants, credential, metrics)
+        app_tokens = AppTokenProvider(settings, store, codec, session, tenants, credential, metrics)
         app.extensions[EXTENSION_KEY] = OboServices(
             settings=settings,
             keys=keys,
@@ -127,6 +143,13 @@ class FlaskOBO:
             },
             metrics=metrics,
             diagnosis=diagnosis,
+            app_tokens=app_tokens,
+            downstream_app_apis={
+                name: DownstreamApi(name, DownstreamApiSettings(api.base_url, api.app_scopes), session,
+                                    self._app_token_source, metrics)
+                for name, api in settings.downstream_apis.items()
+            },
+            handles=BackgroundHandles(cache_keys, settings.client_id),
         )
         register_error_handlers(app)
         app.before_request(_begin_request)
@@ -139,63 +162,193 @@ class FlaskOBO:
         instrument_app(app)  # OpenTelemetry, when OTEL_EXPORTER_OTLP_*ENDPOINT asks (flask_obo.tracing)
 
     # --- protecting the API ----------------------------------------------------------------------
-    def require_scope(self, scope: str | None = None) -> Callable[[View], View]:
-        """A view decorator: the request needs a valid access token with ``scope``
-        (default: ``API_REQUIRED_SCOPE``), else 401/403 with an RFC 6750 challenge.
-        The answer is marked ``Cache-Control: no-store``: it is one user's data."""
+    def require_scope(self, scope: str | None = None, *,
+                      app_roles: Sequence[str] = ()) -> Callable[[View], View]:
+        """A view decorator: the request needs a valid access token, else 401/403 with an
+        RFC 6750 challenge. A delegated token needs ``scope`` (default:
+        ``API_REQUIRED_SCOPE``); an app-only token (a daemon's) one of ``app_roles``, and
+        with none it is refused (403 ``insufficient_scope``). The answer is marked
+        ``Cache-Control: no-store``: it is one caller's data."""
+        return self._guard(scope, _roles(app_roles), delegated=True)
 
+    def require_app_role(self, *roles: str) -> Callable[[View], View]:
+        """A view decorator for routes only applications call: an app-only token with one
+        of ``roles``; any other token (a user's, too) gets 403 ``insufficient_scope``."""
+        if not roles:
+            raise ValueError("require_app_role needs at least one role")
+        return self._guard(None, _roles(roles), delegated=False)
+
+    def _guard(self, scope: str | None, app_roles: tuple[str, ...],
+               delegated: bool) -> Callable[[View], View]:
         def decorate(view: View) -> View:
             @functools.wraps(view)
             def protected(*args: Any, **kwargs: Any) -> Any:
-                after_this_request(_private)  # errors too: they are about this user's token
-                self.authenticate(scope)
+                after_this_request(_private)  # errors too: they are about this caller's token
+                self._authenticate(scope, app_roles, delegated)
                 return view(*args, **kwargs)
 
             return protected  # type: ignore[return-value]
 
         return decorate
 
-    def protect(self, blueprint: Blueprint, scope: str | None = None) -> None:
-        """Require ``scope`` (default: ``API_REQUIRED_SCOPE``) on every route of
-        ``blueprint``. Only a CORS preflight passes without a token (browsers send none
-        with it): an ``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method`` that
-        Flask answers itself. Any other ``OPTIONS`` is authenticated like every method, and
-        so is every ``OPTIONS`` to a view that handles that method itself."""
+    def protect(self, blueprint: Blueprint, scope: str | None = None,
+                app_roles: Sequence[str] = ()) -> None:
+        """``require_scope(scope, app_roles=app_roles)`` on every route of ``blueprint``.
+        Only a CORS preflight passes without a token (browsers send none with it): an
+        ``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method`` that Flask
+        answers itself. Any other ``OPTIONS`` is authenticated like every method, and so
+        is every ``OPTIONS`` to a view that handles that method itself."""
+        roles = _roles(app_roles)
 
         @blueprint.before_request
         def _authenticate() -> None:
             if not _is_cors_preflight():
-                self.authenticate(scope)
+                self._authenticate(scope, roles, delegated=True)
 
         blueprint.after_request(_private)
 
-    def authenticate(self, scope: str | None = None) -> None:
-        """Validate the current request's token for ``scope`` (default: ``API_REQUIRED_SCOPE``);
-        then ``current_token`` holds it. Raises the ``ApiError`` to answer with."""
+    def authenticate(self, scope: str | None = None, app_roles: Sequence[str] = ()) -> None:
+        """Validate the current request's token as ``require_scope(scope, app_roles=...)``
+        does; then ``current_token`` holds it. Raises the ``ApiError`` to answer with."""
+        self._authenticate(scope, _roles(app_roles), delegated=True)
+
+    def _authenticate(self, scope: str | None, app_roles: tuple[str, ...], delegated: bool) -> None:
         services = self._services()
+        required = (scope or services.settings.required_scope) if delegated else None
         with span(VALIDATE_SPAN):
-            services.protector.authenticate(scope or services.settings.required_scope)
+            services.protector.authenticate(required, app_roles)
 
     # --- acquiring tokens and calling downstream APIs --------------------------------------------
-    def acquire_token(self, scopes: Sequence[str], claims_challenge: str | None = None) -> str:
+    def acquire_token(self, scopes: Sequence[str], claims_challenge: str | None = None, *,
+                      on_behalf_of: str | None = None) -> str:
         """An access token for ``scopes`` (one resource) on behalf of ``current_token``'s user,
         from the memory tier, the shared cache or Entra ID (On-Behalf-Of) in that order.
-        With ``claims_challenge`` (a downstream API's decoded claims), always a fresh one."""
+        With ``claims_challenge`` (a downstream API's decoded claims), always a fresh one.
+
+        ``on_behalf_of``: a background handle (``background_handle``) instead, in a job
+        (any process with the same settings, within an app context): that user's cache
+        entry and refresh token serve it. Raises ``InvalidBackgroundHandle`` (a handle not
+        issued here, or altered), ``BackgroundHandleRevoked`` (the user signed out since)
+        or ``RefreshTokenExpired`` (Entra ID no longer honours the refresh token)."""
         if isinstance(scopes, str):
             raise TypeError("scopes must be a list of scopes, not one string")
-        return self._services().tokens.acquire_token(current_token, scopes, claims_challenge)
+        services = self._services()
+        if on_behalf_of is not None:
+            return services.tokens.acquire_token(services.handles.open(on_behalf_of), scopes,
+                                                 claims_challenge)
+        _refuse_app_tokens()
+        return services.tokens.acquire_token(current_token, scopes, claims_challenge)
 
-    def downstream(self, name: str) -> DownstreamApi:
+    def acquire_app_token(self, scopes: Sequence[str], tenant: str | None = None) -> str:
+        """The API's own access token (client credentials, no user) for ``scopes``: exactly
+        one ``<resource>/.default``, e.g. ``["https://graph.microsoft.com/.default"]``.
+
+        Works inside or outside a request (a CLI command, a background job) within an
+        application context. ``tenant``: a tenant id (GUID) this API serves; None is
+        ``AZURE_TENANT_ID`` (a multi-tenant API must name one). Served from this worker's
+        memory, then Redis, then Entra ID, one call at a time per tenant and resource across
+        workers and instances; renewed in the background before it expires; served while
+        unexpired through Entra ID and Redis outages.
+
+        Returns the access token (a string) to send as ``Authorization: Bearer <token>``.
+        Raises ``TypeError``/``ValueError`` for bad ``scopes`` or ``tenant``;
+        ``IdentityProviderUnavailable`` (503) when Entra ID is unreachable,
+        slow or throttling and no unexpired token is cached; ``TokenAcquisitionFailed``
+        (502) when Entra ID refuses (the API's credential, an unknown resource, no admin
+        consent: logged with its AADSTS codes); ``TokenAcquisitionBusy``/``TooManyWaiting``
+        (503) when another caller's acquisition holds it up past
+        ``TOKEN_ACQUISITION_TIMEOUT_SECONDS``; ``RuntimeError`` outside an application
+        context. The 502 and 503 ones are ``flask_obo.errors.ApiError``s: in a route they
+        become the JSON answer by themselves; in a job, a 503's ``headers["Retry-After"]``
+        says when to retry."""
+        return self._services().app_tokens.acquire(scopes, tenant)
+
+    def _app_token_source(self, scopes: Sequence[str], claims_challenge: str | None) -> str:
+        """What ``downstream(name, as_app=True)`` sends: the app token of the API's tenant
+        (a multi-tenant API: of the caller's tenant, in a protected request)."""
+        services = self._services()
+        tenant = None
+        if services.settings.multi_tenant and isinstance(g.get("flask_obo_token"), dict):
+            tenant = current_token.tid
+        return services.app_tokens.acquire(scopes, tenant, claims_challenge)
+
+    def downstream(self, name: str, as_app: bool = False, *,
+                   on_behalf_of: str | None = None) -> DownstreamApi:
         """The configured downstream API ``name``: ``graph`` (``GRAPH_BASE_URL``,
-        ``GRAPH_SCOPES``) or one of ``DOWNSTREAM_APIS__<NAME>__BASE_URL`` / ``__SCOPES``."""
-        apis = self._services().downstream_apis
+        ``GRAPH_SCOPES``) or one of ``DOWNSTREAM_APIS__<NAME>__BASE_URL`` / ``__SCOPES``,
+        called on behalf of the current request's user; with ``as_app``, as the API itself
+        with app tokens (``acquire_app_token``) for ``GRAPH_APP_SCOPES`` /
+        ``DOWNSTREAM_APIS__<NAME>__APP_SCOPES`` (default ``<resource>/.default``); with
+        ``on_behalf_of`` (a background handle), as the handle's user."""
+        if as_app and on_behalf_of is not None:
+            raise TypeError("downstream() calls as the app or as a handle's user, not both")
+        services = self._services()
+        apis = services.downstream_app_apis if as_app else services.downstream_apis
         try:
-            return apis[name.lower()]
+            api = apis[name.lower()]
         except KeyError:
             error = DownstreamNotConfigured(name, tuple(sorted(apis)))
             log.error("%s (set DOWNSTREAM_APIS__%s__BASE_URL and __SCOPES, or fix the name)",
                       error, name.upper() if name.isidentifier() else "<NAME>")
             raise error from None
+        if on_behalf_of is None:
+            return api
+        user = services.handles.open(on_behalf_of)  # refused here, before any I/O, if not genuine
+        tokens = services.tokens
+        return api.with_tokens(lambda scopes, claims: tokens.acquire_token(user, scopes, claims))
+
+    # --- work that outlives the request, and Azure SDK credentials ------------------------------
+    def background_handle(self, scopes: Sequence[str] | None = None) -> str:
+        """An opaque handle on the current request's user, for a background job to act as
+        them later (``acquire_token``/``downstream``/``user_credential`` with
+        ``on_behalf_of=handle``), in any process with the same settings.
+
+        The user's cache entry must hold a refresh token for the job to renew from: this
+        acquires a token for ``scopes`` first (default: ``GRAPH_SCOPES``; from the cache
+        when there is one, else one On-Behalf-Of exchange). The handle is encrypted and
+        authenticated (keys derived from ``TOKEN_CACHE_KEYS``): it names no one to whoever
+        holds it, and stops working when the user signs out (``forget_user``)."""
+        services = self._services()
+        user = _request_user("obo.background_handle()")
+        self.acquire_token(list(scopes or services.settings.graph_scopes))
+        return services.handles.issue(user, services.tokens.generation(user))
+
+    def user_credential(self, *, on_behalf_of: str | None = None) -> UserCredential:
+        """An azure-core ``TokenCredential`` (``get_token``, ``get_token_info``) acting for
+        the current request's user, for Azure SDK clients and ``msgraph-sdk``: tokens for
+        whatever scopes the SDK asks come through ``acquire_token``'s cache, single flight
+        and claims-challenge handling. Make it inside the request (it keeps the user);
+        outside one, pass a background handle as ``on_behalf_of``. Needs azure-core
+        (``pip install flask-obo[azure]``)."""
+        from .azure_credentials import UserCredential
+
+        services = self._services()
+        user = (_request_user("obo.user_credential()") if on_behalf_of is None
+                else services.handles.open(on_behalf_of))
+        return UserCredential(services.tokens, user)
+
+    def async_user_credential(self, *, on_behalf_of: str | None = None) -> AsyncCredential:
+        """``user_credential`` for async clients (azure-core's ``AsyncTokenCredential``),
+        such as ``msgraph-sdk``'s ``GraphServiceClient``: acquisition runs in a worker
+        thread, never blocking the event loop."""
+        from .azure_credentials import AsyncCredential
+
+        return AsyncCredential(self.user_credential(on_behalf_of=on_behalf_of))
+
+    def app_credential(self, tenant: str | None = None) -> AppCredential:
+        """An azure-core ``TokenCredential`` acting as the API itself (client credentials,
+        ``acquire_app_token``'s cache and renewal), inside or outside a request within an
+        application context. ``tenant``: as ``acquire_app_token``'s (an SDK's ``tenant_id``
+        wins). Needs azure-core (``pip install flask-obo[azure]``)."""
+        from .azure_credentials import AppCredential
+
+        return AppCredential(self._services().app_tokens, tenant)
+
+    def async_app_credential(self, tenant: str | None = None) -> AsyncCredential:
+        """``app_credential`` for async clients (azure-core's ``AsyncTokenCredential``)."""
+        from .azure_credentials import AsyncCredential
+
+        return AsyncCredential(self.app_credential(tenant))
 
     def forget_user(self) -> None:
         """Sign-out: remove ``current_token``'s user's cached downstream tokens everywhere.
@@ -204,7 +357,9 @@ class FlaskOBO:
         in flight), and this worker's memory copy at once; other workers and instances drop
         theirs within a second (the invalidation channel). The user's next downstream call
         makes a new On-Behalf-Of exchange. Raises ``CacheUnavailable`` (503) when Redis
-        cannot be reached: nothing was removed then."""
+        cannot be reached: nothing was removed then, and ``UserTokenRequired`` (403) for an
+        app-only token: it has no user's tokens."""
+        _refuse_app_tokens()
         self._services().tokens.forget(partition_key(current_token.oid, current_token.tid))
     # --- metrics -------------------------------------------------------------------------------
     def metrics_view(self) -> Response:
@@ -258,6 +413,32 @@ def services_of(app: Flask) -> OboServices:
     if not isinstance(services, OboServices):
         raise RuntimeError("FlaskOBO.init_app(app) has not been called for this application")
     return services
+
+
+def _request_user(what: str) -> EntraAccessToken:
+    """The current request's validated token, itself (not the proxy): kept by an object
+    that may be used after the request, or in another thread."""
+    try:
+        token = validated_token()
+    except RuntimeError:  # no request, or no token validated in it
+        raise RuntimeError(
+            f"{what} acts for the user of a protected request: call it inside a view protected by "
+            "require_scope or protect (a background job passes on_behalf_of=<background handle>)"
+        ) from None
+    _refuse_app_tokens()
+    return token
+
+
+def _roles(app_roles: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(app_roles, str):
+        raise TypeError("app_roles must be a list of role names, not one string")
+    return tuple(app_roles)
+
+
+def _refuse_app_tokens() -> None:
+    """On-behalf-of work needs a user: an app-only token is refused before any call."""
+    if current_token.is_app:
+        raise UserTokenRequired(services_of(current_app).settings.required_scope)
 
 
 def _begin_request() -> None:

@@ -40,6 +40,7 @@ from .errors import (
     IdentityProviderUnavailable,
     InsufficientScope,
     InvalidAccessToken,
+    MissingAppRole,
     MissingToken,
 )
 from .settings import Settings
@@ -74,12 +75,32 @@ class EntraAccessToken(dict[str, Any]):
         return str(self["tid"])
 
     @property
-    def is_app_only(self) -> bool:
-        return "scp" not in self and "roles" in self
+    def roles(self) -> tuple[str, ...]:
+        """The token's app roles (``roles``): an app-only token's application permissions,
+        or a user's app roles in a delegated one. Empty when none."""
+        roles = self.get("roles")
+        return tuple(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else ()
+
+    @property
+    def is_app(self) -> bool:
+        """An app-only token (client credentials, a daemon): ``idtyp`` is ``app``, or (v1
+        tokens, v2 without the optional ``idtyp`` claim) it has ``roles`` and no ``scp``.
+        No user is behind it, so there is nobody to act on behalf of."""
+        return self.get("idtyp") == "app" or ("roles" in self and "scp" not in self)
+
+    @property
+    def app_id(self) -> str | None:
+        """The client application that got the token: ``azp`` (v2) or ``appid`` (v1)."""
+        app_id = self.get("azp", self.get("appid"))
+        return app_id if isinstance(app_id, str) else None
 
 
 class _UnknownSigningKey(Exception):
     pass
+
+
+class _AppTokenRefused(InsufficientScopeError):
+    """An app-only token without any of the route's app roles."""
 
 
 class _Validated(NamedTuple):
@@ -210,8 +231,11 @@ class EntraTokenValidator(BearerTokenValidator):
                 raise ValueError("not the issuer of the token's tenant")
             if "scp" in claims and not isinstance(claims["scp"], str):
                 raise ValueError("scp is not a string")
-            if "scp" not in claims and "roles" not in claims:
-                raise ValueError("neither scp nor roles")
+            if "roles" in claims and not (isinstance(claims["roles"], list)
+                                          and all(isinstance(r, str) for r in claims["roles"])):
+                raise ValueError("roles is not a list of strings")
+            if "scp" not in claims and "roles" not in claims and claims.get("idtyp") != "app":
+                raise ValueError("neither scp nor roles, and not an app token")
         except AuthorityUnavailable as exc:
             log.warning("cannot validate tokens: the authority's signing keys are unavailable (%s)", exc)
             raise IdentityProviderUnavailable() from None
@@ -224,10 +248,15 @@ class EntraTokenValidator(BearerTokenValidator):
         self.validated.put(digest, claims, kid, key)
         return EntraAccessToken(claims, token_string)
 
-    def validate_token(self, token: EntraAccessToken, scopes: list[str], request: Any) -> None:
-        # scopes holds the one required scope; "a substring doesn't count", so compare
-        # whole space-separated values. An app-only token (roles, no scp) never qualifies.
-        if token.is_app_only or not set(scopes) <= token.scopes:
+    def validate_token(self, token: EntraAccessToken, scopes: list[str] | None, request: Any,
+                       app_roles: tuple[str, ...] = ()) -> None:
+        """A delegated token needs the required scope (``scopes``: it alone, or none when
+        no delegated token may pass); an app-only token one of ``app_roles`` (none: it
+        never passes). "A substring doesn't count": whole space-separated values compare."""
+        if token.is_app:
+            if not set(app_roles) & set(token.roles):
+                raise _AppTokenRefused()
+        elif not scopes or not set(scopes) <= token.scopes:
             raise InsufficientScopeError()
 
     def _resolve_key(self, obj: GuestProtocol) -> tuple[str, RSAKey]:
@@ -248,12 +277,14 @@ class EntraResourceProtector(ResourceProtector):
         super().__init__()
         self.register_token_validator(validator)
 
-    def authenticate(self, scope: str) -> EntraAccessToken:
-        """Validate the request's bearer token for ``scope`` or raise the matching ``ApiError``."""
+    def authenticate(self, scope: str | None, app_roles: tuple[str, ...] = ()) -> EntraAccessToken:
+        """Validate the request's bearer token: a delegated token needs ``scope`` (None:
+        delegated tokens are refused), an app-only token one of ``app_roles`` (none: app
+        tokens are refused). Raises the matching ``ApiError``."""
         try:
-            return self.acquire_token([scope])
+            return self.acquire_token([scope] if scope else None, app_roles=app_roles)
         except OAuth2Error as error:
-            self.raise_error_response(error, scope)
+            self.raise_error_response(error, scope, app_roles)
 
     def acquire_token(self, scopes: list[str] | None = None, **kwargs: Any) -> EntraAccessToken:
         """Authlib's ``acquire_token`` (validate, send ``token_authenticated``, keep the
@@ -266,11 +297,16 @@ class EntraResourceProtector(ResourceProtector):
         g.flask_obo_token = token
         return token
 
-    def raise_error_response(self, error: OAuth2Error, scope: str = "") -> NoReturn:
+    def raise_error_response(self, error: OAuth2Error, scope: str | None = "",
+                             app_roles: tuple[str, ...] = ()) -> NoReturn:
         if isinstance(error, (MissingAuthorizationError, UnsupportedTokenTypeError)):
             raise MissingToken()
         if isinstance(error, InsufficientScopeError):
-            raise InsufficientScope(scope)
+            # Name what the caller's kind of token lacks: an app token the roles (when
+            # some would do), a delegated one the scope (when one would do).
+            if app_roles and (isinstance(error, _AppTokenRefused) or not scope):
+                raise MissingAppRole(app_roles)
+            raise InsufficientScope(scope or "")
         raise InvalidAccessToken()
 
 

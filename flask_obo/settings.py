@@ -40,7 +40,7 @@ LOG_FORMATS = ("text", "json")  # the first is the default
 DOWNSTREAM_PREFIX = "DOWNSTREAM_APIS__"
 # AZURE_TENANT_ID values that make the API multi-tenant (with AZURE_ALLOWED_TENANTS)
 MULTI_TENANT_IDS = ("organizations", "common")
-DOWNSTREAM_FIELDS = ("BASE_URL", "SCOPES")
+DOWNSTREAM_FIELDS = ("BASE_URL", "SCOPES", "APP_SCOPES")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # gunicorn's and logging's common names
 PLACEHOLDER_GUID = "00000000-0000-0000-0000-000000000000"  # stands in for a setting that failed
 
@@ -56,7 +56,8 @@ API_SETTINGS = (
     "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_CLIENT_ASSERTION",
     "AZURE_MANAGED_IDENTITY_CLIENT_ID", "AZURE_CLIENT_CAPABILITIES", "AZURE_APP_ID_URI",
     "AZURE_AUTHORITY_HOST", "AZURE_V1_ISSUER_HOST", "AZURE_ALLOWED_TENANTS", "API_REQUIRED_SCOPE",
-    "GRAPH_BASE_URL", "GRAPH_SCOPES", "REDIS_URL", "REDIS_CLUSTER", "REDIS_SENTINELS",
+    "API_APP_ROLE", "GRAPH_BASE_URL", "GRAPH_SCOPES", "GRAPH_APP_SCOPES", "REDIS_URL", "REDIS_CLUSTER",
+    "REDIS_SENTINELS",
     "REDIS_SENTINEL_PASSWORD", "REDIS_TIMEOUT_SECONDS", "TOKEN_CACHE_KEYS", "TOKEN_CACHE_PREFIX",
     "TOKEN_CACHE_TTL_SECONDS", "TOKEN_MEMORY_CACHE_USERS", "TOKEN_ACQUISITION_TIMEOUT_SECONDS",
     "CORS_ALLOWED_ORIGINS", "ENTRA_CONNECT_TIMEOUT_SECONDS", "ENTRA_READ_TIMEOUT_SECONDS",
@@ -117,10 +118,28 @@ class ClientCertificate:
 @dataclass(frozen=True)
 class DownstreamApiSettings:
     """A downstream API: ``DOWNSTREAM_APIS__<NAME>__BASE_URL`` and ``..._SCOPES``
-    (``graph`` comes from ``GRAPH_BASE_URL`` and ``GRAPH_SCOPES``)."""
+    (``graph`` comes from ``GRAPH_BASE_URL`` and ``GRAPH_SCOPES``).
+
+    ``app_scopes``: what its app tokens ask for (``downstream(name, as_app=True)``),
+    ``..._APP_SCOPES`` (``GRAPH_APP_SCOPES``); by default ``<resource>/.default``."""
 
     base_url: str
     scopes: tuple[str, ...]
+    app_scopes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.app_scopes and self.scopes:  # (no scopes: a bad setting, being reported)
+            object.__setattr__(self, "app_scopes", (f"{scope_resource(self.scopes[0])}/.default",))
+
+
+GRAPH_RESOURCE = "https://graph.microsoft.com"
+
+
+def scope_resource(scope: str) -> str:
+    """The resource a scope belongs to: ``api://x/Tasks.Read`` -> ``api://x``; a bare name
+    (``User.Read``) is Microsoft Graph's, as Entra ID reads it."""
+    resource, slash, _ = scope.rpartition("/")
+    return resource if slash and resource else GRAPH_RESOURCE
 
 
 @dataclass(frozen=True)
@@ -147,6 +166,10 @@ class Settings:
     required_scope: str = "user_impersonation"
     graph_base_url: str = "https://graph.microsoft.com/v1.0"
     graph_scopes: tuple[str, ...] = ("https://graph.microsoft.com/.default",)
+    graph_app_scopes: tuple[str, ...] = ()  # GRAPH_APP_SCOPES; empty: <Graph>/.default
+    # The app role the reference API's /api/whoami admits app-only tokens with (API_APP_ROLE);
+    # None: app-only tokens are refused there. Routes of your own name theirs in app_roles=.
+    api_app_role: str | None = None
     # More downstream APIs by lower-case name; "graph" is always the one above.
     extra_downstream_apis: Mapping[str, DownstreamApiSettings] = field(default_factory=dict)
     redis_url: str | None = field(default=None, repr=False)
@@ -208,7 +231,7 @@ class Settings:
     @property
     def downstream_apis(self) -> dict[str, DownstreamApiSettings]:
         """Every downstream API by name: ``graph`` and those of ``DOWNSTREAM_APIS__*``."""
-        graph = DownstreamApiSettings(self.graph_base_url, self.graph_scopes)
+        graph = DownstreamApiSettings(self.graph_base_url, self.graph_scopes, self.graph_app_scopes)
         return {"graph": graph, **self.extra_downstream_apis}
 
     @classmethod
@@ -268,6 +291,8 @@ class Settings:
                                           api=(app_id_uri, f"api://{client_id}", client_id)),
             graph_base_url=env.https_url("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0"),
             graph_scopes=env.scopes("GRAPH_SCOPES", "https://graph.microsoft.com/.default"),
+            graph_app_scopes=env.app_scopes("GRAPH_APP_SCOPES"),
+            api_app_role=env.optional_token("API_APP_ROLE"),
             extra_downstream_apis=env.downstream_apis(),
             cors_allowed_origins=env.origins("CORS_ALLOWED_ORIGINS"),
             entra_connect_timeout=env.seconds("ENTRA_CONNECT_TIMEOUT_SECONDS", DEFAULT_ENTRA_CONNECT_TIMEOUT),
@@ -518,6 +543,21 @@ class Env:
             raise SettingsError(f"{name}: must be a single scope value without spaces or quotes")
         return value
 
+    @_or(lambda: None)
+    def optional_token(self, name: str) -> str | None:
+        """Like ``token``, with no default: unset is None."""
+        return self.token(name, "") if self.optional(name) else None
+
+    @_or(lambda: ())
+    def app_scopes(self, name: str) -> tuple[str, ...]:
+        """Client-credentials scopes: exactly one ``<resource>/.default``; unset: ()."""
+        if self.optional(name) is None:
+            return ()
+        values = self.scopes(name, "")
+        if len(values) != 1 or not values[0].endswith("/.default") or values[0] == "/.default":
+            raise SettingsError(f"{name}: must be one <resource>/.default scope (app tokens take no other)")
+        return values
+
     @_or(lambda default, api: default)
     def scope_name(self, name: str, default: str, api: tuple[str, ...]) -> str:
         """A scope as tokens carry it in ``scp``: its bare name (``user_impersonation``).
@@ -552,8 +592,9 @@ class Env:
             elif field_name not in DOWNSTREAM_FIELDS:
                 close = difflib.get_close_matches(field_name, DOWNSTREAM_FIELDS, n=1)
                 hint = f" (did you mean {DOWNSTREAM_PREFIX}{name}__{close[0]}?)" if close else ""
-                self.error(f"{variable}: unknown; use {DOWNSTREAM_PREFIX}<NAME>__BASE_URL "
-                           f"or {DOWNSTREAM_PREFIX}<NAME>__SCOPES{hint}")
+                self.error(f"{variable}: unknown; use {DOWNSTREAM_PREFIX}<NAME>__BASE_URL, "
+                           f"{DOWNSTREAM_PREFIX}<NAME>__SCOPES or "
+                           f"{DOWNSTREAM_PREFIX}<NAME>__APP_SCOPES{hint}")
             elif name.lower() == "graph":
                 self.error(f"{variable}: graph is set by GRAPH_BASE_URL and GRAPH_SCOPES")
             else:
@@ -567,6 +608,7 @@ class Env:
             apis[name.lower()] = DownstreamApiSettings(
                 base_url=self.https_url(prefix + "BASE_URL", self.required(prefix + "BASE_URL")),
                 scopes=self.scopes(prefix + "SCOPES", self.required(prefix + "SCOPES")),
+                app_scopes=self.app_scopes(prefix + "APP_SCOPES"),
             )
         return apis
 

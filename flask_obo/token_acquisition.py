@@ -19,6 +19,11 @@ A request goes:
    tries the refresh token, else runs OBO, and writes back while it still holds the
    lock. Everything waits at most until the request's deadline. With Redis down the
    leader goes on without the lock and writes the entry once Redis is back.
+
+A background job acts for a ``CachedUser``: the user a background handle names, with no
+assertion to exchange. It goes the same way, except that only the cache and its refresh
+token can serve it, and only while the user's entry is the one the handle was taken
+from (its generation: a sign-out ends it).
 """
 
 from __future__ import annotations
@@ -38,11 +43,13 @@ from .cache_store import Guard, StoredEntry, TokenCacheStore
 from .credentials import CREDENTIAL_ERROR_CODES, ClientCredential
 from .errors import (
     AssertionRejected,
+    BackgroundHandleRevoked,
     CacheUnavailable,
     ConsentRequired,
     IdentityProviderUnavailable,
     InsufficientClaims,
     InteractionRequired,
+    RefreshTokenExpired,
     TokenAcquisitionBusy,
     TokenAcquisitionFailed,
 )
@@ -59,6 +66,16 @@ log = logging.getLogger(__name__)
 SESSION_BUSY_SECONDS = 0.05  # longer than any offline lookup; a leader holds it far longer
 # msal's silent lookup treats an access token this close to its expiry as expired.
 MSAL_EXPIRY_MARGIN_SECONDS = 5 * 60
+
+
+class CachedUser(EntraAccessToken):
+    """A user known by their cache entry alone (a background job's, from a handle): the
+    ``oid`` and ``tid`` of the entry and its ``generation``, and no assertion (``raw`` is
+    empty), so there is nothing to exchange and only the refresh token can renew a token."""
+
+    def __init__(self, oid: str, tid: str, generation: str) -> None:
+        super().__init__({"oid": oid, "tid": tid}, raw="")
+        self.generation = generation
 
 
 class OnBehalfOfTokenProvider:
@@ -86,7 +103,9 @@ class OnBehalfOfTokenProvider:
         self.memory = MemoryTier(
             settings.memory_cache_users,
             lambda: UserSession(MsalHttpClient(session, metadata, timeout, self._metrics)))
-        self._flights: SingleFlight[tuple[str, str]] = SingleFlight(private_errors=(AssertionRejected,))
+        # A job's own failures (its handle revoked, no refresh token) are not a request's.
+        self._flights: SingleFlight[tuple[str, str]] = SingleFlight(
+            private_errors=(AssertionRejected, BackgroundHandleRevoked, RefreshTokenExpired))
         self._waiting_room = WaitingRoom(settings.entra_max_waiting_threads)
         store.watch(self)
 
@@ -123,8 +142,10 @@ class OnBehalfOfTokenProvider:
             return self._from_entra(partition, user, scopes, claims_challenge, deadline)
 
         with self._waiting_room.seat():
+            # A job shares flights only with jobs of its entry's generation: a request's
+            # token must not reach a handle that a sign-out revoked, nor the reverse.
             token, outcome = self._flights.run(
-                (partition, " ".join(scopes), claims_challenge), lead, deadline)
+                (partition, " ".join(scopes), claims_challenge, _generation(user)), lead, deadline)
         # A follower was handed the leader's token in-process, with no I/O of its own.
         return token, outcome if led else MEMORY_HIT
 
@@ -166,6 +187,8 @@ class OnBehalfOfTokenProvider:
         the cache replaces or clears it) and the clock has not reached the earlier of
         those two limits, the answer is the same and msal is not asked. Past them, msal
         decides as before (an aging token goes to Entra ID, which may refresh it)."""
+        if _generation(user) not in (None, session.cache.generation):
+            return None  # not this job's entry, as far as memory knows: the leader decides
         key = tuple(scopes)
         hot = session.hot.get(key)
         if hot is not None and hot.blob is session.blob and time.time() < hot.good_until:
@@ -215,10 +238,18 @@ class OnBehalfOfTokenProvider:
                     with suppress(CacheUnavailable):  # another worker may have filled it
                         self._reload(session, partition, user)
                         outcome = CACHE_HIT
+                if _generation(user) not in (None, session.cache.generation) and outcome != CACHE_HIT:
+                    raise CacheUnavailable()  # a job's entry cannot be checked until Redis is back
                 asked_at = time.time()
-                result = None if claims_challenge else self._silent(session, user, scopes)
+                # With no assertion (a job), the refresh token answers a claims challenge too.
+                result = None if claims_challenge and user.raw else self._silent(
+                    session, user, scopes, claims_challenge=claims_challenge)
                 if result and result.get("token_source") == "identity_provider":
                     outcome = REFRESH  # msal redeemed the refresh token
+                if not result and not user.raw:
+                    log.warning("no usable refresh token for a background job of partition %s",
+                                partition)
+                    raise RefreshTokenExpired()
                 if not result:
                     outcome = OBO
                     result = self._on_behalf_of(session, partition, user, scopes, claims_challenge)
@@ -261,6 +292,35 @@ class OnBehalfOfTokenProvider:
         log.info("token cache removed for partition %s", partition)
         return removed
 
+    def generation(self, user: EntraAccessToken) -> str:
+        """The generation of ``user``'s cache entry, which a background handle names; an
+        entry written before generations existed gets one now (saved under the user's
+        lock). Call right after acquiring a token for the user, so that the entry exists.
+
+        Raises ``RefreshTokenExpired`` when the user has no cached account (nothing a job
+        could renew), ``TokenAcquisitionBusy`` when the user's session stays taken."""
+        deadline = Deadline(self._settings.token_acquisition_timeout)
+        partition = partition_key(user.oid, user.tid)
+        session = self.memory.session(partition)
+        with held(session.lock, deadline.remaining()):
+            if not session.is_current(self._store.coherence()) and self._store.healthy:
+                with suppress(CacheUnavailable):
+                    self._reload(session, partition, user)
+            if session.cache.account_of(user.oid, user.tid) is None:
+                raise RefreshTokenExpired()
+            current = session.cache.generation
+            if current is not None:
+                return current
+            with self._user_lock(partition, deadline) as guard:
+                if guard is not None:
+                    with suppress(CacheUnavailable):
+                        self._reload(session, partition, user)
+                if session.cache.account_of(user.oid, user.tid) is None:  # signed out meanwhile
+                    raise RefreshTokenExpired()
+                generation = session.cache.stamp_generation()
+                self._save_if_changed(session, partition, guard)
+            return generation
+
     @contextmanager
     def _user_lock(self, partition: str, deadline: Deadline) -> Iterator[Guard | None]:
         """The user's store lock; None (single flight per process only) while Redis is down."""
@@ -280,14 +340,16 @@ class OnBehalfOfTokenProvider:
             yield guard
 
     def _silent(self, session: UserSession, user: EntraAccessToken, scopes: list[str],
-                offline_only: bool = False) -> dict[str, Any] | None:
+                offline_only: bool = False, claims_challenge: str | None = None) -> dict[str, Any] | None:
+        _admit(session, user)
         app = self._app(session, user)
         account = session.cache.account_of(user.oid, user.tid)
         if account is None:
             return None
         try:
             with offline() if offline_only else nullcontext():
-                result: dict[str, Any] | None = app.acquire_token_silent(scopes, account)
+                result: dict[str, Any] | None = app.acquire_token_silent(
+                    scopes, account, claims_challenge=claims_challenge)
                 return result
         except NetworkNeeded:  # expired or aging: renew with Entra ID
             return None
@@ -403,6 +465,17 @@ class OnBehalfOfTokenProvider:
                 return
             finally:
                 session.lock.release()
+
+
+def _generation(user: EntraAccessToken) -> str | None:
+    return user.generation if isinstance(user, CachedUser) else None
+
+
+def _admit(session: UserSession, user: EntraAccessToken) -> None:
+    """A job's user is served only from the entry generation its handle names (callers
+    make sure the session reflects the store, or Redis is down and it is what we have)."""
+    if _generation(user) not in (None, session.cache.generation):
+        raise BackgroundHandleRevoked()
 
 
 @contextmanager

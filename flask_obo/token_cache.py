@@ -19,6 +19,7 @@ import base64
 import hashlib
 import json
 import logging
+import secrets
 import zlib
 from collections.abc import Iterable
 from typing import Any
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 OIDC_SCOPES = frozenset({"openid", "profile", "email", "offline_access"})
 _FORMAT_VERSION = b"\x01"
 _PARTITION_BYTES = 32
+# A section of our own beside msal's (msal keeps sections it does not know as they are).
+_GENERATION_SECTION, _GENERATION_ENTRY = "FlaskOboGeneration", "current"
 MAX_SERIALIZED_BYTES = 1024 * 1024  # a decompression bomb is a miss, not an outage
 
 
@@ -65,6 +68,33 @@ class UserTokenCache(msal.SerializableTokenCache):
         requested = _scope_list(event.get("data", {}).get("scope"))
         returned = _scope_list(event.get("scope")) or requested
         super().add(dict(event, scope=stored_scopes(requested, returned)), **kwargs)
+        self.stamp_generation()
+
+    @property
+    def generation(self) -> str | None:
+        """A random name for this entry's lifetime: a cache that starts empty (the first
+        exchange, or the first after a sign-out removed the entry) gets a new one, and it
+        is kept as the entry is refreshed. Background handles name it, so a handle
+        outlives neither a sign-out nor the entry (``flask_obo.background``)."""
+        with self._lock:
+            section = (self._cache or {}).get(_GENERATION_SECTION)
+            entry = section.get(_GENERATION_ENTRY) if isinstance(section, dict) else None
+            value = entry.get("value") if isinstance(entry, dict) else None
+            return value if isinstance(value, str) and value else None
+
+    def stamp_generation(self) -> str:
+        """The entry's generation, giving it one if it has none (an entry written before
+        generations existed); a new one marks the cache changed, to be saved."""
+        current = self.generation
+        if current is not None:
+            return current
+        value = secrets.token_urlsafe(16)
+        with self._lock:
+            if self._cache is None:
+                self._cache = {}
+            self._cache[_GENERATION_SECTION] = {_GENERATION_ENTRY: {"value": value}}
+            self.has_state_changed = True
+        return value
 
     def account_of(self, oid: str, tid: str) -> dict[str, Any] | None:
         """The msal account of the user ``oid`` in tenant ``tid``, if cached."""

@@ -123,7 +123,7 @@ def test_the_wheel_requires_no_test_tools_and_offers_the_extras(wheel: Path) -> 
     unconditional = {canonicalize_name(r.name) for r in requires if r.marker is None}
     assert unconditional == _names(_lines(_setup_cfg()["options"]["install_requires"]))
     assert not unconditional & TEST_TOOLS
-    assert set(meta.get_all("Provides-Extra") or []) >= {"dev", "devtenant", "server", "otel", "azure"}
+    assert set(meta.get_all("Provides-Extra") or []) >= {"azure", "dev", "devtenant", "otel", "server"}
 
     def extra(name: str) -> set[str]:
         return {canonicalize_name(r.name) for r in requires
@@ -131,7 +131,9 @@ def test_the_wheel_requires_no_test_tools_and_offers_the_extras(wheel: Path) -> 
 
     assert extra("dev") >= TEST_TOOLS
     assert PROJECT in extra("dev")  # .[dev] pulls in .[devtenant,server] (a self-reference)
-    assert any(canonicalize_name(r.name) == PROJECT and r.extras == {"devtenant", "server"} for r in requires)
+    assert any(canonicalize_name(r.name) == PROJECT and r.extras == {"azure", "devtenant", "otel", "server"}
+               for r in requires)
+    assert extra("azure") == {"azure-core"}
     assert not extra("devtenant") & TEST_TOOLS
 
 
@@ -219,10 +221,22 @@ def test_the_dev_extra_covers_what_the_tests_and_make_run_import() -> None:
     assert not _unprovided(modules, requirements)
 
 
+#: The extension's modules for an optional extra, and that extra: flask_obo imports without it.
+OPTIONAL_MODULES = {"azure_credentials.py": "azure", "tracing.py": "otel"}
+
+
 def test_the_install_requires_alone_cover_what_the_extension_imports() -> None:
-    modules = _third_party_imports("flask_obo")
+    """All but the modules of an optional extra (``OPTIONAL_MODULES``), which need it too."""
+    setup = _setup_cfg()
+    install_requires = _lines(setup["options"]["install_requires"])
+    required = [path for path in (ROOT / "flask_obo").rglob("*.py") if path.name not in OPTIONAL_MODULES]
+    modules = _third_party_imports_of(*required)
     assert {"flask", "msal", "redis", "authlib"} <= modules
-    assert not _unprovided(modules, _lines(_setup_cfg()["options"]["install_requires"]))
+    assert not _unprovided(modules, install_requires)
+    for name, extra in OPTIONAL_MODULES.items():
+        imports = _third_party_imports_of(ROOT / "flask_obo" / name)
+        assert _unprovided(imports, install_requires), name  # optional indeed
+        assert not _unprovided(imports, [*install_requires, *_lines(setup["options.extras_require"][extra])])
 
 
 def test_the_server_extra_covers_what_the_reference_api_imports() -> None:

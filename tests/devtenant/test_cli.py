@@ -56,6 +56,7 @@ def test_env_init_and_rotate(tmp_path: Path) -> None:
         "AZURE_AUTHORITY_HOST": host,
         "AZURE_V1_ISSUER_HOST": f"{host}/sts",
         "GRAPH_BASE_URL": f"{host}/v1.0",
+        "API_APP_ROLE": "access_as_application",
         "REQUESTS_CA_BUNDLE": str(tmp_path / "ca-bundle.pem"),
         "AZURE_CLIENT_SECRET": API_CLIENT_SECRET,
     }

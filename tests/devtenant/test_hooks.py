@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask.testing import FlaskClient
 
 from devtenant import TENANT_ID
-from tests.devtenant.conftest import BASE, TokenEndpoint
+from tests.devtenant.conftest import BASE, TokenEndpoint, claims_of
 
 
 def test_counters_count_grants_errors_and_graph_paths(dt_token: TokenEndpoint) -> None:
@@ -35,10 +35,29 @@ def test_counters_count_grants_errors_and_graph_paths(dt_token: TokenEndpoint) -
 
 
 def test_config_switch_validates_input(dt_client: FlaskClient) -> None:
-    assert dt_client.get("/_devtenant/config").get_json() == {"short_scopes": False}
+    assert dt_client.get("/_devtenant/config").get_json() == {
+        "short_scopes": False, "access_token_lifetime": None}
     assert dt_client.post("/_devtenant/config", json={"short_scopes": "yes"}).status_code == 400
     assert dt_client.post("/_devtenant/config", json={"short_scopes": True}).status_code == 200
-    assert dt_client.get("/_devtenant/config").get_json() == {"short_scopes": True}
+    assert dt_client.get("/_devtenant/config").get_json() == {
+        "short_scopes": True, "access_token_lifetime": None}
+    for bad in ({}, {"access_token_lifetime": "240"}, {"access_token_lifetime": 5},
+                {"access_token_lifetime": True}):
+        assert dt_client.post("/_devtenant/config", json=bad).status_code == 400
+    assert dt_client.get("/_devtenant/config").get_json()["short_scopes"] is True  # untouched
+
+
+def test_access_token_lifetime_switch_issues_short_lived_tokens(
+        dt_client: FlaskClient, dt_token: TokenEndpoint) -> None:
+    answer = dt_client.post("/_devtenant/config", json={"access_token_lifetime": 240}).get_json()
+    assert answer == {"short_scopes": False, "access_token_lifetime": 240}
+    body = dt_token.obo_for("adele").get_json()
+    claims = claims_of(body["access_token"])
+    assert body["expires_in"] == 240 and claims["exp"] - claims["iat"] == 240
+    refreshed = dt_token.refresh(body["refresh_token"]).get_json()
+    assert refreshed["expires_in"] == 240
+    dt_client.post("/_devtenant/config", json={"access_token_lifetime": None})
+    assert dt_token.obo_for("adele").get_json()["expires_in"] >= 3600  # Entra's 60-90 minutes
 
 
 def test_healthz(dt_client: FlaskClient, dt_tenant) -> None:

@@ -90,6 +90,13 @@ def test_constants_match_directory_json() -> None:
     graph = directory.app_by_key("graph")
     assert (graph.client_id, graph.identifier) == (devtenant.GRAPH_APP_ID, devtenant.GRAPH_RESOURCE)
     assert directory.delegated_grant(api, graph) == devtenant.GRAPH_DELEGATED_PERMISSIONS
+    daemon, unassigned = directory.app_by_key("daemon"), directory.app_by_key("unassigned_daemon")
+    assert (daemon.client_id, daemon.client_secret) == (
+        devtenant.DAEMON_CLIENT_ID, devtenant.DAEMON_CLIENT_SECRET)
+    assert (unassigned.client_id, unassigned.client_secret) == (
+        devtenant.UNASSIGNED_DAEMON_CLIENT_ID, devtenant.UNASSIGNED_DAEMON_CLIENT_SECRET)
+    assert directory.app_roles_granted(daemon, api) == (devtenant.API_APP_ROLE,)
+    assert directory.app_roles_granted(unassigned, api) == ()
 
 
 def test_directory_users_and_lookups() -> None:

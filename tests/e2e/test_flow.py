@@ -64,7 +64,7 @@ def test_a_new_spa_token_for_the_same_user_needs_no_exchange(tenant, api):
 def test_short_scope_form_still_hits_the_cache(tenant, api):
     switch = requests.post(f"{tenant.url}/_devtenant/config", json={"short_scopes": True},
                            verify=str(tenant.state_dir / "ca-bundle.pem"), timeout=5)
-    assert switch.json() == {"short_scopes": True}
+    assert switch.json()["short_scopes"] is True
     try:
         for _ in range(4):
             assert get(api, "/api/me", tenant.tenant.api_token("megan")).status_code == 200
@@ -108,10 +108,15 @@ def test_expired_spa_token_is_401(tenant, api):
     assert tenant.obo_calls() == 0
 
 
-def test_app_only_token_is_403(tenant, api):
-    response = get(api, "/api/whoami", tenant.tenant.app_only_token())
-    assert response.status_code == 403
-    assert 'error="insufficient_scope"' in response.headers["WWW-Authenticate"]
+def test_app_only_tokens_need_the_app_role_on_whoami_and_never_reach_graph(tenant, api):
+    """The dev tenant's env sets API_APP_ROLE=access_as_application (see test_app_roles.py)."""
+    assert get(api, "/api/whoami", tenant.tenant.app_only_token()).status_code == 200
+    for path, token in (("/api/whoami", tenant.tenant.app_only_token(roles=[])),
+                        ("/api/me", tenant.tenant.app_only_token())):
+        response = get(api, path, token)
+        assert response.status_code == 403
+        assert 'error="insufficient_scope"' in response.headers["WWW-Authenticate"]
+    assert tenant.counters()["token"]["on_behalf_of"] == 0
 
 
 def test_after_a_signing_key_rotation_new_and_old_tokens_validate(tenant, api):

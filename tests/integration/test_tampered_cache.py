@@ -36,7 +36,8 @@ pytestmark = pytest.mark.integration
 CANARY = "tampered-canary-5e1d9c"  # planted wherever a case can hold text; must never be logged
 SEEDED_TTL = 3600  # tampered strings get a TTL unlike the app's, so a rewrite shows in the TTL
 ENVIRONMENT = "login.microsoftonline.com"
-MSAL_SECTIONS = {"Account", "AccessToken", "RefreshToken", "IdToken", "AppMetadata"}
+# msal's sections, and flask-obo's own: the entry's generation (background handles).
+MSAL_SECTIONS = {"Account", "AccessToken", "RefreshToken", "IdToken", "AppMetadata", "FlaskOboGeneration"}
 FRAGMENT = 24  # length of the pieces of a payload looked for in the logs
 
 

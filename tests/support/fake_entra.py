@@ -34,6 +34,7 @@ GRANTED = ("User.Read", "User.ReadBasic.All")
 
 ADELE = "a1a1a1a1-0000-4000-8000-000000000001"
 BOB = "b2b2b2b2-0000-4000-8000-000000000002"
+APP = "app"  # behaviours[APP]: how client-credentials requests are answered
 
 
 def _random(nbytes: int) -> str:
@@ -80,6 +81,7 @@ class FakeEntra:
     graph_tokens: dict[str, str] = field(default_factory=dict)
     managers: dict[str, str | None] = field(default_factory=dict)
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
+    app_tokens: list[str] = field(default_factory=list)  # client-credentials tokens, in order
 
     def __post_init__(self) -> None:
         self.published = [self.key]
@@ -142,11 +144,27 @@ class FakeEntra:
         form = {k: v[0] for k, v in parse_qs(request.body).items()}
         self.token_requests.append(form)
         self.client_request_ids.append(("token", request.headers.get("client-request-id")))
+        if form.get("grant_type") == "client_credentials":  # the API's own token
+            behaviour = self.behaviours.get(APP, Behaviour())
+            if behaviour.kind != "ok":
+                return self._error(behaviour)
+            return 200, {}, json.dumps(self._app_success(form))
         oid = self._oid_for(form)
         behaviour = self.behaviours.get(oid, Behaviour())
         if behaviour.kind != "ok":
             return self._error(behaviour)
         return 200, {}, json.dumps(self._success(oid, form))
+
+    def _app_success(self, form: dict[str, str]) -> dict[str, Any]:
+        """client_credentials: no refresh token, no id token, no scope echoed (as Entra ID)."""
+        access_token = f"app-at-{len(self.token_requests)}-{uuid.uuid4().hex}"
+        self.app_tokens.append(access_token)
+        hint = {} if self.refresh_in is None else {"refresh_in": self.refresh_in}
+        return {**hint, "token_type": "Bearer", "expires_in": self.expires_in,
+                "ext_expires_in": self.expires_in, "access_token": access_token}
+
+    def app_calls(self) -> int:
+        return self.grant_calls("client_credentials")
 
     def _oid_for(self, form: dict[str, str]) -> str:
         if "assertion" in form:

@@ -137,8 +137,10 @@ class GunicornProcess:
 
 
 @contextmanager
-def gunicorn(env: dict[str, str], workers: int = 2, threads: int = 4) -> Iterator[GunicornProcess]:
-    """The API under gunicorn with the shipped config on a free port."""
+def gunicorn(env: dict[str, str], workers: int = 2, threads: int = 4,
+             target: str = "wsgi:app") -> Iterator[GunicornProcess]:
+    """The API under gunicorn with the shipped config on a free port (``target``: the WSGI
+    application, the reference API by default)."""
     port = free_port()
     cwd = Path(tempfile.mkdtemp(prefix="flask-obo-api-"))  # no stray .env is picked up
     log = cwd / "gunicorn.log"
@@ -146,7 +148,7 @@ def gunicorn(env: dict[str, str], workers: int = 2, threads: int = 4) -> Iterato
         process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "config/gunicorn.conf.py"),
              "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads),
-             "wsgi:app"],
+             target],
             # Its own disk copies of the authority's documents unless the test shares some: the
             # default directory is per uid, and a dev tenant of another test that got the
             # same port would hand this one its keys (then a key rotation's refetch is

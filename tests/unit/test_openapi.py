@@ -137,7 +137,8 @@ def _described_response(document: dict[str, Any], status: int) -> dict[str, Any]
 def _every_error() -> list[errors.ApiError]:
     """One instance of each error the API renders: every ApiError class, the generic HTTP
     errors, and the reference API's own."""
-    arguments = {errors.InsufficientClaims: ('{"access_token": {}}',), errors.InsufficientScope: ("x",)}
+    arguments = {errors.InsufficientClaims: ('{"access_token": {}}',), errors.InsufficientScope: ("x",),
+                 errors.MissingAppRole: (("Jobs.Run",),), errors.UserTokenRequired: ("x",)}
     instances = [cls(*arguments.get(cls, ())) for cls in vars(errors).values()
                  if isinstance(cls, type) and issubclass(cls, errors.ApiError)]
     # 405 needs its Allow header from the handler: see the next test

@@ -116,6 +116,8 @@ def test_whoami_answers_exactly_the_identity_claims_without_calling_entra(client
         "name": "Adele Vance",
         "preferred_username": "adele@contoso.example",
         "scp": "user_impersonation",
+        "roles": None,
+        "app_id": SPA_CLIENT_ID,  # the SPA the user signed in to
     }
     assert entra.token_requests == []
 
