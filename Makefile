@@ -2,21 +2,23 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml devtenant-dist/pyproject.toml | cksum | cut -d' ' -f1)
 
 SPA_PACKAGES := spa/node_modules/.package-lock.json
 
-.PHONY: help run test lint bench clean spa-packages
+.PHONY: help run test lint bench clean spa-packages dist
 .DEFAULT_GOAL := help
 
 ## list these targets (what `make` alone does)
 help:
 	@awk '/^## /{doc = substr($$0, 4); next} /^[a-z][a-z-]*:/{if (doc) printf "  make %-6s %s\n", substr($$1, 1, length($$1) - 1), doc} {doc = ""}' $(firstword $(MAKEFILE_LIST))
 
-$(STAMP): setup.cfg pyproject.toml
+# flask-obo-devtenant (devtenant-dist/) editable too: its pytest plugin is how the tests start
+# the dev tenant, as an adopter's would.
+$(STAMP): setup.cfg pyproject.toml devtenant-dist/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' -e ./devtenant-dist
 	@rm -f $(VENV)/.installed-* && touch $@
 
 ## run the API locally (the dev tenant when no Azure settings are given)
@@ -41,6 +43,13 @@ spa-packages:
 $(SPA_PACKAGES): spa/package.json spa/package-lock.json
 	cd spa && npm ci --no-audit --no-fund
 
+## build the release: dist/ (flask-obo's sdist and wheel), devtenant-dist/dist/ (flask-obo-devtenant's)
+dist: $(STAMP)
+	rm -rf dist devtenant-dist/dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m build --outdir devtenant-dist/dist devtenant-dist
+	$(PY) -m twine check --strict dist/* devtenant-dist/dist/*
+
 ## ruff and mypy only (make test runs them too)
 lint: $(STAMP)
 	$(PY) -m ruff check app flask_obo devtenant tests bench scripts wsgi.py config docs
@@ -57,4 +66,5 @@ bench: $(STAMP)
 
 ## remove the virtualenv and the caches
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info build dist site spa/node_modules
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info build dist site spa/node_modules \
+		devtenant-dist/dist devtenant-dist/build devtenant-dist/*.egg-info

@@ -32,6 +32,10 @@ from .request_ids import RequestIdFilter, current_request_id
 from .settings import DownstreamApiSettings, Env, Settings, SettingsError
 from .tracing import TraceContextFilter
 
+# The release, single-sourced: setup.cfg reads it (version = attr: flask_obo.__version__) and
+# CHANGELOG.md's top entry names it.
+__version__ = "1.0.0"
+
 __all__ = [
     "DownstreamApi",
     "DownstreamApiSettings",
@@ -45,6 +49,7 @@ __all__ = [
     "SettingsError",
     "TokenCacheStore",
     "TraceContextFilter",
+    "__version__",
     "current_request_id",
     "current_token",
     "loading_for_a_command",

@@ -5,8 +5,12 @@ what it imports, ``.[server]`` adds what the reference API needs, ``.[devtenant]
 the dev tenant needs, and ``.[dev]`` (what ``make run`` and ``make test`` install) covers
 everything the tests, the dev tenant and ``scripts/run_local.py`` import.
 
-The wheel is built by pip from a copy of the checkout (so no build/ or egg-info lands in
-the working tree), as the Dockerfile's build stage builds it from the build context.
+The release, as ``make dist`` makes it: ``python -m build`` of a copy of the checkout (so no
+build/ or egg-info lands in the working tree) gives flask-obo's sdist and wheel and
+flask-obo-devtenant's; ``twine check --strict`` accepts all four; the version is
+``flask_obo.__version__`` and CHANGELOG.md's top entry. A fresh virtualenv with the wheels
+(and ``[server]``), away from the checkout, runs the README's own-API example against the dev
+tenant, and an adopter's documented test with the dev tenant's pytest plugin.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import ast
 import configparser
 import email
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import venv
 import zipfile
 from importlib import metadata
@@ -27,6 +33,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+import flask_obo
 from devtenant import API_CLIENT_SECRET
 from tests.deploy.conftest import ROOT
 
@@ -40,6 +47,8 @@ NOT_SOURCES = shutil.ignore_patterns(
     ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".devtenant", ".env",
     "results", "node_modules"
 )
+# The dev tenant's modules for tests (its pytest plugin), which its server does not import.
+DEVTENANT_TEST_MODULES = {"pytest_plugin.py", "testing.py"}
 NETWORK_ERRORS = ("NewConnectionError", "Failed to establish", "Temporary failure in name resolution",
                   "No matching distribution found", "Could not find a version")
 
@@ -59,25 +68,35 @@ def _names(requirements: list[str]) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``pip wheel --no-deps .`` of a copy of the checkout."""
+def distributions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``make dist``'s builds, of a copy of the checkout: ``python -m build`` of flask-obo
+    (sdist and wheel, the wheel built from the sdist) and of flask-obo-devtenant.
+
+    Built without build isolation (the virtualenv's setuptools, no network), so the test
+    takes seconds; ``make dist`` builds with isolation."""
     tmp = tmp_path_factory.mktemp("packaging")
     source = tmp / "checkout"
     shutil.copytree(ROOT, source, ignore=NOT_SOURCES)
     # a stale build/lib from an earlier local build must not matter either: none is copied
     assert not (source / "build").exists()
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", str(source), "-w", str(tmp / "dist")],
-        cwd=tmp, capture_output=True, text=True, timeout=600,
-    )
-    if result.returncode != 0 and any(e in result.stdout + result.stderr for e in NETWORK_ERRORS):
-        reason = "pip could not fetch the build backend (setuptools) to build the wheel"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI=true requires it\n{result.stderr}")
-        pytest.skip(reason)
-    assert result.returncode == 0, result.stdout + result.stderr
-    (built,) = (tmp / "dist").glob("*.whl")
+    built: dict[str, Path] = {}
+    for project, out in ((source, tmp / "dist"), (source / "devtenant-dist", tmp / "devtenant-dist")):
+        result = subprocess.run(
+            [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(project)],
+            cwd=tmp, capture_output=True, text=True, timeout=600,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        for path in out.iterdir():
+            name = path.name.split("-")[0].replace("_", "-")
+            built[f"{name} {'wheel' if path.suffix == '.whl' else 'sdist'}"] = path
+    assert sorted(built) == ["flask-obo sdist", "flask-obo wheel",
+                             "flask-obo-devtenant sdist", "flask-obo-devtenant wheel"], built
     return built
+
+
+@pytest.fixture(scope="module")
+def wheel(distributions: dict[str, Path]) -> Path:
+    return distributions["flask-obo wheel"]
 
 
 def _wheel_metadata(wheel: Path) -> email.message.Message:
@@ -104,7 +123,7 @@ def test_the_wheel_requires_no_test_tools_and_offers_the_extras(wheel: Path) -> 
     unconditional = {canonicalize_name(r.name) for r in requires if r.marker is None}
     assert unconditional == _names(_lines(_setup_cfg()["options"]["install_requires"]))
     assert not unconditional & TEST_TOOLS
-    assert set(meta.get_all("Provides-Extra") or []) >= {"azure", "dev", "devtenant", "server"}
+    assert set(meta.get_all("Provides-Extra") or []) >= {"azure", "dev", "devtenant", "otel", "server"}
 
     def extra(name: str) -> set[str]:
         return {canonicalize_name(r.name) for r in requires
@@ -230,9 +249,135 @@ def test_the_server_extra_covers_what_the_reference_api_imports() -> None:
 
 
 def test_the_devtenant_extra_alone_covers_what_the_dev_tenant_imports() -> None:
-    """Whatever the API's own requirements become, ``.[devtenant]`` states the dev tenant's."""
-    modules = _third_party_imports("devtenant")
+    """Whatever the API's own requirements become, ``.[devtenant]`` states the dev tenant's
+    server's (the Dockerfile's devtenant target; its pytest plugin is the distribution's)."""
+    modules = _third_party_imports_of(*(path for path in (ROOT / "devtenant").glob("*.py")
+                                        if path.name not in DEVTENANT_TEST_MODULES))
     assert {"flask", "authlib", "joserfc", "cryptography"} <= modules
     assert not _unprovided(modules, _lines(_setup_cfg()["options.extras_require"]["devtenant"]))
     # negative control: the check does fail on a requirement that is missing
     assert _unprovided({"fakeredis"}, _lines(_setup_cfg()["options.extras_require"]["devtenant"]))
+
+
+# --- the release: make dist, twine, the version, a clean install -------------------------
+
+
+def _changelog_versions() -> list[str]:
+    """The released versions of CHANGELOG.md's entries, newest first (not [Unreleased])."""
+    return re.findall(r"^## \[(\d[^\]]*)\] - \d{4}-\d{2}-\d{2}$", (ROOT / "CHANGELOG.md").read_text(), re.M)
+
+
+def test_the_version_is_single_sourced_and_the_changelogs_top_entry() -> None:
+    assert _setup_cfg()["metadata"]["version"].strip() == "attr: flask_obo.__version__"
+    assert _changelog_versions()[0] == flask_obo.__version__
+    assert metadata.version(PROJECT) == flask_obo.__version__  # this checkout's install says the same
+    assert "## [Unreleased]" in (ROOT / "CHANGELOG.md").read_text()  # Keep a Changelog's shape
+
+
+def test_make_dist_builds_distributions_that_twine_accepts(distributions: dict[str, Path]) -> None:
+    assert distributions["flask-obo wheel"].name == f"flask_obo-{flask_obo.__version__}-py3-none-any.whl"
+    assert distributions["flask-obo sdist"].name == f"flask_obo-{flask_obo.__version__}.tar.gz"
+    result = _run([sys.executable, "-m", "twine", "check", "--strict", *map(str, distributions.values())],
+                  timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("PASSED") == 4
+    meta = _wheel_metadata(distributions["flask-obo wheel"])
+    assert meta["Version"] == flask_obo.__version__
+    assert meta["Description-Content-Type"] == "text/markdown"
+    assert meta.get_payload().lstrip().startswith("# flask-obo")  # the README is the description
+
+
+def test_make_dist_is_what_the_makefile_runs() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile[makefile.index("\ndist:"):].split("\n\n")[0]
+    assert "-m build --outdir dist ." in recipe
+    assert "-m build --outdir devtenant-dist/dist devtenant-dist" in recipe
+    assert "twine check --strict dist/* devtenant-dist/dist/*" in recipe
+
+
+def test_the_sdist_holds_the_package_and_its_documents(distributions: dict[str, Path]) -> None:
+    with tarfile.open(distributions["flask-obo sdist"]) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    tops = {name.split("/")[0] for name in names}
+    assert tops == {"flask_obo", "flask_obo.egg-info", "CHANGELOG.md", "LICENSE", "MANIFEST.in", "PKG-INFO",
+                    "README.md", "pyproject.toml", "setup.cfg"}, tops
+    assert "flask_obo/py.typed" in names
+
+
+def test_the_devtenant_distribution_holds_the_dev_tenant_and_its_plugin(distributions: dict[str, Path]
+                                                                        ) -> None:
+    with zipfile.ZipFile(distributions["flask-obo-devtenant wheel"]) as archive:
+        names = archive.namelist()
+        tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+        assert tops == {"devtenant"}
+        shipped = {name.split("/", 1)[1] for name in names if name.startswith("devtenant/")}
+        assert shipped == {p.name for p in (ROOT / "devtenant").iterdir() if p.suffix in {".py", ".json"}}
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        assert "[pytest11]\ndevtenant = devtenant.pytest_plugin" in archive.read(entry_points).decode()
+        (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        requires = [Requirement(line) for line in
+                    email.message_from_bytes(archive.read(meta)).get_all("Requires-Dist") or []]
+    # What every module of the dev tenant imports, its plugin's included, is required.
+    modules = _third_party_imports("devtenant")
+    assert {"flask", "authlib", "pytest", "requests"} <= modules
+    assert not _unprovided(modules, [str(r) for r in requires])
+
+
+def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def clean_install(distributions: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with flask-obo's wheel and its ``server`` extra, and
+    flask-obo-devtenant's wheel, installed as an adopter would (dependencies from the
+    index, through pip's cache); returns its python."""
+    env_dir = tmp_path_factory.mktemp("clean") / "venv"
+    venv.create(env_dir, with_pip=False)
+    python = env_dir / "bin" / "python"
+    wheels = [f"{distributions['flask-obo wheel']}[server]", str(distributions["flask-obo-devtenant wheel"])]
+    result = _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", *wheels],
+                  timeout=900, cwd=env_dir)
+    if result.returncode != 0 and any(e in result.stdout + result.stderr for e in NETWORK_ERRORS):
+        reason = "pip could not fetch the wheels' dependencies from the package index"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI=true requires it\n{result.stderr[-3000:]}")
+        pytest.skip(reason)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return python
+
+
+@pytest.mark.e2e
+def test_the_installed_wheel_runs_the_readme_example_against_the_dev_tenant(clean_install: Path, devtenant,
+                                                                          tmp_path: Path) -> None:
+    """From the clean install alone (no checkout on the path): the README's own-API example,
+    under ``flask run``, against the dev tenant, Graph and the second API as the user."""
+    from tests.e2e.test_readme_example import example_api
+
+    code = "import flask_obo; print(flask_obo.__version__, flask_obo.__file__)"
+    probe = _run([str(clean_install), "-I", "-c", code], cwd=tmp_path, timeout=60)
+    version, location = probe.stdout.split()
+    assert version == flask_obo.__version__ and location.startswith(str(clean_install.parents[1])), probe
+    adele = devtenant.user_token("adele")
+    with example_api(devtenant, tmp_path / "example", python=str(clean_install)) as api:
+        assert api.get("/api/profile").status_code == 401
+        profile = api.get("/api/profile", adele)
+        assert profile.status_code == 200, profile.text
+        assert profile.json()["name"] == "Adele Vance"
+        tasks = api.get("/api/tasks", adele)
+        assert tasks.status_code == 200, tasks.text
+        assert tasks.json()["owner"] == profile.json()["oid"]
+        assert devtenant.token_calls() == {"on_behalf_of": 1, "refresh_token": 1}
+    assert str(ROOT) not in api.log.read_text()  # nothing ran from the checkout
+
+
+@pytest.mark.e2e
+def test_the_installed_plugin_runs_the_adopters_documented_test(clean_install: Path, tmp_path: Path) -> None:
+    """An adopter's project: the documented test file alone, pytest from the clean install,
+    the dev tenant and its fixtures from flask-obo-devtenant's wheel."""
+    shutil.copy(ROOT / "tests/adopter/test_adopter_example.py", tmp_path / "test_my_api.py")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
+    result = _run([str(clean_install), "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_my_api.py"],
+                  cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "1 passed" in result.stdout

@@ -19,10 +19,10 @@ import redis
 import requests
 from cryptography.fernet import Fernet
 
-from devtenant import TASKS_API_RESOURCE
+from devtenant.testing import DevTenantServer
 from tests.support.log_secrets import find_secret
 from tests.support.servers import free_port, redis_server, wait_until
-from tests.support.stack import DevTenantProcess, api_env, devtenant
+from tests.support.stack import api_env
 
 pytestmark = pytest.mark.e2e
 
@@ -46,10 +46,10 @@ def test_the_example_is_short_and_complete():
     assert imports == {"flask", "flask_obo"}  # nothing from the reference API or the internals
 
 
-@pytest.fixture(scope="module")
-def tenant(tmp_path_factory) -> Iterator[DevTenantProcess]:
-    with devtenant(tmp_path_factory.mktemp("devtenant")) as process:
-        yield process
+@pytest.fixture
+def tenant(devtenant: DevTenantServer) -> DevTenantServer:
+    """The flask-obo-devtenant plugin's dev tenant (its counters reset), as an adopter gets it."""
+    return devtenant
 
 
 @dataclass
@@ -63,23 +63,25 @@ class Example:
 
 
 @contextmanager
-def example_api(tenant: DevTenantProcess, workdir: Path, **settings: str) -> Iterator[Example]:
-    """The README's example as ``example.py``, served by ``flask run`` on a free port."""
+def example_api(tenant: DevTenantServer, workdir: Path, python: str | None = None,
+                **settings: str) -> Iterator[Example]:
+    """The README's example as ``example.py``, served by ``flask run`` on a free port: by
+    ``python`` (an environment where flask-obo is installed), else by this interpreter with
+    flask_obo from the checkout."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "example.py").write_text(readme_example())
-    env = api_env(
-        tenant,
-        DOWNSTREAM_APIS__TASKS__BASE_URL=f"{tenant.url}/tasks-api/v1",
-        DOWNSTREAM_APIS__TASKS__SCOPES=f"{TASKS_API_RESOURCE}/.default",
-        **settings,
-    )
-    env["PYTHONPATH"] = str(ROOT)  # flask_obo from the checkout, as `pip install .` would give
+    env = api_env(tenant, **tenant.tasks_api_settings(), **settings)
+    if python is None:
+        env["PYTHONPATH"] = str(ROOT)  # flask_obo from the checkout, as `pip install .` would give
+    else:
+        env.pop("PYTHONPATH", None)
+        env.pop("VIRTUAL_ENV", None)
     env.setdefault("AUTHORITY_CACHE_DIR", str(workdir / "authority"))  # no other test's keys
     port = free_port()
     log = workdir / "flask.log"
     with open(log, "wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "flask", "--app", "example", "run", "--port", str(port)],
+            [python or sys.executable, "-m", "flask", "--app", "example", "run", "--port", str(port)],
             cwd=workdir, env=env, stdout=output, stderr=subprocess.STDOUT,
         )
     example = Example(f"http://127.0.0.1:{port}", log)
@@ -99,8 +101,8 @@ def _answers(example: Example) -> bool:
         return False
 
 
-def token_calls(tenant: DevTenantProcess) -> dict[str, int]:
-    return {grant: calls for grant, calls in tenant.counters()["token"].items() if calls}
+def token_calls(tenant: DevTenantServer) -> dict[str, int]:
+    return tenant.token_calls()
 
 
 def test_the_example_calls_graph_and_a_second_api_as_the_user(tenant, tmp_path):

@@ -77,16 +77,24 @@ def _trusting(state_dir: Path) -> Iterator[None]:
 
 @contextmanager
 def devtenant(state_dir: Path, *extra: str, public_url: str | None = None) -> Iterator[DevTenantProcess]:
-    """The dev tenant on a free port.
+    """The dev tenant on a free port: started as the flask-obo-devtenant pytest plugin starts
+    it (``DevTenantServer.start``), in a state folder of the test's own.
 
     With ``public_url`` (e.g. a proxy in front of it), issuers and discovery name that URL
     while ``url`` stays the process's own ``https://127.0.0.1:<port>`` (its certificate
     covers 127.0.0.1). Its ready line then shows the public URL, so the port is chosen
     here and the start retried if another process took it meanwhile.
     """
+    if not public_url:
+        from devtenant.testing import DevTenantServer
+
+        with DevTenantServer.start(state_dir, *extra) as server:
+            assert server.process is not None
+            yield DevTenantProcess(server.url, state_dir, server.process)
+        return
     for _attempt in range(3):
-        port = free_port() if public_url else 0
-        args = ["--port", str(port)] + (["--public-url", public_url] if public_url else [])
+        port = free_port()
+        args = ["--port", str(port), "--public-url", public_url]
         process = subprocess.Popen(
             [sys.executable, "-m", "devtenant", "serve", *args, "--state-dir", str(state_dir), *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -94,13 +102,10 @@ def devtenant(state_dir: Path, *extra: str, public_url: str | None = None) -> It
         try:
             line = process.stdout.readline().decode()  # the one "ready at <url>" line
             match = re.search(r"ready at (\S+)", line)
-            if not match and public_url and process.wait(timeout=15) == 1:
+            if not match and process.wait(timeout=15) == 1:
                 continue  # "cannot listen": the chosen port was taken meanwhile
             assert match, f"dev tenant did not start: {line!r}"
-            if public_url:
-                yield DevTenantProcess(f"https://127.0.0.1:{port}", state_dir, process, match.group(1))
-            else:
-                yield DevTenantProcess(match.group(1), state_dir, process)
+            yield DevTenantProcess(f"https://127.0.0.1:{port}", state_dir, process, match.group(1))
             return
         finally:
             if process.poll() is None:
