@@ -28,7 +28,7 @@ from .routes import USER_FIELDS, WHOAMI_CLAIMS
 openapi = Blueprint("openapi", __name__)
 
 API_VERSION = "1.0.0"
-# Operational endpoints, not API: never in the document (the metrics scrape, when it lands).
+# Operational endpoints, not API: never in the document (the Prometheus scrape).
 UNDESCRIBED_PATHS = frozenset({"/metrics"})
 # The codes the reference API answers with itself, beyond flask_obo's vocabulary.
 APP_ERROR_CODES: dict[int, frozenset[str]] = {404: frozenset({"manager_not_found"})}
@@ -111,7 +111,6 @@ def openapi_document(settings: Settings) -> JsonObject:
                 "`manager_not_found` when the user has none.",
                 protected, {"200": _json("The signed-in user's manager.", "User")}, graph_errors,
             )},
-            # Described ahead of its route (tests/support/openapi.py lists it as pending).
             "/api/me/token-cache": {"delete": _operation(
                 "forgetTokens", "Forget the tokens cached on behalf of the caller (sign-out).",
                 protected, {"204": {"description": "The caller's cached tokens are gone."}},
@@ -126,7 +125,9 @@ def openapi_document(settings: Settings) -> JsonObject:
                 "readyz", "Readiness: 200 whenever this process can serve; the body says how "
                 "its dependencies look. 503 when Entra ID refuses this API's settings (a wrong "
                 "tenant, an unknown client id, a rejected credential, an untrusted CA): "
-                "`reasons` names the cause. Never waits on Entra ID.",
+                "`reasons` names the cause. Redis refusing its password or user is named in "
+                "`reasons` too, with 200: users are served from memory meanwhile. Never waits "
+                "on Entra ID.",
                 [], {"200": _json("The process can serve.", "Readiness"),
                      "503": _json("The API is misconfigured: see `reasons`.", "Readiness")},
                 generic,

@@ -190,9 +190,19 @@ def settings_table(block: str) -> str:
                                f"found for {', '.join(unfound)}, so their defaults are unknown")
     lines = ["| variable | default | meaning |", "|---|---|---|"]
     for name in documented:  # in the page's order, which groups them by concern
-        default = defaults.get(name, "required" if NAME_PLACEHOLDER in name else UNSET)
+        default = defaults.get(name) or _per_api_default(name)
         lines.append(f"| `{name}` | {default} | {documented[name]} |")
     return "\n".join(lines) + "\n"
+
+
+def _per_api_default(name: str) -> str:
+    """The default of a ``DOWNSTREAM_APIS__<NAME>__<FIELD>`` (settings.DOWNSTREAM_FIELDS)."""
+    from flask_obo.settings import DOWNSTREAM_FIELDS
+
+    if NAME_PLACEHOLDER not in name:
+        return UNSET
+    default = DOWNSTREAM_FIELDS.get(name.rpartition("__")[2])
+    return "required" if default is None else _shown(default)
 
 
 # --- CLI --------------------------------------------------------------------------------------

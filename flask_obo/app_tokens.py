@@ -146,7 +146,7 @@ class AppTokenProvider:
         self._settings = settings
         self._store, self._codec = store, codec
         self._credential = credential
-        timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
+        timeout = settings.entra_timeout
         # One client for all app tokens: its Retry-After gate is the app's, as throttling is.
         self._http = MsalHttpClient(session, tenants, timeout, metrics or Metrics())
         self._tokens: dict[AppTokenKey, AppToken] = {}

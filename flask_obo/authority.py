@@ -33,6 +33,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
 from .diagnosis import AUTHORITY, Diagnosis
+from .settings import DEFAULT_ENTRA_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ METADATA_MAX_AGE = 24 * 3600
 KEYS_MAX_AGE = 24 * 3600
 UNKNOWN_KID_REFETCH_INTERVAL = 300
 RETRY_FAILED_REFRESH_AFTER = 60
-AUTHORITY_TIMEOUT = (3.05, 10)
 DISK_COPY_MAX_BYTES = 1024 * 1024
 
 Status = Literal["ok", "stale", "unavailable"]
@@ -283,7 +283,7 @@ class OpenIdConfiguration(_Refreshed):
         clock: Callable[[], float] = time.monotonic,
         *,
         disk: AuthorityDiskCache | None = None,
-        timeout: tuple[float, float] = AUTHORITY_TIMEOUT,
+        timeout: tuple[float, float] = DEFAULT_ENTRA_TIMEOUT,
         diagnosis: Diagnosis | None = None,
     ) -> None:
         super().__init__(session, clock, disk, timeout, diagnosis)
@@ -363,7 +363,7 @@ class SigningKeys(_Refreshed):
         clock: Callable[[], float] = time.monotonic,
         *,
         disk: AuthorityDiskCache | None = None,
-        timeout: tuple[float, float] = AUTHORITY_TIMEOUT,
+        timeout: tuple[float, float] = DEFAULT_ENTRA_TIMEOUT,
         diagnosis: Diagnosis | None = None,
     ) -> None:
         super().__init__(session, clock, disk, timeout, diagnosis)
@@ -504,7 +504,7 @@ class TenantConfigurations:
     def __init__(self, home: OpenIdConfiguration, session: requests.Session, *,
                  authority_host: str, allowed: Callable[[str], bool], multi_tenant: bool,
                  disk: AuthorityDiskCache | None = None,
-                 timeout: tuple[float, float] = AUTHORITY_TIMEOUT, limit: int = 1000,
+                 timeout: tuple[float, float] = DEFAULT_ENTRA_TIMEOUT, limit: int = 1000,
                  diagnosis: Diagnosis | None = None) -> None:
         self.home = home
         self._session, self._disk, self._timeout = session, disk, timeout

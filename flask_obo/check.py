@@ -154,7 +154,7 @@ def run_checks(settings: Settings | SettingsError) -> Iterator[Line]:
     if settings.redis_url:
         yield from check_redis(settings)
     for name, api in settings.downstream_apis.items():
-        timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
+        timeout = settings.entra_timeout
         yield check_downstream(name, api.base_url, timeout)
 
 
@@ -178,7 +178,7 @@ def _get(check: str, url: str, timeout: tuple[float, float]) -> requests.Respons
 
 def check_authority(settings: Settings) -> Iterator[Line]:
     url = settings.openid_configuration_url
-    timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
+    timeout = settings.entra_timeout
     response = _get("authority", url, timeout)
     if isinstance(response, Line):
         yield response
@@ -241,9 +241,9 @@ def check_credential(settings: Settings) -> Line:
     token_url = f"{authority}/oauth2/v2.0/token"
     scope = credential_scope(settings)
     subject = f"{token_url} (client {settings.client_id}, {_credential_name(settings)})"
-    timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
+    timeout = settings.entra_timeout
     try:
-        credential = client_credential(settings, requests.Session()).for_msal()
+        credential = client_credential(settings).for_msal()
         app = msal.ConfidentialClientApplication(
             settings.client_id, client_credential=credential, authority=authority,
             instance_discovery=False, timeout=timeout)

@@ -202,13 +202,13 @@ class _BoundedSession(ResolvedSession):
         return super().request(method, url, *args, **kwargs)
 
 
-def client_credential(settings: Settings, session: requests.Session) -> ClientCredential:
+def client_credential(settings: Settings) -> ClientCredential:
     """The credential the settings name (``Settings`` checked there is exactly one)."""
     if settings.federated_token_file:
         return FederatedTokenFile(settings.federated_token_file)
     if settings.client_assertion == "managed_identity":
         return ManagedIdentityAssertion(settings.managed_identity_client_id,
-                                        (settings.entra_connect_timeout, settings.entra_read_timeout))
+                                        settings.entra_timeout)
     if settings.client_certificate is not None:
         assert settings.client_certificate_path is not None
         return CertificateFile(settings.client_certificate_path, settings.client_certificate_password,

@@ -40,14 +40,13 @@ from .errors import (
     InsufficientClaims,
     UnsafeDownstreamPath,
 )
+from .http import retry_after_seconds
 from .metrics import NO_ANSWER, Metrics
 from .request_ids import CLIENT_REQUEST_ID_HEADER, current_request_id
 from .settings import DownstreamApiSettings
 
 log = logging.getLogger(__name__)
 
-#: (connect, read) seconds for one attempt; the connect time is just above a TCP retransmit.
-DOWNSTREAM_TIMEOUT = (3.05, 10.0)
 _AUTH_PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*"([^"]*)"')
 
 #: ``(scopes, claims_challenge) -> access token`` for the caller of the current request.
@@ -67,6 +66,7 @@ class DownstreamApi:
         self.name = name
         self.base_url = settings.base_url.rstrip("/")
         self.scopes = settings.scopes
+        self.timeout = settings.timeout  # (connect, read) of one attempt, unless a call gives its own
         self._session = session
         self._tokens = tokens
         self._metrics = metrics or Metrics()
@@ -117,7 +117,7 @@ class DownstreamApi:
         try:
             response = self._session.request(
                 method, self.base_url + path,
-                **{"timeout": DOWNSTREAM_TIMEOUT, **kwargs, "headers": headers},
+                **{"timeout": self.timeout, **kwargs, "headers": headers},
             )
         except requests.Timeout:
             self._metrics.downstream(self.name, NO_ANSWER, started)
@@ -139,7 +139,7 @@ class DownstreamApi:
         if status == 404:
             raise DownstreamNotFound()  # the path is logged above, never echoed to the caller
         if status in (429, 503):
-            raise DownstreamThrottled(retry_after=_seconds(response.headers.get("Retry-After")))
+            raise DownstreamThrottled(retry_after=retry_after_seconds(response.headers.get("Retry-After")))
         if status == 504:
             raise DownstreamTimeout()
         raise DownstreamError()
@@ -204,6 +204,3 @@ def _path(path: str) -> str:
     """The path without its query, for logs: a query may carry a user's data."""
     return urlsplit(path).path
 
-
-def _seconds(value: str | None) -> int:
-    return int(value) if value and value.isdigit() else 5

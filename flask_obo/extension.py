@@ -17,7 +17,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.fernet import Fernet
@@ -42,7 +42,7 @@ from .protector import (
     validated_token,
 )
 from .request_ids import REQUEST_ID_HEADER, begin_request, end_request
-from .settings import DownstreamApiSettings, Settings
+from .settings import Settings
 from .token_acquisition import OnBehalfOfTokenProvider
 from .token_cache import TokenCacheCodec, partition_key
 from .tracing import VALIDATE_SPAN, instrument_app, span
@@ -112,7 +112,7 @@ class FlaskOBO:
                                 [settings.authority_host])
         # The last good metadata and keys on disk: a recycled worker validates during an outage.
         disk = AuthorityDiskCache(settings.authority_cache_dir)
-        entra_timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
+        entra_timeout = settings.entra_timeout
         metadata = OpenIdConfiguration(settings.openid_configuration_url, session, disk=disk,
                                        timeout=entra_timeout, diagnosis=diagnosis)
         keys = SigningKeys(metadata, session, disk=disk, timeout=entra_timeout, diagnosis=diagnosis)
@@ -127,7 +127,7 @@ class FlaskOBO:
         tenants = TenantConfigurations(
             metadata, session, authority_host=settings.authority_host, allowed=settings.tenant_allowed,
             multi_tenant=settings.multi_tenant, disk=disk, timeout=entra_timeout, diagnosis=diagnosis)
-        credential = client_credential(settings, session)
+        credential = client_credential(settings)
         tokens = OnBehalfOfTokenProvider(settings, store, codec, session, tenants, credential, metrics)
         app_tokens = AppTokenProvider(settings, store, codec, session, tenants, credential, metrics)
         app.extensions[EXTENSION_KEY] = OboServices(
@@ -145,7 +145,8 @@ class FlaskOBO:
             diagnosis=diagnosis,
             app_tokens=app_tokens,
             downstream_app_apis={
-                name: DownstreamApi(name, DownstreamApiSettings(api.base_url, api.app_scopes), session,
+                # The same API (its timeout too), asked with the app's scopes.
+                name: DownstreamApi(name, replace(api, scopes=api.app_scopes), session,
                                     self._app_token_source, metrics)
                 for name, api in settings.downstream_apis.items()
             },

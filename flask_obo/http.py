@@ -18,6 +18,7 @@ once, so for them everything is read at start-up: change these variables, then r
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Iterable
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 from requests.utils import get_environ_proxies, get_netrc_auth
+from urllib3.exceptions import InvalidHeader
 from urllib3.util import Retry
 
 POOL_SIZE = 32
@@ -44,6 +46,24 @@ DOWNSTREAM_RETRIES = Retry(
     retry_after_max=5,
     raise_on_status=False,
 )
+#: What a 503 asks clients to wait when the dependency said nothing usable, and at most.
+DEFAULT_RETRY_AFTER = 5
+MAX_RETRY_AFTER = 300
+_RETRY_AFTER = Retry(retry_after_max=MAX_RETRY_AFTER)  # parses the header, caps it
+
+
+def retry_after_seconds(value: str | None) -> int:
+    """The whole seconds a ``Retry-After`` header asks to wait (RFC 9110: delta-seconds or
+    an HTTP-date), from 1 to ``MAX_RETRY_AFTER``; ``DEFAULT_RETRY_AFTER`` when it is absent
+    or unreadable. The one reading of the header for Entra ID's and downstream APIs'
+    answers; urllib3 parses both forms (as its own retries do), this bounds the result."""
+    if value is None or not value.strip():
+        return DEFAULT_RETRY_AFTER
+    try:
+        seconds = _RETRY_AFTER.parse_retry_after(value.strip())
+    except (InvalidHeader, OverflowError, ValueError):
+        return DEFAULT_RETRY_AFTER
+    return min(max(math.ceil(seconds), 1), MAX_RETRY_AFTER)
 
 
 #: Origins whose settings are kept; past that (origins a downstream API's redirects or an

@@ -24,13 +24,12 @@ import urllib3
 from .authority import TenantConfigurations
 from .bulkhead import Deadline
 from .diagnosis import AUTHORITY, CREDENTIAL, Diagnosis
+from .http import DEFAULT_RETRY_AFTER, retry_after_seconds
 from .metrics import NO_ANSWER, Metrics
 from .request_ids import CLIENT_REQUEST_ID_HEADER, current_request_id
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RETRY_AFTER = 5
-MAX_RETRY_AFTER = 300
 OUTAGE_GATE_SECONDS = 2  # after a 5xx, timeout or garbage answer: brief, not per Retry-After
 READ_CHUNK = 64 * 1024
 MAX_RESPONSE_BYTES = 1024 * 1024  # a token response is a few KiB
@@ -166,11 +165,11 @@ class MsalHttpClient:
             self._unavailable(DEFAULT_RETRY_AFTER, OUTAGE_GATE_SECONDS)
         if response.status_code == 429:
             log.warning("token endpoint throttled this user (HTTP 429)")
-            retry_after = _retry_after(response.headers.get("Retry-After"))
+            retry_after = retry_after_seconds(response.headers.get("Retry-After"))
             self._unavailable(retry_after, retry_after)
         if response.status_code >= 500:
             log.warning("token endpoint answered HTTP %d", response.status_code)
-            self._unavailable(_retry_after(response.headers.get("Retry-After")), OUTAGE_GATE_SECONDS)
+            self._unavailable(retry_after_seconds(response.headers.get("Retry-After")), OUTAGE_GATE_SECONDS)
         if not _is_json_object(response):  # a proxy's HTML page, an empty body: msal would
             log.warning("token endpoint answered HTTP %d without JSON", response.status_code)
             self._unavailable(DEFAULT_RETRY_AFTER, OUTAGE_GATE_SECONDS)  # crash and log it
@@ -235,10 +234,3 @@ def _is_json_object(response: requests.Response) -> bool:
     except ValueError:
         return False
 
-
-def _retry_after(value: str | None) -> int:
-    try:
-        seconds = int(value) if value is not None else DEFAULT_RETRY_AFTER
-    except ValueError:
-        seconds = DEFAULT_RETRY_AFTER
-    return min(max(seconds, 1), MAX_RETRY_AFTER)

@@ -1,4 +1,4 @@
-"""Protecting the API: validate Entra ID v2 access tokens with an Authlib ResourceProtector.
+"""Protecting the API: validate Entra ID access tokens (v2 and v1) with an Authlib ResourceProtector.
 
 Authlib's stock JWT validators don't fit Entra tokens (RFC 9068 demands ``typ: at+jwt``,
 ``client_id`` and ``jti``; RFC 7523's never checks ``aud``), so ``EntraTokenValidator``

@@ -26,8 +26,12 @@ _T = TypeVar("_T")
 
 DEFAULT_TTL_SECONDS = 90 * 24 * 3600
 # Bounds on waiting for dependencies (see docs/explanation/how-it-works.md, "When a dependency fails").
-DEFAULT_ENTRA_CONNECT_TIMEOUT = 3.0
+# Connecting waits just above the 3 s after which TCP resends a lost SYN, so one loss is survived.
+DEFAULT_CONNECT_TIMEOUT = 3.05
+DEFAULT_ENTRA_CONNECT_TIMEOUT = DEFAULT_CONNECT_TIMEOUT
 DEFAULT_ENTRA_READ_TIMEOUT = 10.0
+DEFAULT_ENTRA_TIMEOUT = (DEFAULT_ENTRA_CONNECT_TIMEOUT, DEFAULT_ENTRA_READ_TIMEOUT)
+DEFAULT_DOWNSTREAM_TIMEOUT = 10.0  # GRAPH_ and DOWNSTREAM_APIS__<NAME>__TIMEOUT_SECONDS
 DEFAULT_TOKEN_ACQUISITION_TIMEOUT = 12.0
 DEFAULT_ENTRA_MAX_WAITING_THREADS = 4
 DEFAULT_REDIS_TIMEOUT = 0.5
@@ -38,9 +42,16 @@ _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _APP_ID_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+(/[^\s?#]*)?|urn:[^\s?#]+")
 LOG_FORMATS = ("text", "json")  # the first is the default
 DOWNSTREAM_PREFIX = "DOWNSTREAM_APIS__"
+#: ``OBO_<NAME>`` is ``<NAME>`` meant for flask-obo alone, and wins over ``<NAME>`` (in
+#: ``app.config`` and in the environment alike): ``OBO_REDIS_URL`` points the token cache at
+#: another Redis than the application's own ``REDIS_URL`` (RQ, Celery).
+OBO_PREFIX = "OBO_"
 # AZURE_TENANT_ID values that make the API multi-tenant (with AZURE_ALLOWED_TENANTS)
 MULTI_TENANT_IDS = ("organizations", "common")
-DOWNSTREAM_FIELDS = ("BASE_URL", "SCOPES", "APP_SCOPES")
+#: The fields of ``DOWNSTREAM_APIS__<NAME>__<FIELD>`` and their defaults (None: required;
+#: "": derived from the others, as the settings reference says).
+DOWNSTREAM_FIELDS: Mapping[str, float | str | None] = {
+    "BASE_URL": None, "SCOPES": None, "APP_SCOPES": "", "TIMEOUT_SECONDS": DEFAULT_DOWNSTREAM_TIMEOUT}
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # gunicorn's and logging's common names
 PLACEHOLDER_GUID = "00000000-0000-0000-0000-000000000000"  # stands in for a setting that failed
 
@@ -56,12 +67,12 @@ API_SETTINGS = (
     "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_CLIENT_ASSERTION",
     "AZURE_MANAGED_IDENTITY_CLIENT_ID", "AZURE_CLIENT_CAPABILITIES", "AZURE_APP_ID_URI",
     "AZURE_AUTHORITY_HOST", "AZURE_V1_ISSUER_HOST", "AZURE_ALLOWED_TENANTS", "API_REQUIRED_SCOPE",
-    "API_APP_ROLE", "GRAPH_BASE_URL", "GRAPH_SCOPES", "GRAPH_APP_SCOPES", "REDIS_URL", "REDIS_CLUSTER",
-    "REDIS_SENTINELS",
-    "REDIS_SENTINEL_PASSWORD", "REDIS_TIMEOUT_SECONDS", "TOKEN_CACHE_KEYS", "TOKEN_CACHE_PREFIX",
-    "TOKEN_CACHE_TTL_SECONDS", "TOKEN_MEMORY_CACHE_USERS", "TOKEN_ACQUISITION_TIMEOUT_SECONDS",
-    "CORS_ALLOWED_ORIGINS", "ENTRA_CONNECT_TIMEOUT_SECONDS", "ENTRA_READ_TIMEOUT_SECONDS",
-    "ENTRA_MAX_WAITING_THREADS", "AUTHORITY_CACHE_DIR", "LOG_LEVEL", "LOG_FORMAT",
+    "API_APP_ROLE", "GRAPH_BASE_URL", "GRAPH_SCOPES", "GRAPH_APP_SCOPES", "GRAPH_TIMEOUT_SECONDS",
+    "REDIS_URL", "REDIS_CLUSTER", "REDIS_SENTINELS", "REDIS_SENTINEL_PASSWORD", "REDIS_TIMEOUT_SECONDS",
+    "TOKEN_CACHE_KEYS", "TOKEN_CACHE_PREFIX", "TOKEN_CACHE_TTL_SECONDS", "TOKEN_MEMORY_CACHE_USERS",
+    "TOKEN_ACQUISITION_TIMEOUT_SECONDS", "CORS_ALLOWED_ORIGINS", "ENTRA_CONNECT_TIMEOUT_SECONDS",
+    "ENTRA_READ_TIMEOUT_SECONDS", "ENTRA_MAX_WAITING_THREADS", "AUTHORITY_CACHE_DIR", "LOG_LEVEL",
+    "LOG_FORMAT",
 )
 #: Read by config/gunicorn.conf.py (and by gunicorn itself: GUNICORN_CMD_ARGS).
 GUNICORN_SETTINGS = (
@@ -81,16 +92,20 @@ KNOWN_SETTINGS = frozenset(API_SETTINGS + GUNICORN_SETTINGS + OTHER_KNOWN_SETTIN
 
 
 def unknown_setting_warnings(names: Iterable[str]) -> tuple[str, ...]:
-    """One warning per name under ``SETTING_PREFIXES`` that this package does not read,
-    with the closest known name (``LOG_FROMAT`` → ``LOG_FORMAT``). ``DOWNSTREAM_APIS__*``
-    names are checked where they are read (an unknown field is an error there)."""
+    """One warning per name under ``SETTING_PREFIXES`` (or ``OBO_``, which is flask-obo's
+    alone) that this package does not read, with the closest known name, spelled as the
+    name was (``LOG_FROMAT`` → ``LOG_FORMAT``, ``OBO_REDIS_URLL`` → ``OBO_REDIS_URL``).
+    ``DOWNSTREAM_APIS__*`` names are checked where they are read (an unknown field is an
+    error there)."""
     warnings = []
     for name in sorted(set(names)):
-        if (not name.startswith(SETTING_PREFIXES) or name in KNOWN_SETTINGS
-                or name.startswith(DOWNSTREAM_PREFIX)):
+        prefix = OBO_PREFIX if name.startswith(OBO_PREFIX) else ""
+        bare = name[len(prefix):]
+        if ((not prefix and not bare.startswith(SETTING_PREFIXES)) or bare in KNOWN_SETTINGS
+                or bare.startswith(DOWNSTREAM_PREFIX)):
             continue
-        close = difflib.get_close_matches(name, sorted(KNOWN_SETTINGS), n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}?" if close else "flask-obo reads no similar name"
+        close = difflib.get_close_matches(bare, sorted(KNOWN_SETTINGS), n=1, cutoff=0.6)
+        hint = f"did you mean {prefix}{close[0]}?" if close else "flask-obo reads no similar name"
         warnings.append(f"{name}: not a setting of flask-obo, ignored; {hint}")
     return tuple(warnings)
 
@@ -117,8 +132,9 @@ class ClientCertificate:
 
 @dataclass(frozen=True)
 class DownstreamApiSettings:
-    """A downstream API: ``DOWNSTREAM_APIS__<NAME>__BASE_URL`` and ``..._SCOPES``
-    (``graph`` comes from ``GRAPH_BASE_URL`` and ``GRAPH_SCOPES``).
+    """A downstream API: ``DOWNSTREAM_APIS__<NAME>__BASE_URL``, ``..._SCOPES`` and
+    ``..._TIMEOUT_SECONDS`` (``graph``'s come from ``GRAPH_BASE_URL``, ``GRAPH_SCOPES`` and
+    ``GRAPH_TIMEOUT_SECONDS``).
 
     ``app_scopes``: what its app tokens ask for (``downstream(name, as_app=True)``),
     ``..._APP_SCOPES`` (``GRAPH_APP_SCOPES``); by default ``<resource>/.default``."""
@@ -126,10 +142,16 @@ class DownstreamApiSettings:
     base_url: str
     scopes: tuple[str, ...]
     app_scopes: tuple[str, ...] = ()
+    timeout_seconds: float = DEFAULT_DOWNSTREAM_TIMEOUT  # how long one attempt waits for the answer
 
     def __post_init__(self) -> None:
         if not self.app_scopes and self.scopes:  # (no scopes: a bad setting, being reported)
             object.__setattr__(self, "app_scopes", (f"{scope_resource(self.scopes[0])}/.default",))
+
+    @property
+    def timeout(self) -> tuple[float, float]:
+        """requests' (connect, read) timeout of one attempt: never longer than the setting."""
+        return min(DEFAULT_CONNECT_TIMEOUT, self.timeout_seconds), self.timeout_seconds
 
 
 GRAPH_RESOURCE = "https://graph.microsoft.com"
@@ -167,6 +189,7 @@ class Settings:
     graph_base_url: str = "https://graph.microsoft.com/v1.0"
     graph_scopes: tuple[str, ...] = ("https://graph.microsoft.com/.default",)
     graph_app_scopes: tuple[str, ...] = ()  # GRAPH_APP_SCOPES; empty: <Graph>/.default
+    graph_timeout_seconds: float = DEFAULT_DOWNSTREAM_TIMEOUT
     # The app role the reference API's /api/whoami admits app-only tokens with (API_APP_ROLE);
     # None: app-only tokens are refused there. Routes of your own name theirs in app_roles=.
     api_app_role: str | None = None
@@ -225,13 +248,19 @@ class Settings:
         return f"{self.authority_host}/{tid}" if self.multi_tenant else self.authority
 
     @property
+    def entra_timeout(self) -> tuple[float, float]:
+        """requests' (connect, read) timeout of each call to Entra ID."""
+        return self.entra_connect_timeout, self.entra_read_timeout
+
+    @property
     def openid_configuration_url(self) -> str:
         return f"{self.issuer}/.well-known/openid-configuration"
 
     @property
     def downstream_apis(self) -> dict[str, DownstreamApiSettings]:
         """Every downstream API by name: ``graph`` and those of ``DOWNSTREAM_APIS__*``."""
-        graph = DownstreamApiSettings(self.graph_base_url, self.graph_scopes, self.graph_app_scopes)
+        graph = DownstreamApiSettings(self.graph_base_url, self.graph_scopes, self.graph_app_scopes,
+                                      self.graph_timeout_seconds)
         return {"graph": graph, **self.extra_downstream_apis}
 
     @classmethod
@@ -243,72 +272,18 @@ class Settings:
         env = Env(environ, collect=True)
         client_id = env.guid("AZURE_CLIENT_ID")
         app_id_uri = env.app_id_uri("AZURE_APP_ID_URI") or f"api://{client_id}"
-        secret = env.optional("AZURE_CLIENT_SECRET")
-        cert_path = env.optional("AZURE_CLIENT_CERTIFICATE_PATH")
-        cert_password = env.optional("AZURE_CLIENT_CERTIFICATE_PASSWORD")
-        token_file = env.readable_file("AZURE_FEDERATED_TOKEN_FILE")
-        assertion = env.choice("AZURE_CLIENT_ASSERTION", ("", "managed_identity")) or None
-        given = [name for name, value in (
-            ("AZURE_CLIENT_SECRET", secret), ("AZURE_CLIENT_CERTIFICATE_PATH", cert_path),
-            ("AZURE_FEDERATED_TOKEN_FILE", token_file), ("AZURE_CLIENT_ASSERTION", assertion)) if value]
-        if len(given) > 1:
-            env.error(f"{given[0]}: set only one of {', '.join(given)} (the API's credential)")
-        if not given and not env.failed("AZURE_FEDERATED_TOKEN_FILE", "AZURE_CLIENT_ASSERTION"):
-            env.error(
-                "AZURE_CLIENT_SECRET: missing (or set AZURE_CLIENT_CERTIFICATE_PATH, "
-                "AZURE_FEDERATED_TOKEN_FILE or AZURE_CLIENT_ASSERTION=managed_identity)"
-            )
-        # With two credentials given, which one is meant is unknown: the certificate waits.
-        certificate = (env.checked(lambda: load_certificate(cert_path, cert_password))
-                       if cert_path and len(given) == 1 else None)
-        identity_client_id = env.optional_guid("AZURE_MANAGED_IDENTITY_CLIENT_ID")
-        if identity_client_id and not assertion:
-            env.error("AZURE_MANAGED_IDENTITY_CLIENT_ID: needs AZURE_CLIENT_ASSERTION=managed_identity")
-        cache = _cache_values(env)
-        tenant_id = env.tenant("AZURE_TENANT_ID")
-        allowed = env.tenants("AZURE_ALLOWED_TENANTS")
-        if tenant_id in MULTI_TENANT_IDS and not allowed:
-            env.error(f"AZURE_ALLOWED_TENANTS: required with AZURE_TENANT_ID={tenant_id} "
-                      "(tenant ids, comma-separated, or * for any tenant)")
-        if allowed and tenant_id not in MULTI_TENANT_IDS:
-            env.error("AZURE_ALLOWED_TENANTS: only with AZURE_TENANT_ID=organizations")
-        values: dict[str, Any] = dict(
-            tenant_id=tenant_id,
-            allowed_tenants=allowed,
-            v1_issuer_host=env.https_url("AZURE_V1_ISSUER_HOST", "https://sts.windows.net"),
-            client_id=client_id,
-            client_secret=secret,
-            client_certificate=certificate,
-            client_certificate_path=cert_path,
-            client_certificate_password=cert_password,
-            federated_token_file=token_file,
-            client_assertion=assertion,
-            managed_identity_client_id=identity_client_id,
-            client_capabilities=env.capabilities("AZURE_CLIENT_CAPABILITIES", "cp1"),
-            app_id_uri=app_id_uri,
-            authority_host=env.https_url("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com"),
-            required_scope=env.scope_name("API_REQUIRED_SCOPE", "user_impersonation",
-                                          api=(app_id_uri, f"api://{client_id}", client_id)),
-            graph_base_url=env.https_url("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0"),
-            graph_scopes=env.scopes("GRAPH_SCOPES", "https://graph.microsoft.com/.default"),
-            graph_app_scopes=env.app_scopes("GRAPH_APP_SCOPES"),
-            api_app_role=env.optional_token("API_APP_ROLE"),
-            extra_downstream_apis=env.downstream_apis(),
-            cors_allowed_origins=env.origins("CORS_ALLOWED_ORIGINS"),
-            entra_connect_timeout=env.seconds("ENTRA_CONNECT_TIMEOUT_SECONDS", DEFAULT_ENTRA_CONNECT_TIMEOUT),
-            entra_read_timeout=env.seconds("ENTRA_READ_TIMEOUT_SECONDS", DEFAULT_ENTRA_READ_TIMEOUT),
-            entra_max_waiting_threads=env.positive_int(
-                "ENTRA_MAX_WAITING_THREADS", DEFAULT_ENTRA_MAX_WAITING_THREADS, unit="threads"
-            ),
-            memory_cache_users=env.positive_int(
-                "TOKEN_MEMORY_CACHE_USERS", DEFAULT_MEMORY_CACHE_USERS, unit="users"
-            ),
-            authority_cache_dir=env.optional("AUTHORITY_CACHE_DIR"),
-            log_level=env.log_level("LOG_LEVEL").upper(),
-            log_format=env.choice("LOG_FORMAT", LOG_FORMATS),
-            warnings=unknown_setting_warnings(environ),
-            **cache,
-        )
+        # Read in this order, so errors are listed in it; each part checks its settings together.
+        values: dict[str, Any] = {
+            "client_id": client_id,
+            "app_id_uri": app_id_uri,
+            **_credential_values(env),
+            **_cache_values(env),
+            **_tenant_values(env),
+            **_entra_values(env, client_id, app_id_uri),
+            **_downstream_values(env),
+            **_serving_values(env),
+            "warnings": unknown_setting_warnings(environ),
+        }
         if env.errors:
             raise SettingsError(*env.errors)
         return cls(**values)
@@ -332,16 +307,21 @@ class Settings:
         """Settings from a Flask app's ``config`` overlaid on ``environ`` (default:
         ``os.environ``), under the same names.
 
+        Each name may carry the prefix ``OBO_`` (``OBO_REDIS_URL``), which wins over the
+        bare name: for one setting, the first set of ``app.config["OBO_<NAME>"]``, the
+        environment's ``OBO_<NAME>``, ``app.config["<NAME>"]``, the environment's ``<NAME>``.
+
         ``app.config.from_prefixed_env()`` fills the config from ``FLASK_<NAME>``, parsing
         values as JSON and nesting on ``__``; both are undone here, so
         ``FLASK_DOWNSTREAM_APIS__TASKS__SCOPES`` means ``DOWNSTREAM_APIS__TASKS__SCOPES``.
         """
         merged = dict(os.environ if environ is None else environ)
         for name, value in config.items():
-            if name == DOWNSTREAM_PREFIX.rstrip("_") and isinstance(value, Mapping):
+            prefix = OBO_PREFIX if name.startswith(OBO_PREFIX) else ""
+            if name[len(prefix):] == DOWNSTREAM_PREFIX.rstrip("_") and isinstance(value, Mapping):
                 for api, fields in value.items():
                     for field_name, field_value in (fields.items() if isinstance(fields, Mapping) else ()):
-                        merged[f"{DOWNSTREAM_PREFIX}{api}__{field_name}"] = _as_text(field_value)
+                        merged[f"{prefix}{DOWNSTREAM_PREFIX}{api}__{field_name}"] = _as_text(field_value)
             elif isinstance(value, (str, bool, int, float, list, tuple)):
                 merged[name] = _as_text(value)
         return cls.from_env(merged)
@@ -393,6 +373,95 @@ def _cache_values(env: Env) -> dict[str, Any]:
     )
 
 
+def _credential_values(env: Env) -> dict[str, Any]:
+    """The API's credential: exactly one of a secret, a certificate, a federated token file
+    or a managed identity."""
+    secret = env.optional("AZURE_CLIENT_SECRET")
+    cert_path = env.optional("AZURE_CLIENT_CERTIFICATE_PATH")
+    cert_password = env.optional("AZURE_CLIENT_CERTIFICATE_PASSWORD")
+    token_file = env.readable_file("AZURE_FEDERATED_TOKEN_FILE")
+    assertion = env.choice("AZURE_CLIENT_ASSERTION", ("", "managed_identity")) or None
+    given = [name for name, value in (
+        ("AZURE_CLIENT_SECRET", secret), ("AZURE_CLIENT_CERTIFICATE_PATH", cert_path),
+        ("AZURE_FEDERATED_TOKEN_FILE", token_file), ("AZURE_CLIENT_ASSERTION", assertion)) if value]
+    if len(given) > 1:
+        env.error(f"{given[0]}: set only one of {', '.join(given)} (the API's credential)")
+    if not given and not env.failed("AZURE_FEDERATED_TOKEN_FILE", "AZURE_CLIENT_ASSERTION"):
+        env.error(
+            "AZURE_CLIENT_SECRET: missing (or set AZURE_CLIENT_CERTIFICATE_PATH, "
+            "AZURE_FEDERATED_TOKEN_FILE or AZURE_CLIENT_ASSERTION=managed_identity)"
+        )
+    # With two credentials given, which one is meant is unknown: the certificate waits.
+    certificate = (env.checked(lambda: load_certificate(cert_path, cert_password))
+                   if cert_path and len(given) == 1 else None)
+    identity_client_id = env.optional_guid("AZURE_MANAGED_IDENTITY_CLIENT_ID")
+    if identity_client_id and not assertion:
+        env.error("AZURE_MANAGED_IDENTITY_CLIENT_ID: needs AZURE_CLIENT_ASSERTION=managed_identity")
+    return dict(
+        client_secret=secret,
+        client_certificate=certificate,
+        client_certificate_path=cert_path,
+        client_certificate_password=cert_password,
+        federated_token_file=token_file,
+        client_assertion=assertion,
+        managed_identity_client_id=identity_client_id,
+    )
+
+
+def _tenant_values(env: Env) -> dict[str, Any]:
+    """The tenant, and for a multi-tenant API the tenants whose users may call."""
+    tenant_id = env.tenant("AZURE_TENANT_ID")
+    allowed = env.tenants("AZURE_ALLOWED_TENANTS")
+    if tenant_id in MULTI_TENANT_IDS and not allowed:
+        env.error(f"AZURE_ALLOWED_TENANTS: required with AZURE_TENANT_ID={tenant_id} "
+                  "(tenant ids, comma-separated, or * for any tenant)")
+    if allowed and tenant_id not in MULTI_TENANT_IDS:
+        env.error("AZURE_ALLOWED_TENANTS: only with AZURE_TENANT_ID=organizations")
+    return dict(tenant_id=tenant_id, allowed_tenants=allowed)
+
+
+def _entra_values(env: Env, client_id: str, app_id_uri: str) -> dict[str, Any]:
+    """Where Entra ID is, what this API declares to it, and the scope (or, app-only, the app
+    role) its callers need."""
+    return dict(
+        v1_issuer_host=env.https_url("AZURE_V1_ISSUER_HOST", "https://sts.windows.net"),
+        client_capabilities=env.capabilities("AZURE_CLIENT_CAPABILITIES", "cp1"),
+        authority_host=env.https_url("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com"),
+        required_scope=env.scope_name("API_REQUIRED_SCOPE", "user_impersonation",
+                                      api=(app_id_uri, f"api://{client_id}", client_id)),
+        api_app_role=env.optional_token("API_APP_ROLE"),
+    )
+
+
+def _downstream_values(env: Env) -> dict[str, Any]:
+    """Graph and the other downstream APIs."""
+    return dict(
+        graph_base_url=env.https_url("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0"),
+        graph_scopes=env.scopes("GRAPH_SCOPES", "https://graph.microsoft.com/.default"),
+        graph_app_scopes=env.app_scopes("GRAPH_APP_SCOPES"),
+        graph_timeout_seconds=env.seconds("GRAPH_TIMEOUT_SECONDS", DEFAULT_DOWNSTREAM_TIMEOUT),
+        extra_downstream_apis=env.downstream_apis(),
+    )
+
+
+def _serving_values(env: Env) -> dict[str, Any]:
+    """How requests are served: CORS, the bounds on waiting for Entra ID, memory, logs."""
+    return dict(
+        cors_allowed_origins=env.origins("CORS_ALLOWED_ORIGINS"),
+        entra_connect_timeout=env.seconds("ENTRA_CONNECT_TIMEOUT_SECONDS", DEFAULT_ENTRA_CONNECT_TIMEOUT),
+        entra_read_timeout=env.seconds("ENTRA_READ_TIMEOUT_SECONDS", DEFAULT_ENTRA_READ_TIMEOUT),
+        entra_max_waiting_threads=env.positive_int(
+            "ENTRA_MAX_WAITING_THREADS", DEFAULT_ENTRA_MAX_WAITING_THREADS, unit="threads"
+        ),
+        memory_cache_users=env.positive_int(
+            "TOKEN_MEMORY_CACHE_USERS", DEFAULT_MEMORY_CACHE_USERS, unit="users"
+        ),
+        authority_cache_dir=env.optional("AUTHORITY_CACHE_DIR"),
+        log_level=env.log_level("LOG_LEVEL").upper(),
+        log_format=env.choice("LOG_FORMAT", LOG_FORMATS),
+    )
+
+
 _Accessor = TypeVar("_Accessor", bound=Callable[..., Any])
 
 
@@ -408,7 +477,7 @@ def _or(fallback: Callable[..., Any]) -> Callable[[_Accessor], _Accessor]:
                 return accessor(self, name, *args, **kwargs)
             except SettingsError as error:
                 if not self.collect:
-                    raise
+                    raise SettingsError(*(self.as_set(line) for line in error.errors)) from None
                 for line in error.errors:
                     self.error(line)
                 return fallback(*args, **kwargs)
@@ -428,6 +497,8 @@ class Env:
 
     def __init__(self, environ: Mapping[str, str], collect: bool = False) -> None:
         self._environ = environ
+        # <NAME> -> OBO_<NAME> for the settings read under their prefixed name (errors name it).
+        self._spelled: dict[str, str] = {}
         self.collect = collect
         self._errors: dict[str, str] = {}
         self.read: set[str] = set()  # the names asked for (a test checks KNOWN_SETTINGS)
@@ -441,8 +512,13 @@ class Env:
         """``message`` (``"NAME: what is wrong"``): raised, or kept when collecting (the
         first error of each variable: any other follows from it)."""
         if not self.collect:
-            raise SettingsError(message)
-        self._errors.setdefault(message.partition(":")[0], message)
+            raise SettingsError(self.as_set(message))
+        self._errors.setdefault(message.partition(":")[0], self.as_set(message))
+
+    def as_set(self, message: str) -> str:
+        """``message`` naming its variable as it was set (``OBO_REDIS_URL: ...``)."""
+        name, colon, rest = message.partition(":")
+        return f"{self._spelled[name]}{colon}{rest}" if colon and name in self._spelled else message
 
     def failed(self, *names: str) -> bool:
         """Has one of ``names`` already been found bad?"""
@@ -460,9 +536,14 @@ class Env:
             return None
 
     def optional(self, name: str) -> str | None:
+        """``OBO_<name>`` if set (even empty: see ``OBO_PREFIX``), else ``name``; blank is None."""
         self.read.add(name)
-        value = self._environ.get(name, "").strip()
-        return value or None
+        value = self._environ.get(OBO_PREFIX + name)
+        if value is None:
+            value = self._environ.get(name)
+        else:
+            self._spelled[name] = OBO_PREFIX + name
+        return (value or "").strip() or None
 
     @_or(lambda: "")
     def required(self, name: str) -> str:
@@ -580,23 +661,25 @@ class Env:
 
     def downstream_apis(self) -> dict[str, DownstreamApiSettings]:
         """``DOWNSTREAM_APIS__<NAME>__BASE_URL`` and ``DOWNSTREAM_APIS__<NAME>__SCOPES`` (both
-        required) for each ``<NAME>``: letters, digits and ``_``, used lower-case."""
+        required) for each ``<NAME>``: letters, digits and ``_``, used lower-case (each
+        name may carry ``OBO_`` too)."""
         names: set[str] = set()
         for variable in self._environ:
-            if not variable.startswith(DOWNSTREAM_PREFIX):
+            bare = variable.removeprefix(OBO_PREFIX)
+            if not bare.startswith(DOWNSTREAM_PREFIX):
                 continue
-            self.read.add(variable)
-            name, _, field_name = variable[len(DOWNSTREAM_PREFIX):].partition("__")
+            self.read.add(bare)
+            name, _, field_name = bare[len(DOWNSTREAM_PREFIX):].partition("__")
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", name) or name.endswith("_"):
                 self.error(f"{variable}: the API's name must be letters, digits and _")
             elif field_name not in DOWNSTREAM_FIELDS:
-                close = difflib.get_close_matches(field_name, DOWNSTREAM_FIELDS, n=1)
+                close = difflib.get_close_matches(field_name, list(DOWNSTREAM_FIELDS), n=1)
                 hint = f" (did you mean {DOWNSTREAM_PREFIX}{name}__{close[0]}?)" if close else ""
                 self.error(f"{variable}: unknown; use {DOWNSTREAM_PREFIX}<NAME>__BASE_URL, "
-                           f"{DOWNSTREAM_PREFIX}<NAME>__SCOPES or "
-                           f"{DOWNSTREAM_PREFIX}<NAME>__APP_SCOPES{hint}")
+                           f"__SCOPES, __APP_SCOPES or __TIMEOUT_SECONDS{hint}")
             elif name.lower() == "graph":
-                self.error(f"{variable}: graph is set by GRAPH_BASE_URL and GRAPH_SCOPES")
+                self.error(f"{variable}: graph is set by GRAPH_BASE_URL, GRAPH_SCOPES, "
+                           "GRAPH_APP_SCOPES and GRAPH_TIMEOUT_SECONDS")
             else:
                 names.add(name)
         apis = {}
@@ -609,6 +692,7 @@ class Env:
                 base_url=self.https_url(prefix + "BASE_URL", self.required(prefix + "BASE_URL")),
                 scopes=self.scopes(prefix + "SCOPES", self.required(prefix + "SCOPES")),
                 app_scopes=self.app_scopes(prefix + "APP_SCOPES"),
+                timeout_seconds=self.seconds(prefix + "TIMEOUT_SECONDS", DEFAULT_DOWNSTREAM_TIMEOUT),
             )
         return apis
 

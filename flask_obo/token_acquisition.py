@@ -103,7 +103,7 @@ class OnBehalfOfTokenProvider:
         self._credential = credential
         self._store, self._codec = store, codec
         self._metrics = metrics or Metrics()
-        timeout = (settings.entra_connect_timeout, settings.entra_read_timeout)
+        timeout = settings.entra_timeout
         self.memory = MemoryTier(
             settings.memory_cache_users, lambda: MsalHttpClient(session, metadata, timeout, self._metrics),
             self._metrics)

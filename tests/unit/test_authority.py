@@ -8,11 +8,11 @@ import requests
 import responses
 
 from flask_obo.authority import (
-    AUTHORITY_TIMEOUT,
     KEYS_MAX_AGE,
     OpenIdConfiguration,
     SigningKeys,
 )
+from flask_obo.settings import DEFAULT_ENTRA_TIMEOUT
 from tests.support.fake_entra import JWKS_URL, METADATA_URL, FakeEntra
 
 
@@ -73,7 +73,7 @@ def test_fetches_use_the_configured_timeout():
         metadata = OpenIdConfiguration(METADATA_URL, session, timeout=(1.5, 4.0))
         assert SigningKeys(metadata, session, timeout=(2.0, 5.0)).get(entra.key.kid) is not None
         OpenIdConfiguration(METADATA_URL, session).document()
-    assert session.timeouts == [(1.5, 4.0), (2.0, 5.0), AUTHORITY_TIMEOUT]
+    assert session.timeouts == [(1.5, 4.0), (2.0, 5.0), DEFAULT_ENTRA_TIMEOUT]
 
 
 def test_status_follows_the_age_of_what_is_in_hand_without_network():

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 from cryptography.hazmat.primitives import serialization
 
 from flask_obo import Settings, SettingsError
@@ -49,19 +48,18 @@ def without_secret(**overrides: str) -> dict[str, str]:
 
 
 def test_each_setting_chooses_its_credential(tmp_path):
-    session = requests.Session()
-    assert isinstance(client_credential(Settings.from_env(settings_env()), session), ClientSecret)
+    assert isinstance(client_credential(Settings.from_env(settings_env())), ClientSecret)
     cert = Settings.from_env(without_secret(AZURE_CLIENT_CERTIFICATE_PATH=str(pem_file(tmp_path / "c.pem"))))
-    assert isinstance(client_credential(cert, session), CertificateFile)
+    assert isinstance(client_credential(cert), CertificateFile)
     token_file = tmp_path / "token"
     token_file.write_text(jwt_with_exp(time.time() + 3600))
     federated = Settings.from_env(without_secret(AZURE_FEDERATED_TOKEN_FILE=str(token_file),
                                                  AZURE_AUTHORITY_HOST="https://login.microsoftonline.com/"))
-    assert isinstance(client_credential(federated, session), FederatedTokenFile)
+    assert isinstance(client_credential(federated), FederatedTokenFile)
     assert federated.authority_host == "https://login.microsoftonline.com"  # AKS's trailing slash
     identity = Settings.from_env(without_secret(AZURE_CLIENT_ASSERTION="managed_identity",
                                                 AZURE_MANAGED_IDENTITY_CLIENT_ID=MI_CLIENT_ID))
-    assert isinstance(client_credential(identity, session), ManagedIdentityAssertion)
+    assert isinstance(client_credential(identity), ManagedIdentityAssertion)
     assert identity.managed_identity_client_id == MI_CLIENT_ID
 
 
@@ -90,7 +88,7 @@ def test_client_capabilities_default_to_cae_and_can_be_none():
 def test_a_rotated_certificate_file_is_used_from_the_next_build(tmp_path):
     path = pem_file(tmp_path / "api.pem")
     settings = Settings.from_env(without_secret(AZURE_CLIENT_CERTIFICATE_PATH=str(path)))
-    credential = client_credential(settings, requests.Session())
+    credential = client_credential(settings)
     first = credential.for_msal()
     assert credential.version == 0
 

@@ -123,7 +123,7 @@ def test_prefixed_env_settings_name_more_downstream_apis(entra: FakeEntra, monke
 @pytest.mark.parametrize(("variable", "message"), [
     ("DOWNSTREAM_APIS__TASKS__BASEURL", "DOWNSTREAM_APIS__TASKS__BASEURL: unknown"),
     ("DOWNSTREAM_APIS__TASKS__SCOPES", "DOWNSTREAM_APIS__TASKS__BASE_URL: missing"),
-    ("DOWNSTREAM_APIS__GRAPH__SCOPES", "graph is set by GRAPH_BASE_URL and GRAPH_SCOPES"),
+    ("DOWNSTREAM_APIS__GRAPH__SCOPES", "graph is set by GRAPH_BASE_URL, GRAPH_SCOPES, GRAPH_APP_SCOPES"),
     ("DOWNSTREAM_APIS__TA-SKS__SCOPES", "the API's name must be letters, digits and _"),
 ])
 def test_a_malformed_downstream_setting_names_the_variable(variable: str, message: str):
