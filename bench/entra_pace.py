@@ -49,7 +49,8 @@ def main() -> int:
             env = api_env(tenant, redis_url, ENTRA_MAX_WAITING_THREADS="4")
             with gunicorn(env, workers=2, threads=8) as api:
                 print(f"minting {args.users} users' API tokens...", flush=True)
-                calls = [Call("first", "/api/me", tenant.tenant.api_token(load_user_name(n)))
+                minter = tenant.tenant  # one: each .tenant reads the directory anew
+                calls = [Call("first", "/api/me", minter.api_token(load_user_name(n)))
                          for n in range(1, args.users + 1)]
                 tenant.reset_counters()
                 started = time.monotonic()
