@@ -42,8 +42,11 @@ cache even when nobody waits for it any more, so the user's retry finds it.
 A worker that retires (gunicorn's ``max_requests``, SIGTERM, SIGHUP) waits for its
 requests in flight before it exits, and gunicorn forks its replacement only then. So
 ``retire_worker()`` (call it from the server's hooks: ``config/gunicorn.conf.py``) ends
-every wait on Entra ID in the process at once with 503 ``temporarily_unavailable`` and
-``Retry-After``, and refuses new ones: requests served from the cache go on as before.
+every overdue wait on Entra ID in the process at once with 503 ``temporarily_unavailable``
+and ``Retry-After``, and any other at its exchange's patience at the latest: a healthy
+Entra ID's answer, due in a moment, still reaches its requests (a fresh worker recycled
+during a Redis pause exchanges for its warm users, say), a slow or hanging one holds
+nobody. Requests served from the cache go on as before.
 """
 
 from __future__ import annotations
@@ -66,7 +69,10 @@ T = TypeVar("T")
 #: of the last ``PACE_WINDOW`` exchanges that got an answer, kept within these bounds.
 #: Before the first answer (a fresh worker), ``PATIENCE_PRIOR``.
 PATIENCE_FLOOR = 0.25  # scheduling noise on a busy host must not make a fast exchange overdue
-PATIENCE_CAP = 3.0  # the longest a slow or hanging Entra ID holds threads beyond the seats
+# The longest a slow or hanging Entra ID holds threads beyond the seats: every thread of a
+# worker may be waiting on time meanwhile (one user's burst), so warm users wait as long.
+# Issue 15 bounds their worst latency during a hang by max(3 x their usual p99, 1 s).
+PATIENCE_CAP = 0.75
 # A fresh worker has not seen Entra ID's pace yet: it gives the first exchanges the cap
 # rather than refuse a healthy Entra ID's callers because the host is busy.
 PATIENCE_PRIOR = PATIENCE_CAP
@@ -141,11 +147,12 @@ def retire_worker() -> None:
     Call it from the server's hooks as soon as the worker stops taking new connections
     (gunicorn: its ``alive`` flag turned false after ``max_requests``, SIGTERM or SIGHUP;
     see ``config/gunicorn.conf.py``). From then on, in every ``FlaskOBO`` application of
-    the process, each request that waits on Entra ID (for its own exchange or another
-    request's) ends at once with 503 ``temporarily_unavailable`` and ``Retry-After: 1``,
-    and a request that would need Entra ID gets that answer without calling it. Requests
-    served from the token cache, and everything else, run to their end as before. So a
-    hanging Entra ID cannot keep the worker, and its replacement, from starting anew.
+    the process, each request that waits on an overdue exchange with Entra ID (its own or
+    another request's) ends at once with 503 ``temporarily_unavailable`` and
+    ``Retry-After: 1``, and one whose exchange is still on time when its patience runs
+    out (``EntraPace``, at most ``PATIENCE_CAP``). Requests served from the token cache,
+    and everything else, run to their end as before. So a hanging Entra ID cannot keep the
+    worker, and its replacement, from starting anew.
     """
     _process_retirement.begin()
 
@@ -211,11 +218,10 @@ class WaitingRoom:
             return self._seated
 
     def admit(self) -> None:
-        """May a new exchange start? Not while the worker retires or every seat is taken
-        (Entra ID is slow right now)."""
+        """May a new exchange start? Not while every seat is taken (Entra ID is slow right
+        now). A retiring worker may still start one: its waiters leave at the patience
+        at the latest (``wait``), so a healthy Entra ID's answer is not thrown away."""
         with self._changed:
-            if self._retirement.begun:
-                raise WorkerRetiring()
             if self._seated >= self.capacity:
                 raise TooManyWaiting()
 
@@ -226,11 +232,13 @@ class WaitingRoom:
         try:
             with self._changed:
                 while not flight.landed:
-                    if self._retirement.begun:
-                        raise WorkerRetiring()
                     if deadline.expired:
                         raise TokenAcquisitionBusy()
                     overdue_at = flight.started + self.pace.patience()
+                    # A retiring worker holds nobody for an overdue exchange (a slow or
+                    # hanging Entra ID); one still on time may answer in a moment.
+                    if self._retirement.begun and (seated or time.monotonic() >= overdue_at):
+                        raise WorkerRetiring()
                     if not seated and time.monotonic() >= overdue_at:
                         if self._seated >= self.capacity:
                             raise TooManyWaiting()

@@ -71,7 +71,10 @@ def test_a_hanging_entra_delays_only_the_cold_user_and_boundedly(stack: FaultSta
                       f"OBO calls reaching the dev tenant meanwhile: {obo_during}")
         checks.expect(obo_during == 0, f"{obo_during} OBO calls went through a hanging proxy")
 
-        check_warm_p99(checks, "hang", warm, baseline)
+        # One user's cold burst may hold every thread while its exchange is on time for
+        # Entra ID's pace (so that a healthy Entra ID's bursts are never refused): warm users
+        # wait that long at most, the patience (capped below 1 s). Issue 15's bound.
+        check_warm_p99(checks, "hang", warm, baseline, floor=1.0)
         failed = [s for s in warm + whoami if s.status != 200]
         checks.expect(bool(warm) and not failed, f"warm users during the hang: {len(failed)} not 200, "
                                                  f"e.g. {failed[:3]}")
