@@ -6,7 +6,8 @@
   exchange runs in a thread of its own; every request that needs its result, the one
   that started it included, *waits* for it in the ``WaitingRoom``, and may leave.
 * ``WaitingRoom``: how long, and how many, of a worker's threads may wait on Entra ID.
-* ``EntraPace``: how long exchanges take while Entra ID answers (the room's clock).
+* ``EntraPace``: how long exchanges take while Entra ID answers (the room's clock), and
+  when one last got an answer (a slow Entra ID still answers; a hanging one does not).
 * ``WorkerRetirement`` / ``retire_worker()``: the process is going away; nobody waits
   on Entra ID any longer.
 
@@ -26,7 +27,9 @@ slowest recent exchange, between ``PATIENCE_FLOOR`` and ``PATIENCE_CAP``; the ca
 the worker saw its first answer). On-time waits
 take no seat and are never refused, however many there are: one user's burst and a login
 wave are answered, however large. Once an exchange is *overdue*, Entra ID is slow or
-hanging, and each of its waiters must hold one of the ``capacity`` seats
+hanging (unless other exchanges keep landing: then it is a busy but answering Entra ID,
+and its waiters stay seat-free until ``LIVE_PATIENCE_CAP``), and each of its waiters must
+hold one of the ``capacity`` seats
 (``ENTRA_MAX_WAITING_THREADS``) to go on waiting, until its deadline; a waiter that finds
 none is answered 503 with ``Retry-After`` at once, and while every seat is taken no new
 exchange starts (503 at once as well). So a hanging Entra ID holds at most ``capacity``
@@ -78,6 +81,10 @@ PATIENCE_CAP = 0.75
 PATIENCE_PRIOR = PATIENCE_CAP
 PATIENCE_FACTOR = 3.0
 PACE_WINDOW = 32
+# While Entra ID keeps answering other exchanges (one landed within the patience), an
+# exchange past its patience is slow, not hung: a login wave on a busy host. Its waiters
+# stay seat-free until it is this old; a hanging Entra ID answers nobody, so it gets none.
+LIVE_PATIENCE_CAP = 3.0
 
 
 class Deadline:
@@ -166,10 +173,12 @@ class EntraPace:
     def __init__(self) -> None:
         self._recent: deque[float] = deque(maxlen=PACE_WINDOW)
         self._lock = threading.Lock()
+        self.last_answer = float("-inf")  # monotonic: when an exchange last got an answer
 
     def observe(self, seconds: float) -> None:
         with self._lock:
             self._recent.append(seconds)
+            self.last_answer = time.monotonic()
 
     def patience(self) -> float:
         """How old an exchange may get before its waiters need seats."""
@@ -234,12 +243,20 @@ class WaitingRoom:
                 while not flight.landed:
                     if deadline.expired:
                         raise TokenAcquisitionBusy()
-                    overdue_at = flight.started + self.pace.patience()
+                    patience = self.pace.patience()
+                    overdue_at = flight.started + patience
+                    now = time.monotonic()
                     # A retiring worker holds nobody for an overdue exchange (a slow or
                     # hanging Entra ID); one still on time may answer in a moment.
-                    if self._retirement.begun and (seated or time.monotonic() >= overdue_at):
+                    if self._retirement.begun and (seated or now >= overdue_at):
                         raise WorkerRetiring()
-                    if not seated and time.monotonic() >= overdue_at:
+                    if not seated and now >= overdue_at:
+                        # Entra ID still answers others: slow, not hung (LIVE_PATIENCE_CAP).
+                        live_until = min(self.pace.last_answer + patience,
+                                         flight.started + LIVE_PATIENCE_CAP)
+                        if now < live_until:
+                            self._changed.wait(max(0.0, min(deadline.at, live_until) - now))
+                            continue
                         if self._seated >= self.capacity:
                             raise TooManyWaiting()
                         self._seated += 1

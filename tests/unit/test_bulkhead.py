@@ -389,6 +389,31 @@ def test_only_answered_exchanges_set_the_pace() -> None:
     assert flight._room.pace.patience() == PATIENCE_FLOOR
 
 
+def test_an_overdue_exchange_waits_seat_free_while_entra_answers_others() -> None:
+    """A login wave on a busy host: exchanges take longer than the patience, but Entra ID
+    keeps answering the others, so it is slow, not hung: nobody is refused for a seat."""
+    pace = FixedPace(0.05)
+    flight = SingleFlight(WaitingRoom(1, pace, WorkerRetirement()))
+    stop = threading.Event()
+
+    def others_answer() -> None:
+        while not stop.wait(0.01):
+            pace.observe(0.01)
+
+    answering = threading.Thread(target=others_answer)
+    answering.start()
+    try:
+        leader = Leader()
+        lead, follows = lead_and_follow(flight, leader, 3)
+        assert not stop.wait(0.3)  # six patiences pass while the exchange is in flight
+        assert not any(f.done() for f in [lead, *follows])  # none refused, none seated
+        leader.release.set()
+        assert results([lead, *follows]) == ["token"] * 4
+    finally:
+        stop.set()
+        answering.join(WAIT)
+
+
 # --- retirement -------------------------------------------------------------------------------------
 
 
