@@ -28,7 +28,7 @@ the worker saw its first answer). On-time waits
 take no seat and are never refused, however many there are: one user's burst and a login
 wave are answered, however large. Once an exchange is *overdue*, Entra ID is slow or
 hanging (unless other exchanges keep landing: then it is a busy but answering Entra ID,
-and its waiters stay seat-free until ``LIVE_PATIENCE_CAP``), and each of its waiters must
+and its waiters stay seat-free while answers keep landing: ``LIVE_WINDOW``), and each of its waiters must
 hold one of the ``capacity`` seats
 (``ENTRA_MAX_WAITING_THREADS``) to go on waiting, until its deadline; a waiter that finds
 none is answered 503 with ``Retry-After`` at once, and while every seat is taken no new
@@ -76,15 +76,17 @@ PATIENCE_FLOOR = 0.25  # scheduling noise on a busy host must not make a fast ex
 # worker may be waiting on time meanwhile (one user's burst), so warm users wait as long.
 # Issue 15 bounds their worst latency during a hang by max(3 x their usual p99, 1 s).
 PATIENCE_CAP = 0.75
-# A fresh worker has not seen Entra ID's pace yet: it gives the first exchanges the cap
-# rather than refuse a healthy Entra ID's callers because the host is busy.
-PATIENCE_PRIOR = PATIENCE_CAP
+# A fresh worker has not seen Entra ID's pace yet: it gives its first exchanges longer
+# rather than refuse a healthy Entra ID's callers because the host is busy (a login wave
+# or a recycled worker's first users); its first answer sets the pace.
+PATIENCE_PRIOR = 3.0
 PATIENCE_FACTOR = 3.0
 PACE_WINDOW = 32
-# While Entra ID keeps answering other exchanges (one landed within the patience), an
-# exchange past its patience is slow, not hung: a login wave on a busy host. Its waiters
-# stay seat-free until it is this old; a hanging Entra ID answers nobody, so it gets none.
-LIVE_PATIENCE_CAP = 3.0
+# While Entra ID keeps answering other exchanges (one landed within this window, or the
+# patience if longer), an exchange past its patience is slow, not hung: a login wave on a
+# busy host. Its waiters stay seat-free until their deadline; a hanging Entra ID answers
+# nobody, so it gets no such grace.
+LIVE_WINDOW = 1.0
 
 
 class Deadline:
@@ -251,9 +253,8 @@ class WaitingRoom:
                     if self._retirement.begun and (seated or now >= overdue_at):
                         raise WorkerRetiring()
                     if not seated and now >= overdue_at:
-                        # Entra ID still answers others: slow, not hung (LIVE_PATIENCE_CAP).
-                        live_until = min(self.pace.last_answer + patience,
-                                         flight.started + LIVE_PATIENCE_CAP)
+                        # Entra ID still answers others: slow, not hung (LIVE_WINDOW).
+                        live_until = self.pace.last_answer + max(patience, LIVE_WINDOW)
                         if now < live_until:
                             self._changed.wait(max(0.0, min(deadline.at, live_until) - now))
                             continue

@@ -129,7 +129,9 @@ def test_a_paused_redis_costs_a_recycled_worker_one_timeout_at_most(stack: Fault
         checks.expect(bool(failures), "no fresh worker met the pause (inconclusive)")
         twice = {request: n for request, n in failures.items() if n > 1}
         checks.expect(not twice, f"{len(twice)} request(s) waited for Redis more than once: {twice}")
-        limit = max(WARM_WORST_LIMIT, baseline_worst + 2 * REDIS_TIMEOUT)
+        # The baseline is the worst of a few requests; a fresh worker's first exchange on a
+        # 2-core box adds scheduling noise of its own (a 15 ms overshoot was seen): 0.1 s.
+        limit = max(WARM_WORST_LIMIT, baseline_worst + 2 * REDIS_TIMEOUT + 0.1)
         checks.expect(bool(warm) and worst <= limit,
                       f"warm users' worst latency {worst * 1000:.0f} ms > {limit * 1000:.0f} ms")
         errors = [s for s in warm if s.status >= 500 or not s.status]
