@@ -113,8 +113,13 @@ if log_format == "json":  # one JSON object per line from the app and gunicorn a
     logconfig_dict = logging_config(loglevel, log_format, accesslog, errorlog)
 
 
-# --- metrics' directory (see the top of this file) -----------------------------------------
+# --- the master, before the first fork: Entra ID's shared pace; metrics' directory (see the top) --
 def on_starting(server):  # once, in the master, before the first fork (not on a HUP)
+    import flask_obo
+
+    # Workers share Entra ID's observed pace (flask_obo.share_entra_pace): one recycled
+    # during a hang starts from its siblings' patience, not from a fresh worker's prior.
+    flask_obo.share_entra_pace()
     path = os.environ.get(_METRICS_DIR)
     if path:
         os.makedirs(path, mode=0o700, exist_ok=True)

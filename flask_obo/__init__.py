@@ -19,10 +19,11 @@ and downstream APIs (``downstream``, as the user or ``as_app``). Errors are
 Beyond the request: ``background_handle`` and ``on_behalf_of=`` (jobs acting as a user,
 ``flask_obo.background``) and azure-core credentials for Azure SDKs and the Graph SDK
 (``user_credential``, ``app_credential``: ``flask_obo.azure_credentials``, the ``azure`` extra).
-A server's hooks call ``retire_worker()`` when a worker process begins to go away.
+A server's hooks call ``retire_worker()`` when a worker process begins to go away, and
+``share_entra_pace()`` in the master before it forks workers.
 """
 
-from .bulkhead import retire_worker
+from .bulkhead import retire_worker, share_entra_pace
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
 from .cli import loading_for_a_command, operator_app, settings_error_lines
 from .downstream import DownstreamApi
@@ -56,4 +57,5 @@ __all__ = [
     "operator_app",
     "retire_worker",
     "settings_error_lines",
+    "share_entra_pace",
 ]

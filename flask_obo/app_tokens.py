@@ -44,7 +44,7 @@ import msal
 import requests
 
 from .authority import AuthorityUnavailable, TenantConfigurations
-from .bulkhead import Deadline, SingleFlight, WaitingRoom
+from .bulkhead import Deadline, SingleFlight, WaitingRoom, process_pace
 from .cache_store import Guard, TokenCacheStore
 from .credentials import CREDENTIAL_ERROR_CODES, ClientCredential
 from .errors import (
@@ -155,7 +155,7 @@ class AppTokenProvider:
         self._lock = threading.Lock()
         # App tokens wait in a room of their own: a slow renewal must not take the seats
         # that users' exchanges wait in (and the reverse).
-        self._waiting_room = WaitingRoom(settings.entra_max_waiting_threads)
+        self._waiting_room = WaitingRoom(settings.entra_max_waiting_threads, process_pace())
         self._flights: SingleFlight[AppToken] = SingleFlight(self._waiting_room)
         self._executor: ThreadPoolExecutor | None = None
         self._executor_pid = 0

@@ -55,10 +55,10 @@ nobody. Requests served from the cache go on as before.
 from __future__ import annotations
 
 import contextvars
+import mmap
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Generic, TypeVar
@@ -167,28 +167,81 @@ def retire_worker() -> None:
 
 
 class EntraPace:
-    """How long this process's exchanges take while Entra ID answers: the room's clock.
+    """How long exchanges take while Entra ID answers: the room's clock.
 
     Exchanges that got an answer are observed (ones that timed out are not: they say
-    nothing about the pace of a working Entra ID). See the module's docstring."""
+    nothing about the pace of a working Entra ID). See the module's docstring.
 
-    def __init__(self) -> None:
-        self._recent: deque[float] = deque(maxlen=PACE_WINDOW)
-        self._lock = threading.Lock()
-        self.last_answer = float("-inf")  # monotonic: when an exchange last got an answer
+    Its record is a few numbers in a buffer: the count of observations, when the last
+    answer came (``time.monotonic()``, one clock for every process of the host), and the
+    ring of recent durations. ``EntraPace()`` keeps them in this process.
+    ``EntraPace.shared_across_forks()`` keeps them in anonymous shared memory that the
+    processes forked afterwards write and read alike, so a worker forked during a hang (a
+    recycled one) starts from its server's pace instead of ``PATIENCE_PRIOR``; see
+    ``share_entra_pace()``. Across processes the record takes no lock (a worker killed
+    while holding one would stop every other): each cell is one aligned 8-byte store,
+    and two workers writing at once lose at most one observation.
+    """
+
+    _CELLS = 2 + PACE_WINDOW  # count, last answer, the ring
+
+    def __init__(self, record: memoryview[float] | None = None) -> None:
+        self._record = record if record is not None else _doubles(bytearray(8 * self._CELLS))
+        self._lock = threading.Lock()  # this process's threads; see the class docstring
+
+    @classmethod
+    def shared_across_forks(cls) -> EntraPace:
+        """A pace that this process and every process it forks afterwards share."""
+        return cls(_doubles(mmap.mmap(-1, 8 * cls._CELLS)))  # MAP_SHARED | MAP_ANONYMOUS
+
+    @property
+    def last_answer(self) -> float:
+        """When an exchange last got an answer (monotonic; -inf before the first)."""
+        return self._record[1] if self._record[0] else float("-inf")
 
     def observe(self, seconds: float) -> None:
         with self._lock:
-            self._recent.append(seconds)
-            self.last_answer = time.monotonic()
+            count = int(self._record[0])
+            self._record[2 + count % PACE_WINDOW] = seconds
+            self._record[1] = time.monotonic()
+            self._record[0] = count + 1
 
     def patience(self) -> float:
         """How old an exchange may get before its waiters need seats."""
-        with self._lock:
-            if not self._recent:
-                return PATIENCE_PRIOR
-            slowest = max(self._recent)
+        count = min(int(self._record[0]), PACE_WINDOW)
+        if not count:
+            return PATIENCE_PRIOR
+        slowest = max(self._record[2:2 + count])
         return min(PATIENCE_CAP, max(PATIENCE_FLOOR, PATIENCE_FACTOR * slowest))
+
+
+def _doubles(buffer: bytearray | mmap.mmap) -> memoryview[float]:
+    return memoryview(buffer).cast("d")
+
+
+_process_pace: EntraPace | None = None
+
+
+def share_entra_pace() -> None:
+    """Let the worker processes this process forks from now on share one ``EntraPace``.
+
+    Call it in a server's master before it forks its workers (gunicorn: the
+    ``on_starting`` hook, as ``config/gunicorn.conf.py`` does). A worker that gunicorn
+    recycles, or starts again after a crash, then knows at once how fast Entra ID has
+    been answering its siblings, and whether it still answers at all: during a hang its
+    first waits are overdue after the server's patience (at most ``PATIENCE_CAP``), not
+    ``PATIENCE_PRIOR``, so they hold no thread that warm users need. Without it each
+    worker learns the pace on its own. Idempotent.
+    """
+    global _process_pace
+    if _process_pace is None:
+        _process_pace = EntraPace.shared_across_forks()
+
+
+def process_pace() -> EntraPace:
+    """The pace a new waiting room follows: the one ``share_entra_pace`` set up, or a new
+    one of this process's own."""
+    return _process_pace if _process_pace is not None else EntraPace()
 
 
 class Flight(Generic[T]):

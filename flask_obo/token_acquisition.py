@@ -41,7 +41,7 @@ import msal
 import requests
 
 from .authority import AuthorityUnavailable, TenantConfigurations
-from .bulkhead import Deadline, SingleFlight, WaitingRoom, WorkerRetirement
+from .bulkhead import Deadline, SingleFlight, WaitingRoom, WorkerRetirement, process_pace
 from .cache_store import Guard, StoreBudget, StoredEntry, TokenCacheStore
 from .credentials import CREDENTIAL_ERROR_CODES, ClientCredential
 from .errors import (
@@ -108,7 +108,8 @@ class OnBehalfOfTokenProvider:
             settings.memory_cache_users, lambda: MsalHttpClient(session, metadata, timeout, self._metrics),
             self._metrics)
         self._write_back = WriteBack(self.memory, store)
-        self.waiting_room = WaitingRoom(settings.entra_max_waiting_threads, retirement=retirement)
+        self.waiting_room = WaitingRoom(settings.entra_max_waiting_threads, process_pace(),
+                                        retirement=retirement)
         # A job's own failures (its handle revoked, no refresh token) are not a request's.
         self._flights: SingleFlight[tuple[str, str]] = SingleFlight(
             self.waiting_room,

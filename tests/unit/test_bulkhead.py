@@ -9,6 +9,7 @@ one of zero.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -373,6 +374,23 @@ def test_patience_follows_the_slowest_recent_exchange_within_bounds() -> None:
     assert pace.patience() == pytest.approx(0.6)
     pace.observe(PATIENCE_CAP)
     assert pace.patience() == PATIENCE_CAP  # slow: never longer than the cap
+
+
+def test_a_pace_shared_across_forks_is_what_a_process_forked_later_starts_from() -> None:
+    """A worker recycled during a hang knows its siblings' pace (share_entra_pace)."""
+    shared, own = EntraPace.shared_across_forks(), EntraPace()
+    shared.observe(0.2)
+    pid = os.fork()
+    if pid == 0:  # the sibling: it saw the pace, observes a slower answer, exits
+        status = 0 if shared.patience() == pytest.approx(0.6) else 1
+        shared.observe(0.25)
+        own.observe(0.25)
+        os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert shared.patience() == pytest.approx(0.75)  # the child's observation reached us
+    assert shared.last_answer > time.monotonic() - WAIT
+    assert own.patience() == PATIENCE_PRIOR  # a process's own pace stays its own
 
 
 def test_only_answered_exchanges_set_the_pace() -> None:
