@@ -12,10 +12,11 @@ tokens so that the next one does. Errors propagate: ``FlaskOBO`` answers them as
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 from flask import Blueprint, Response, jsonify
 
-from flask_obo import current_token
+from flask_obo import EntraAccessToken, current_token
 from flask_obo.errors import ApiError, DownstreamError, DownstreamNotFound
 
 from .extensions import obo
@@ -25,13 +26,18 @@ obo.protect(api)  # users only: every route here acts on behalf of the caller
 
 WHOAMI_CLAIMS = ("oid", "tid", "name", "preferred_username", "scp")
 USER_FIELDS = ("id", "displayName", "mail", "userPrincipalName", "jobTitle")
+# The query every Graph user call sends, encoded once: as a string, requests passes it on
+# as it is (a dict is merged and encoded again on every call).
+USER_QUERY = urlencode({"$select": ",".join(USER_FIELDS)})
 
 
 def whoami() -> Response:
     """The caller's identity from the validated token: a user's (``scp``) or, for an
-    app-only token, the application's (``app_id``, ``roles``; no user claims)."""
-    claims = {claim: current_token.get(claim) for claim in WHOAMI_CLAIMS}
-    return jsonify({**claims, "roles": list(current_token.roles) or None, "app_id": current_token.app_id})
+    app-only token, the application's (``app_id``, ``roles``; no user claims). The token
+    is taken from the ``current_token`` proxy once: each use of the proxy looks it up again."""
+    token: EntraAccessToken = current_token._get_current_object()  # type: ignore[attr-defined]
+    claims = {claim: token.get(claim) for claim in WHOAMI_CLAIMS}
+    return jsonify({**claims, "roles": list(token.roles) or None, "app_id": token.app_id})
 
 
 def identity_blueprint(app_role: str | None) -> Blueprint:
@@ -68,7 +74,7 @@ def forget_token_cache() -> Response:
 
 def _graph_user(path: str) -> dict[str, Any]:
     """A Graph user object as the caller sees it: exactly the standard fields."""
-    response = obo.downstream("graph").get(path, params={"$select": ",".join(USER_FIELDS)})
+    response = obo.downstream("graph").get(path, params=USER_QUERY)
     try:
         body = response.json()
     except ValueError:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import functools
 import logging
 import re
 import time
@@ -181,7 +182,18 @@ def _escapes(path: str) -> bool:
     path starting ``//`` as a host (``//%2e%2e/admin`` would hide its ``..`` from these
     checks, and urllib3 sends it as ``…//../admin``, which nginx's slash merging resolves
     out of the base path) and silently drops tabs and newlines."""
-    plain = path.partition("#")[0].partition("?")[0]
+    return _path_escapes(path.partition("#")[0].partition("?")[0])
+
+
+#: Paths whose verdict is kept: the answer depends on the path alone, and an API's routes
+#: call a handful of paths (a per-user id in them makes more) again and again.
+_PATHS_KEPT = 1024
+
+
+@functools.lru_cache(maxsize=_PATHS_KEPT)
+def _path_escapes(plain: str) -> bool:
+    """``_escapes`` for a path without its query and fragment. Kept per path: the decoding
+    rounds and the Unicode normalisation (about 10 µs) would otherwise run on every call."""
     for _ in range(_DECODING_ROUNDS):
         try:  # not UTF-8 (an overlong %c0%ae is a "." to some old servers): refused
             decoded = unquote(plain, errors="strict")

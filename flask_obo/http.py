@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.sessions import merge_setting
 from requests.utils import get_environ_proxies, get_netrc_auth
 from urllib3.exceptions import InvalidHeader
 from urllib3.util import Retry
@@ -122,6 +123,17 @@ class ResolvedSession(requests.Session):
         if kwargs.get("auth") is None and self.auth is None and origin.auth is not None:
             kwargs["auth"] = origin.auth
         return super().request(method, url, *args, **kwargs)
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any,
+                                   cert: Any) -> dict[str, Any]:
+        """requests' merge of a call's settings with the session's (the environment is not
+        read here: ``trust_env`` is off), taking a short cut where no proxy is involved on
+        either side: requests merges two empty mappings on every call otherwise, checking
+        each against a runtime ``Protocol`` (several microseconds apiece in requests 2.34)."""
+        if self.trust_env or proxies or self.proxies:
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        return {"proxies": {}, "stream": merge_setting(stream, self.stream),
+                "verify": merge_setting(verify, self.verify), "cert": merge_setting(cert, self.cert)}
 
     # A redirect to another origin takes that origin's settings, as with requests: with
     # ``trust_env`` off, requests would keep the first origin's proxies (so a redirect from
