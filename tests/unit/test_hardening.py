@@ -68,6 +68,29 @@ def test_a_path_cannot_leave_the_base_url(path):
     assert isinstance(raised.value, ValueError) and raised.value.status == 400
 
 
+def test_a_paths_verdict_is_the_same_every_time_whatever_its_query():
+    """The path guard's verdict is kept per path (without its query): a refused path stays
+    refused, and a query never makes one pass or fail."""
+    sent: list[str] = []
+    session = requests.Session()
+    session.request = lambda method, url, **k: sent.append(url) or _ok()  # type: ignore[method-assign]
+    api = DownstreamApi("tasks", DownstreamApiSettings(API, ("api://tasks/.default",)), session,
+                        lambda scopes, claims: "TOKEN")
+    for _ in range(2):
+        for path in ("/%2e%2e/admin-api", "/%2e%2e/admin-api?x=1"):
+            with pytest.raises(UnsafeDownstreamPath):
+                api.get(path)
+        api.get("/me?$filter=a/../b")  # a query is data, not a path
+        api.get("/me")
+    assert sent == [f"{API}/me?$filter=a/../b", f"{API}/me"] * 2
+
+
+def _ok() -> requests.Response:
+    response = requests.Response()
+    response.status_code = 200
+    return response
+
+
 @pytest.mark.parametrize("path", ["/me", "/users/adele%40contoso.com", "/me/photo/$value",
                                   "/groups?$filter=startswith(displayName,'a.b')", "/a.b/..c/d..",
                                   "/sites/root:/drive:", "/users/jos%C3%A9@contoso.com", "/drive/root:/…"])

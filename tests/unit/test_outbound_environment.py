@@ -219,3 +219,19 @@ def test_origins_met_at_run_time_are_kept_within_a_bound(monkeypatch) -> None:
     assert len(session._origins) <= http.MAX_ORIGINS_KEPT
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert session.resolve("https://one-more.example/x").proxies["https"] == "http://proxy.example:3128"
+
+
+def test_a_calls_own_proxies_and_the_sessions_still_win_without_any_in_the_environment(
+        proxy, plain) -> None:
+    """The session skips requests' merge of two empty proxy mappings; a proxy given on either
+    side is still merged and used."""
+    proxy_url, through_proxy = proxy
+    url, direct = plain
+    session = build_session([url])  # no proxy variable set: the short cut applies
+    assert session.get(url + "/direct", timeout=5).status_code == 200
+    assert session.get(url + "/per-call", proxies={"http": proxy_url}, timeout=5).status_code == 200
+    session.proxies = {"http": proxy_url}
+    assert session.get(url + "/per-session", timeout=5).status_code == 200
+    assert [line for line, _ in through_proxy] == [f"GET {url}/per-call HTTP/1.1",
+                                                    f"GET {url}/per-session HTTP/1.1"]
+    assert [line for line, _ in direct] == ["GET /direct HTTP/1.1"]
