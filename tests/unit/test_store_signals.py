@@ -182,3 +182,17 @@ def test_the_cli_says_the_users_lock_stayed_taken_and_exits_1(cli_app) -> None:
         held.release()
     code, output = evict(app)
     assert code == 0 and output.startswith("partition ")  # no entry, marked removed all the same
+
+
+def test_obo_check_names_an_unreachable_store_as_it_always_has(settings: Settings) -> None:
+    """``flask obo check``'s TOKEN_CACHE_KEYS line reads entries through the store: its
+    breaker's view of Redis going away is reported in the same words as before."""
+    from flask_obo.check import FAIL, _check_keys
+
+    server = fakeredis.FakeServer()
+    store = RedisTokenCacheStore(fakeredis.FakeRedis(server=server), settings.token_cache_prefix,
+                                 settings.token_cache_ttl_seconds)
+    server.connected = False
+    line = _check_keys(store, settings)
+    assert (line.status, line.subject) == (FAIL, "TOKEN_CACHE_KEYS")
+    assert line.detail == "could not read entries (CacheUnavailable)"
