@@ -27,8 +27,9 @@ slowest recent exchange, between ``PATIENCE_FLOOR`` and ``PATIENCE_CAP``; ``PATI
 before the server saw its first answer). On-time waits take no seat and are never
 refused, however many there are: one user's burst and a login wave are answered,
 however large. An exchange past its patience while other exchanges keep getting
-answers (one landed within ``LIVE_WINDOW``) is slow, not hung: a busy Entra ID, or a
-login wave on a loaded host, and its waiters stay seat-free too. Only while an exchange
+answers (one landed within ``LIVE_WINDOW``, or the slowest recent exchange's time) is
+slow, not hung: a busy Entra ID, or a login wave on a loaded host, and its waiters stay
+seat-free too. Only while an exchange
 is *overdue* and Entra ID answers nobody must each of its waiters hold one of the
 ``capacity`` seats (``ENTRA_MAX_WAITING_THREADS``) to go on waiting, until its deadline
 or until answers come again (then it gives the seat back); a waiter that finds none is
@@ -84,10 +85,10 @@ PATIENCE_CAP = 0.75
 PATIENCE_PRIOR = 3.0
 PATIENCE_FACTOR = 3.0
 PACE_WINDOW = 32
-# While Entra ID keeps answering other exchanges (one landed within this window, or the
-# patience if longer), an exchange past its patience is slow, not hung: a login wave on a
-# busy host. Its waiters stay seat-free until their deadline; a hanging Entra ID answers
-# nobody, so it gets no such grace.
+# While Entra ID keeps answering other exchanges (one landed within this window, or within
+# the slowest recent exchange's time if longer), an exchange past its patience is slow, not
+# hung: a login wave on a busy host. Its waiters stay seat-free; a hanging Entra ID answers
+# nobody, so it gets no such grace once that much silence has passed.
 LIVE_WINDOW = 1.0
 
 
@@ -209,13 +210,22 @@ class EntraPace:
             self._record[1] = time.monotonic()
             self._record[0] = count + 1
 
+    def slowest(self) -> float:
+        """The slowest of the recent exchanges that got an answer (0 before the first)."""
+        count = min(int(self._record[0]), PACE_WINDOW)
+        return max(self._record[2:2 + count]) if count else 0.0
+
     def patience(self) -> float:
         """How old an exchange may get before its waiters need seats."""
-        count = min(int(self._record[0]), PACE_WINDOW)
-        if not count:
+        if not self._record[0]:
             return PATIENCE_PRIOR
-        slowest = max(self._record[2:2 + count])
-        return min(PATIENCE_CAP, max(PATIENCE_FLOOR, PATIENCE_FACTOR * slowest))
+        return min(PATIENCE_CAP, max(PATIENCE_FLOOR, PATIENCE_FACTOR * self.slowest()))
+
+    def answering_until(self) -> float:
+        """Until when (monotonic) Entra ID counts as answering: its last answer plus
+        ``LIVE_WINDOW``, or plus the slowest recent exchange's time if longer (answers
+        that take seconds on a loaded host come seconds apart)."""
+        return self.last_answer + max(LIVE_WINDOW, self.patience(), self.slowest())
 
 
 def _doubles(buffer: bytearray | mmap.mmap) -> memoryview[float]:
@@ -294,9 +304,9 @@ class WaitingRoom:
                 raise TooManyWaiting()
 
     def _answering(self, now: float) -> bool:
-        """Did an exchange get an answer lately (``LIVE_WINDOW``, or the patience if
-        longer)? Then Entra ID is slow, perhaps, but not hung."""
-        return now < self.pace.last_answer + max(self.pace.patience(), LIVE_WINDOW)
+        """Did an exchange get an answer lately (``EntraPace.answering_until``)? Then
+        Entra ID is slow, perhaps, but not hung."""
+        return now < self.pace.answering_until()
 
     def wait(self, flight: Flight[T], deadline: Deadline) -> T:
         """The exchange's outcome, or 503 when the deadline passes, the exchange is overdue
@@ -324,8 +334,7 @@ class WaitingRoom:
                             self._seated -= 1
                             seated = False
                             self._changed.notify_all()
-                        until = overdue_at if now < overdue_at else (
-                            self.pace.last_answer + max(self.pace.patience(), LIVE_WINDOW))
+                        until = overdue_at if now < overdue_at else self.pace.answering_until()
                     else:
                         if not seated:
                             if self._seated >= self.capacity:

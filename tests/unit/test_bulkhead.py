@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from flask_obo.bulkhead import (
+    LIVE_WINDOW,
     PATIENCE_CAP,
     PATIENCE_FLOOR,
     PATIENCE_PRIOR,
@@ -376,6 +377,9 @@ def test_patience_follows_the_slowest_recent_exchange_within_bounds() -> None:
     assert pace.patience() == pytest.approx(0.6)
     pace.observe(PATIENCE_CAP)
     assert pace.patience() == PATIENCE_CAP  # slow: never longer than the cap
+    assert pace.answering_until() == pace.last_answer + LIVE_WINDOW  # silence past it: hung
+    pace.observe(4.0)  # answers take seconds (a loaded host): they come seconds apart
+    assert pace.answering_until() == pace.last_answer + 4.0
 
 
 def test_a_pace_shared_across_forks_is_what_a_process_forked_later_starts_from() -> None:
