@@ -66,6 +66,7 @@ from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 from .errors import TokenAcquisitionBusy, TooManyWaiting, WorkerRetiring
+from .store_errors import LockBusy
 from .tracing import WAIT_SPAN, span
 
 T = TypeVar("T")
@@ -107,9 +108,10 @@ class Deadline:
 
 @contextmanager
 def held(lock: threading.Lock, seconds: float) -> Iterator[threading.Lock]:
-    """Hold an in-process lock, or answer 503 when it stays taken for ``seconds``."""
+    """Hold an in-process lock (the memory store's partition locks), or raise ``LockBusy``
+    when it stays taken for ``seconds``."""
     if not lock.acquire(timeout=max(seconds, 0.0)):
-        raise TokenAcquisitionBusy()
+        raise LockBusy()
     try:
         yield lock
     finally:
