@@ -112,7 +112,7 @@ def test_a_certificate_rotated_while_an_app_is_built_is_picked_up_by_the_next_bu
     session = tokens.memory.session("0" * 64)
     user = EntraAccessToken({"oid": ADELE, "tid": TENANT_ID}, "raw")
     first = tokens._app(session, user)
-    assert session.credential_version == 0 and credential.version == 1  # stamped with what it read
+    assert session.bench.credential_version == 0 and credential.version == 1  # stamped with what it read
     assert tokens._app(session, user) is not first  # so the next build uses the new certificate
 
 
