@@ -2,7 +2,9 @@
 
 msal binds a token cache to a ``ConfidentialClientApplication`` at construction, and
 ``acquire_token_on_behalf_of`` never reads the cache. So each user gets, per process, a
-``UserSession`` (see ``flask_obo.memory_tier``): an application around their own cache object.
+``UserSession`` (see ``flask_obo.memory_tier``): their sealed cache and hot tokens, and,
+while a request holds it and needs msal, a pooled application around a cache object
+loaded with their tokens alone.
 
 A request goes:
 
