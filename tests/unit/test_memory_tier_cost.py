@@ -6,6 +6,7 @@ throttling state travels with them, never to the next user of the same bench."""
 from __future__ import annotations
 
 import gc
+import json
 import sys
 import types
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from app import create_app
 from app.extensions import obo
 from flask_obo import current_token
 from flask_obo.extension import services_of
-from flask_obo.memory_tier import UserSession
+from flask_obo.memory_tier import MemoryTier, UserSession
 from flask_obo.settings import Settings
 from tests.support.fake_entra import ADELE, BOB, Behaviour, FakeEntra, settings_env
 
@@ -143,3 +144,26 @@ def test_a_users_retry_after_gate_follows_them_and_no_one_else(client, entra: Fa
     again = client.get("/api/me", headers=adele)
     assert again.status_code == 503 and 0 < int(again.headers["Retry-After"]) <= 30
     assert len(entra.token_requests) == calls  # her gate, kept by her session, not the bench's
+
+
+class _Http:
+    blocked_until = 0.0
+
+
+def test_a_session_whose_tokens_are_in_no_blob_keeps_them_until_read_again() -> None:
+    memory = MemoryTier(10, _Http)  # type: ignore[arg-type]
+    session = memory.hold("a", 1.0)
+    assert session is not None
+    session.cache.load(json.dumps({"RefreshToken": {"rt": {
+        "credential_type": "RefreshToken", "secret": "rt-secret", "home_account_id": "h",
+        "environment": "login.example", "client_id": "c"}}}))
+    session.outdated()  # its write lost a race: the store holds another entry, not this one
+    memory.release(session)
+    again = memory.hold("a", 1.0)
+    assert again is session
+    assert [rt["secret"] for rt in session.cache.search(session.cache.CredentialType.REFRESH_TOKEN)] \
+        == ["rt-secret"]  # still in memory (served while Redis is away), not given to the pool
+    session.acquired(b"sealed")  # sealed again: the blob holds them now
+    memory.release(session)
+    pooled = memory.benches.take()  # the bench it gave back holds no one's tokens
+    assert list(pooled.cache.search(pooled.cache.CredentialType.REFRESH_TOKEN)) == []
