@@ -77,14 +77,14 @@ class Workbench:
     """msal's objects for one user at a time: an application bound (as msal binds them,
     at construction) to a token cache, an ``http_cache`` and an ``MsalHttpClient``.
     Lent to a held session, which loads its user's state into them, and given back
-    emptied; ``tenant`` and ``credential_version`` say what ``app`` was built for."""
+    emptied; ``authority`` and ``credential_version`` say what ``app`` was built for."""
 
     def __init__(self, http: MsalHttpClient) -> None:
         self.http = http
         self.http_cache: dict[str, Any] = {}
         self.cache = UserTokenCache()
         self.app: msal.ConfidentialClientApplication | None = None
-        self.tenant: str | None = None  # the authority ``app`` was built for
+        self.authority: str | None = None  # what ``app`` was built for
         self.credential_version = 0
 
 

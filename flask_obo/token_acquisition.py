@@ -383,7 +383,7 @@ class OnBehalfOfTokenProvider:
         credential = self._credential.for_msal()  # then the next call builds again, never too few
         bench, authority = session.bench, self._settings.authority_for(user.tid)
         if bench.app is None or bench.credential_version != self._credential.version \
-                or bench.tenant != authority:  # benches are lent to any user of any tenant
+                or bench.authority != authority:  # benches are lent to any user of any tenant
             try:
                 bench.app = msal.ConfidentialClientApplication(
                     self._settings.client_id,
@@ -397,7 +397,7 @@ class OnBehalfOfTokenProvider:
                 )
             except AuthorityUnavailable:
                 raise IdentityProviderUnavailable() from None
-            bench.credential_version, bench.tenant = version, authority
+            bench.credential_version, bench.authority = version, authority
         return bench.app
 
     def _reload(self, session: UserSession, partition: str, user: EntraAccessToken,
