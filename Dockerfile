@@ -29,12 +29,19 @@ COPY . /src
 RUN pip wheel --no-deps /src -w /wheels
 
 
-# The dev tenant runs from its source folder (it is not part of the wheel).
+# The dev tenant's own distribution, flask-obo-devtenant (devtenant-dist/: its devtenant/
+# and LICENSE are links to the repository's, copied beside it so the links resolve).
+FROM base AS devtenant-build
+COPY devtenant-dist /src/devtenant-dist
+COPY devtenant /src/devtenant
+COPY LICENSE /src/LICENSE
+RUN pip wheel --no-deps /src/devtenant-dist -w /wheels
+
+
+# The dev tenant as adopters install it: the flask-obo-devtenant wheel and its dependencies.
 FROM base AS devtenant
-RUN python -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); \
-print(c['options.extras_require']['devtenant'])" > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
-COPY devtenant ./devtenant
+COPY --from=devtenant-build /wheels /tmp/wheels
+RUN pip install /tmp/wheels/*.whl && rm -rf /tmp/wheels
 RUN mkdir /devtenant && chown 10001 /devtenant
 # `python -m devtenant token adele` (docker compose exec) reads the state the server wrote.
 ENV DEVTENANT_STATE_DIR=/devtenant

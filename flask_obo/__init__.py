@@ -13,7 +13,8 @@ Entra ID-protected API) on behalf of the signed-in user.
 The seams, as in Microsoft.Identity.Web: protecting the API (``require_scope``,
 ``require_app_role``, ``protect``, ``current_token``), acquiring tokens (``acquire_token``,
 On-Behalf-Of through msal; ``acquire_app_token``, client credentials, for calls as the
-app), the token cache (``TokenCacheStore``: Redis, sealed per user, with a memory tier)
+app), the token cache (``TokenCacheStore``: Redis, sealed per user, with a memory tier;
+a store raises ``StoreUnavailable`` and ``LockBusy``, never an HTTP error)
 and downstream APIs (``downstream``, as the user or ``as_app``). Errors are
 ``flask_obo.errors``.
 Beyond the request: ``background_handle`` and ``on_behalf_of=`` (jobs acting as a user,
@@ -31,6 +32,7 @@ from .extension import FlaskOBO
 from .protector import EntraAccessToken, current_token
 from .request_ids import RequestIdFilter, current_request_id
 from .settings import DownstreamApiSettings, Env, Settings, SettingsError
+from .store_errors import LockBusy, StoreUnavailable
 from .tracing import TraceContextFilter
 
 # The release, single-sourced: setup.cfg reads it (version = attr: flask_obo.__version__) and
@@ -43,11 +45,13 @@ __all__ = [
     "EntraAccessToken",
     "Env",
     "FlaskOBO",
+    "LockBusy",
     "MemoryTokenCacheStore",
     "RedisTokenCacheStore",
     "RequestIdFilter",
     "Settings",
     "SettingsError",
+    "StoreUnavailable",
     "TokenCacheStore",
     "TraceContextFilter",
     "__version__",

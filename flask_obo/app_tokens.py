@@ -48,13 +48,14 @@ from .bulkhead import Deadline, SingleFlight, WaitingRoom, process_pace
 from .cache_store import Guard, TokenCacheStore
 from .credentials import CREDENTIAL_ERROR_CODES, ClientCredential
 from .errors import (
-    CacheUnavailable,
     IdentityProviderUnavailable,
+    TokenAcquisitionBusy,
     TokenAcquisitionFailed,
 )
 from .metrics import Metrics
 from .msal_http import EntraUnavailable, MsalHttpClient, within
 from .settings import Settings
+from .store_errors import LockBusy, StoreUnavailable
 from .token_cache import TokenCacheCodec
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ class AppTokenProvider:
         partition = app_partition(self._settings.client_id, key)
         try:
             entry = self._store.load(partition)
-        except CacheUnavailable:
+        except StoreUnavailable:
             return None
         if entry is None:
             return None
@@ -291,11 +292,15 @@ class AppTokenProvider:
 
     @contextmanager
     def _partition_lock(self, partition: str, deadline: Deadline) -> Iterator[Guard | None]:
-        """The partition's store lock; None (single flight per process only) while Redis is down."""
+        """The partition's store lock; None (single flight per process only) while Redis is
+        down. A lock that stays taken until the deadline is the caller's answer:
+        ``TokenAcquisitionBusy`` (503)."""
         with ExitStack() as stack:
             try:
                 guard: Guard | None = stack.enter_context(self._store.lock(partition, deadline))
-            except CacheUnavailable:
+            except LockBusy:
+                raise TokenAcquisitionBusy() from None
+            except StoreUnavailable:
                 log.warning("renewing an app token without the shared lock: the store is down")
                 guard = None
             yield guard
@@ -306,7 +311,7 @@ class AppTokenProvider:
         their own, and the next renewal stores one."""
         if guard is None:
             return
-        with suppress(CacheUnavailable):
+        with suppress(StoreUnavailable):
             self._store.save(partition, self._codec.seal(partition, token.serialized()), guard)
 
     def _from_entra(self, key: AppTokenKey, claims_challenge: str | None) -> AppToken:

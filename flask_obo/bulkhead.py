@@ -23,18 +23,20 @@ at all, would queue behind them.
 
 So the room follows Entra ID's observed pace (``EntraPace``): a wait is *on time* while
 the exchange it waits for is younger than the pace's ``patience()`` (a few times the
-slowest recent exchange, between ``PATIENCE_FLOOR`` and ``PATIENCE_CAP``; the cap before
-the worker saw its first answer). On-time waits
-take no seat and are never refused, however many there are: one user's burst and a login
-wave are answered, however large. Once an exchange is *overdue*, Entra ID is slow or
-hanging (unless other exchanges keep landing: then it is a busy but answering Entra ID,
-and its waiters stay seat-free while answers keep landing: ``LIVE_WINDOW``), and each of its waiters must
-hold one of the ``capacity`` seats
-(``ENTRA_MAX_WAITING_THREADS``) to go on waiting, until its deadline; a waiter that finds
-none is answered 503 with ``Retry-After`` at once, and while every seat is taken no new
-exchange starts (503 at once as well). So a hanging Entra ID holds at most ``capacity``
-threads of a worker past the patience, and the others only for the patience (at most
-``PATIENCE_CAP``, and ``PATIENCE_FLOOR`` after fast exchanges).
+slowest recent exchange, between ``PATIENCE_FLOOR`` and ``PATIENCE_CAP``; ``PATIENCE_PRIOR``
+before the server saw its first answer). On-time waits take no seat and are never
+refused, however many there are: one user's burst and a login wave are answered,
+however large. An exchange past its patience while other exchanges keep getting
+answers (one landed within ``LIVE_WINDOW``, or the slowest recent exchange's time) is
+slow, not hung: a busy Entra ID, or a login wave on a loaded host, and its waiters stay
+seat-free too. Only while an exchange
+is *overdue* and Entra ID answers nobody must each of its waiters hold one of the
+``capacity`` seats (``ENTRA_MAX_WAITING_THREADS``) to go on waiting, until its deadline
+or until answers come again (then it gives the seat back); a waiter that finds none is
+answered 503 with ``Retry-After`` at once, and while every seat is taken and nothing
+answers no new exchange starts (503 at once as well). So a hanging Entra ID holds at
+most ``capacity`` threads of a worker past the patience, and the others only for the
+patience (at most ``PATIENCE_CAP``, and ``PATIENCE_FLOOR`` after fast exchanges).
 
 An exchange runs in its own (daemon) thread so that a waiter can always leave: at its
 deadline, when the exchange is overdue and the room is full, or at once when the worker
@@ -64,6 +66,7 @@ from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 from .errors import TokenAcquisitionBusy, TooManyWaiting, WorkerRetiring
+from .store_errors import LockBusy
 from .tracing import WAIT_SPAN, span
 
 T = TypeVar("T")
@@ -82,10 +85,10 @@ PATIENCE_CAP = 0.75
 PATIENCE_PRIOR = 3.0
 PATIENCE_FACTOR = 3.0
 PACE_WINDOW = 32
-# While Entra ID keeps answering other exchanges (one landed within this window, or the
-# patience if longer), an exchange past its patience is slow, not hung: a login wave on a
-# busy host. Its waiters stay seat-free until their deadline; a hanging Entra ID answers
-# nobody, so it gets no such grace.
+# While Entra ID keeps answering other exchanges (one landed within this window, or within
+# the slowest recent exchange's time if longer), an exchange past its patience is slow, not
+# hung: a login wave on a busy host. Its waiters stay seat-free; a hanging Entra ID answers
+# nobody, so it gets no such grace once that much silence has passed.
 LIVE_WINDOW = 1.0
 
 
@@ -105,9 +108,10 @@ class Deadline:
 
 @contextmanager
 def held(lock: threading.Lock, seconds: float) -> Iterator[threading.Lock]:
-    """Hold an in-process lock, or answer 503 when it stays taken for ``seconds``."""
+    """Hold an in-process lock (the memory store's partition locks), or raise ``LockBusy``
+    when it stays taken for ``seconds``."""
     if not lock.acquire(timeout=max(seconds, 0.0)):
-        raise TokenAcquisitionBusy()
+        raise LockBusy()
     try:
         yield lock
     finally:
@@ -206,13 +210,22 @@ class EntraPace:
             self._record[1] = time.monotonic()
             self._record[0] = count + 1
 
+    def slowest(self) -> float:
+        """The slowest of the recent exchanges that got an answer (0 before the first)."""
+        count = min(int(self._record[0]), PACE_WINDOW)
+        return max(self._record[2:2 + count]) if count else 0.0
+
     def patience(self) -> float:
         """How old an exchange may get before its waiters need seats."""
-        count = min(int(self._record[0]), PACE_WINDOW)
-        if not count:
+        if not self._record[0]:
             return PATIENCE_PRIOR
-        slowest = max(self._record[2:2 + count])
-        return min(PATIENCE_CAP, max(PATIENCE_FLOOR, PATIENCE_FACTOR * slowest))
+        return min(PATIENCE_CAP, max(PATIENCE_FLOOR, PATIENCE_FACTOR * self.slowest()))
+
+    def answering_until(self) -> float:
+        """Until when (monotonic) Entra ID counts as answering: its last answer plus
+        ``LIVE_WINDOW``, or plus the slowest recent exchange's time if longer (answers
+        that take seconds on a loaded host come seconds apart)."""
+        return self.last_answer + max(LIVE_WINDOW, self.patience(), self.slowest())
 
 
 def _doubles(buffer: bytearray | mmap.mmap) -> memoryview[float]:
@@ -282,41 +295,54 @@ class WaitingRoom:
             return self._seated
 
     def admit(self) -> None:
-        """May a new exchange start? Not while every seat is taken (Entra ID is slow right
-        now). A retiring worker may still start one: its waiters leave at the patience
-        at the latest (``wait``), so a healthy Entra ID's answer is not thrown away."""
+        """May a new exchange start? Not while every seat is taken and Entra ID answers
+        nobody (it is slow or hanging right now). A retiring worker may still start one:
+        its waiters leave at the patience at the latest (``wait``), so a healthy Entra
+        ID's answer is not thrown away."""
         with self._changed:
-            if self._seated >= self.capacity:
+            if self._seated >= self.capacity and not self._answering(time.monotonic()):
                 raise TooManyWaiting()
+
+    def _answering(self, now: float) -> bool:
+        """Did an exchange get an answer lately (``EntraPace.answering_until``)? Then
+        Entra ID is slow, perhaps, but not hung."""
+        return now < self.pace.answering_until()
 
     def wait(self, flight: Flight[T], deadline: Deadline) -> T:
         """The exchange's outcome, or 503 when the deadline passes, the exchange is overdue
-        with no seat free, or the worker retires."""
+        with no seat free, or the worker retires.
+
+        A waiter needs a seat only while its exchange is overdue *and* Entra ID answers
+        nobody; when an answer lands anywhere (``land`` wakes every waiter) it gives its
+        seat back and waits seat-free again. So a busy Entra ID's callers, a login wave
+        on a loaded host whose exchanges all run late, are never refused, and a hanging
+        one holds at most ``capacity`` threads past the patience."""
         seated = False
         try:
             with self._changed:
                 while not flight.landed:
                     if deadline.expired:
                         raise TokenAcquisitionBusy()
-                    patience = self.pace.patience()
-                    overdue_at = flight.started + patience
                     now = time.monotonic()
+                    overdue_at = flight.started + self.pace.patience()
                     # A retiring worker holds nobody for an overdue exchange (a slow or
                     # hanging Entra ID); one still on time may answer in a moment.
-                    if self._retirement.begun and (seated or now >= overdue_at):
+                    if self._retirement.begun and now >= overdue_at:
                         raise WorkerRetiring()
-                    if not seated and now >= overdue_at:
-                        # Entra ID still answers others: slow, not hung (LIVE_WINDOW).
-                        live_until = self.pace.last_answer + max(patience, LIVE_WINDOW)
-                        if now < live_until:
-                            self._changed.wait(max(0.0, min(deadline.at, live_until) - now))
-                            continue
-                        if self._seated >= self.capacity:
-                            raise TooManyWaiting()
-                        self._seated += 1
-                        seated = True
-                    until = deadline.at if seated else min(deadline.at, overdue_at)
-                    self._changed.wait(max(0.0, until - time.monotonic()))
+                    if now < overdue_at or self._answering(now):
+                        if seated:  # Entra ID answers again: the seat is not needed
+                            self._seated -= 1
+                            seated = False
+                            self._changed.notify_all()
+                        until = overdue_at if now < overdue_at else self.pace.answering_until()
+                    else:
+                        if not seated:
+                            if self._seated >= self.capacity:
+                                raise TooManyWaiting()
+                            self._seated += 1
+                            seated = True
+                        until = deadline.at
+                    self._changed.wait(max(0.0, min(deadline.at, until) - time.monotonic()))
             return flight.outcome()
         finally:
             if seated:

@@ -13,7 +13,9 @@ token while Redis was away, against the entry being absent, no longer matches, s
 sign-out is never undone by such a write-back.
 
 Redis failures never reach the user from here as such: every call goes through a
-circuit breaker, and ``CacheUnavailable`` tells the caller to go on without Redis. A
+circuit breaker, and ``StoreUnavailable`` tells the caller to go on without Redis (or,
+where it cannot, to answer 503 itself). ``LockBusy`` says a user's lock stayed taken, or
+was lost. Both are plain exceptions (``flask_obo.store_errors``), not HTTP answers. A
 request also keeps a ``StoreBudget``: after one failed call it makes no other (the rest
 of the request goes on without Redis), and it stops calling once its calls took
 ``REDIS_TIMEOUT_SECONDS`` in all.
@@ -39,12 +41,12 @@ from redis.cluster import RedisCluster
 from redis.exceptions import LockError, RedisClusterException, RedisError, ResponseError
 
 from .breaker import CircuitBreaker, State
-from .bulkhead import Deadline, TokenAcquisitionBusy, held
+from .bulkhead import Deadline, held
 from .diagnosis import Diagnosis
-from .errors import CacheUnavailable
 from .metrics import Metrics
 from .redis_topology import RedisClient, invalidation_for, redis_client
 from .settings import DEFAULT_REDIS_TIMEOUT, Settings
+from .store_errors import LockBusy, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +137,14 @@ class StoreBudget:
 
     @contextmanager
     def call(self, timed: bool = True) -> Iterator[None]:
-        """One call to the store (``timed``: its time counts); raises ``CacheUnavailable``
+        """One call to the store (``timed``: its time counts); raises ``StoreUnavailable``
         at once when the budget is exhausted, and marks it failed when the call raises it."""
         if self.exhausted:
-            raise CacheUnavailable()
+            raise StoreUnavailable()
         started = time.monotonic()
         try:
             yield
-        except CacheUnavailable:
+        except StoreUnavailable:
             self.failed = True
             raise
         finally:
@@ -174,8 +176,11 @@ class TokenCacheStore(Protocol):
     """What flask-obo needs of a store of sealed token caches (one entry per partition).
 
     Every operation but ``coherence``, ``watch``, ``status``, ``losses`` and ``healthy``
-    raises ``CacheUnavailable`` when the store cannot be reached; ``flask_obo.testing``
-    holds the contract tests a store must pass."""
+    raises ``flask_obo.StoreUnavailable`` when the store cannot be reached; ``lock`` and
+    ``remove`` raise ``flask_obo.LockBusy`` when the partition's lock stays taken or was
+    lost. A store raises these plain exceptions, never an HTTP error: flask-obo decides
+    whether a request goes on without the store or answers 503.
+    ``flask_obo.testing.TokenCacheStoreContract`` holds the tests a store must pass."""
 
     def coherence(self) -> Coherence:
         """How far copies read now can be trusted; starts reporting changes if need be."""
@@ -188,8 +193,8 @@ class TokenCacheStore(Protocol):
         """The entry, or None (absent, removed or expired)."""
 
     def lock(self, partition: str, deadline: Deadline) -> AbstractContextManager[Guard]:
-        """The partition's lock, shared by every process; ``TokenAcquisitionBusy`` if it
-        stays taken until ``deadline``."""
+        """The partition's lock, shared by every process; raises ``LockBusy`` if it stays
+        taken until ``deadline``."""
 
     def save(self, partition: str, blob: bytes, guard: Guard) -> bool:
         """Write while ``guard`` still holds the lock; False (nothing written) otherwise."""
@@ -200,7 +205,7 @@ class TokenCacheStore(Protocol):
     def remove(self, partition: str, guard: Guard) -> bool:
         """Remove the entry (sign-out) while holding its lock, leaving a tombstone that no
         ``save_unless_changed`` against an absent entry overwrites; was there one? Raises
-        ``TokenAcquisitionBusy`` if the lock was lost meanwhile."""
+        ``LockBusy`` if the lock was lost meanwhile."""
 
     def partitions(self) -> list[str]:
         """Every partition with an entry (removed ones may be listed too), once each."""
@@ -295,7 +300,7 @@ class RedisTokenCacheStore:
             try:
                 with self._call("connect"):
                     client = self._redis
-            except CacheUnavailable:
+            except StoreUnavailable:
                 return _NEVER_COHERENT
             with self._client_lock:
                 if self._invalidation is None:
@@ -366,7 +371,7 @@ class RedisTokenCacheStore:
             acquired = lock.acquire()
         if not acquired:
             log.warning("partition %s stayed locked past this request's deadline", partition)
-            raise TokenAcquisitionBusy()
+            raise LockBusy()
         try:
             yield lock
         finally:
@@ -408,13 +413,13 @@ class RedisTokenCacheStore:
             )
         if result == -1:
             log.warning("lost the lock for partition %s; its entry was not removed", partition)
-            raise TokenAcquisitionBusy()
+            raise LockBusy()
         return bool(result == 1)
 
     def replace(self, partition: str, blob: bytes, new_blob: bytes, guard: Guard) -> bool:
         """Write ``new_blob`` in place of ``blob``, keeping the remaining TTL, if the entry
-        is still ``blob``; False if it changed. Raises ``TokenAcquisitionBusy`` if the lock
-        was lost meanwhile."""
+        is still ``blob``; False if it changed. Raises ``LockBusy`` if the lock was lost
+        meanwhile."""
         token = self._lock_token(guard)
         with self._call("write"):
             result = self._script("replace_if_locked")(
@@ -422,7 +427,7 @@ class RedisTokenCacheStore:
             )
         if result == -1:
             log.warning("lost the lock for partition %s; its entry was not rewritten", partition)
-            raise TokenAcquisitionBusy()
+            raise LockBusy()
         return bool(result == 1)
 
     @staticmethod
@@ -492,17 +497,17 @@ class RedisTokenCacheStore:
         try:
             with self._call("ping"):
                 self._redis.ping()
-        except CacheUnavailable:
+        except StoreUnavailable:
             return "degraded"
         return "ok"
 
     @contextmanager
     def _call(self, what: str) -> Iterator[None]:
-        """Run one Redis operation through the breaker; a failure is ``CacheUnavailable``
+        """Run one Redis operation through the breaker; a failure is ``StoreUnavailable``
         (and counts in ``flask_obo_cache_errors_total{operation=what}``; a call the open
         breaker turns away does not: nothing was tried)."""
         if not self.breaker.allow():
-            raise CacheUnavailable()
+            raise StoreUnavailable()
         try:
             yield
         except REDIS_FAILURES as exc:
@@ -511,7 +516,7 @@ class RedisTokenCacheStore:
             log.error("redis %s failed: %s", what, type(exc).__name__)
             if self.diagnosis is not None:  # a wrong password is named, not taken for an outage
                 self.diagnosis.failed("redis", "REDIS_URL", exc)
-            raise CacheUnavailable() from None
+            raise StoreUnavailable() from None
         except BaseException:
             self.breaker.success()  # Redis answered; the caller failed for its own reasons
             raise
@@ -599,7 +604,7 @@ class MemoryTokenCacheStore:
         """Leave a tombstone for the entry, with a full TTL, as the Redis store does."""
         with self._guard:
             if not self._holds(partition, guard):
-                raise TokenAcquisitionBusy()
+                raise LockBusy()
             removed = self.load(partition) is not None
             self._put(partition, TOMBSTONE)
         self._changed(partition)

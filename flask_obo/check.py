@@ -55,6 +55,7 @@ from .diagnosis import (
 )
 from .redis_topology import redis_client
 from .settings import MULTI_TENANT_IDS, Settings, SettingsError, default_environ, unknown_setting_warnings
+from .store_errors import StoreUnavailable
 from .token_cache import TokenCacheCodec
 
 OK, FAIL, WARN, SKIP = "ok", "FAIL", "warn", "skip"
@@ -381,8 +382,10 @@ def _check_keys(store: RedisTokenCacheStore, settings: Settings) -> Line:
         partitions = store.partitions()
         sample = random.sample(partitions, min(len(partitions), DECRYPT_SAMPLE))
         blobs = [blob for blob in store.load_many(sample) if blob and blob != TOMBSTONE]
-    except Exception as exc:  # CacheUnavailable: the breaker's own view of a failure above
-        return Line(FAIL, "redis", "TOKEN_CACHE_KEYS", f"could not read entries ({type(exc).__name__})")
+    except Exception as exc:  # StoreUnavailable: the breaker's own view of a failure above
+        # (named CacheUnavailable, as this line always has: scripts may match it)
+        reason = "CacheUnavailable" if isinstance(exc, StoreUnavailable) else type(exc).__name__
+        return Line(FAIL, "redis", "TOKEN_CACHE_KEYS", f"could not read entries ({reason})")
     if not blobs:
         return Line(OK, "redis", "TOKEN_CACHE_KEYS",
                     f"no entries yet under {settings.token_cache_prefix}:cache:")

@@ -37,8 +37,8 @@ from flask.cli import with_appcontext
 
 from .bulkhead import Deadline
 from .cache_store import SCAN_BATCH, RedisTokenCacheStore
-from .errors import CacheUnavailable, TokenAcquisitionBusy
 from .settings import Settings, SettingsError
+from .store_errors import LockBusy, StoreUnavailable
 from .token_cache import TokenCacheCodec, partition_key
 
 #: Where ``operator_app`` keeps the settings error that kept the API from being built.
@@ -158,7 +158,7 @@ def rekey() -> None:
         try:
             with store.lock(partition, Deadline(timeout)) as guard:
                 return REKEYED if store.replace(partition, blob, new_blob, guard) else CHANGED
-        except TokenAcquisitionBusy:  # held throughout: that request is rewriting the entry
+        except LockBusy:  # held throughout: that request is rewriting the entry
             return CHANGED
 
     with _redis_errors(lambda: _report(counts, interrupted=True)):
@@ -291,11 +291,11 @@ def _redis_errors(before_exit: Callable[[], None] | None = None) -> Iterator[Non
     """Redis unreachable, or a user's lock held too long: say so, exit 1."""
     try:
         yield
-    except CacheUnavailable:
+    except StoreUnavailable:
         if before_exit:
             before_exit()
         raise click.ClickException("Redis cannot be reached (see the log above); run it again "
                                    "once it is back") from None
-    except TokenAcquisitionBusy:
+    except LockBusy:
         raise click.ClickException("the user's lock stayed taken (a token acquisition in flight); "
                                    "run it again") from None

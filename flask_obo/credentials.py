@@ -196,6 +196,14 @@ class FederatedTokenFile(_RotatingAssertion):
         self._stamp: tuple[int, int, int] | None = None
 
     def assertion(self) -> str:
+        """The token msal sends; an unreadable file is Entra ID being out of reach (503)."""
+        token = self._read()
+        if token is None:
+            raise IdentityProviderUnavailable()
+        return token
+
+    def _read(self) -> str | None:
+        """The file's token, read again when due; None (logged) when it cannot be read."""
         with self._lock:
             # The file's identity, size and mtime: the kubelet swaps in a new file (a new
             # inode) whose mtime may equal the last one's at the clock's granularity.
@@ -205,7 +213,7 @@ class FederatedTokenFile(_RotatingAssertion):
                     token = self._path.read_text().strip()
                 except (OSError, UnicodeDecodeError):
                     log.warning("cannot read AZURE_FEDERATED_TOKEN_FILE")
-                    raise IdentityProviderUnavailable() from None
+                    return None
                 self._token, self._stamp = token, stamp
                 self._good_until = _expiry(token) - _EXPIRY_MARGIN_SECONDS
             return self._token
@@ -215,10 +223,8 @@ class FederatedTokenFile(_RotatingAssertion):
         untrusted token still in the file is not worth a second exchange)."""
         with self._lock:
             previous, self._token = self._token, None
-        try:
-            return self.assertion() != previous
-        except IdentityProviderUnavailable:
-            return False
+        token = self._read()
+        return token is not None and token != previous
 
 
 class ManagedIdentityAssertion(_RotatingAssertion):

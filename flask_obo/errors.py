@@ -14,8 +14,12 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from flask import Flask, Response, jsonify
+
+from .store_errors import LockBusy, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +254,19 @@ class CacheUnavailable(ServiceUnavailable):
     so a caller sees this only where there is no other way."""
 
     description = "The token cache is unavailable; retry later."
+
+
+@contextmanager
+def store_signals_answered() -> Iterator[None]:
+    """Where a request cannot go on without the store: its signals (``flask_obo.store_errors``,
+    plain exceptions) become the answers above, ``StoreUnavailable`` as ``CacheUnavailable``
+    and ``LockBusy`` as ``TokenAcquisitionBusy`` (each 503 with its ``Retry-After``)."""
+    try:
+        yield
+    except StoreUnavailable:
+        raise CacheUnavailable() from None
+    except LockBusy:
+        raise TokenAcquisitionBusy() from None
 
 
 # --- downstream APIs ---------------------------------------------------------------------------

@@ -31,7 +31,12 @@ from .cli import register_commands
 from .credentials import client_credential
 from .diagnosis import REDIS, STATUS, Diagnosis
 from .downstream import DownstreamApi
-from .errors import DownstreamNotConfigured, UserTokenRequired, register_error_handlers
+from .errors import (
+    DownstreamNotConfigured,
+    UserTokenRequired,
+    register_error_handlers,
+    store_signals_answered,
+)
 from .http import build_session
 from .metrics import Metrics
 from .protector import (
@@ -358,10 +363,12 @@ class FlaskOBO:
         in flight), and this worker's memory copy at once; other workers and instances drop
         theirs within a second (the invalidation channel). The user's next downstream call
         makes a new On-Behalf-Of exchange. Raises ``CacheUnavailable`` (503) when Redis
-        cannot be reached: nothing was removed then, and ``UserTokenRequired`` (403) for an
-        app-only token: it has no user's tokens."""
+        cannot be reached: nothing was removed then, ``TokenAcquisitionBusy`` (503) when the
+        user's lock stays taken, and ``UserTokenRequired`` (403) for an app-only token: it
+        has no user's tokens."""
         _refuse_app_tokens()
-        self._services().tokens.forget(partition_key(current_token.oid, current_token.tid))
+        with store_signals_answered():  # the request cannot go on without the store
+            self._services().tokens.forget(partition_key(current_token.oid, current_token.tid))
     # --- metrics -------------------------------------------------------------------------------
     def metrics_view(self) -> Response:
         """A view serving the current application's metrics in Prometheus's text format

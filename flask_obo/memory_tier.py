@@ -40,10 +40,11 @@ from typing import Any, NamedTuple
 import msal
 
 from .cache_store import Coherence, StoredEntry, TokenCacheStore
-from .errors import CacheUnavailable, TokenAcquisitionBusy
+from .errors import TokenAcquisitionBusy
 from .invalidation import ThreadPerProcess
 from .metrics import Metrics
 from .msal_http import MsalHttpClient
+from .store_errors import StoreUnavailable
 from .token_cache import UserTokenCache
 
 log = logging.getLogger(__name__)
@@ -281,7 +282,7 @@ class MemoryTier:
             assert blob is not None
             try:
                 written = store.save_unless_changed(session.partition, blob, stored)
-            except CacheUnavailable:
+            except StoreUnavailable:
                 break
             with self._lock:
                 session._written_back(blob, written)

@@ -61,6 +61,7 @@ from .metrics import CACHE_HIT, FAILED, MEMORY_HIT, OBO, REFRESH, Metrics
 from .msal_http import EntraUnavailable, MsalHttpClient, NetworkNeeded, offline, within
 from .protector import EntraAccessToken
 from .settings import Settings
+from .store_errors import LockBusy, StoreUnavailable
 from .token_cache import TokenCacheCodec, partition_key
 from .tracing import acquisition
 
@@ -169,7 +170,7 @@ class OnBehalfOfTokenProvider:
             # (the listener, /readyz and users with nothing in memory find out instead).
             if not session.is_current(self._store.coherence()) and (
                     self._store.healthy or session.blob is None):
-                with suppress(CacheUnavailable):
+                with suppress(StoreUnavailable):
                     self._reload(session, partition, user, budget)
                     outcome = CACHE_HIT
             token = self._offline_token(session, user, scopes)
@@ -235,7 +236,7 @@ class OnBehalfOfTokenProvider:
                     _entra_unavailable_is_503():
                 outcome = MEMORY_HIT
                 if guard is not None:
-                    with suppress(CacheUnavailable):  # another worker may have filled it
+                    with suppress(StoreUnavailable):  # another worker may have filled it
                         self._reload(session, partition, user, budget)
                         outcome = CACHE_HIT
                 if _generation(user) not in (None, session.cache.generation) and outcome != CACHE_HIT:
@@ -280,14 +281,21 @@ class OnBehalfOfTokenProvider:
         worker's memory at once. Other workers drop their copies when the store reports
         the change. Was there an entry in the store?
 
-        Raises ``CacheUnavailable`` when the store cannot be reached (nothing is removed
-        then, here either) and ``TokenAcquisitionBusy`` when the user's lock stays taken.
+        Raises the store's signals, for its caller to answer (``FlaskOBO.forget_user``: 503)
+        or report (the token-cache CLI): ``StoreUnavailable`` when the store cannot be
+        reached (nothing is removed then, here either) and ``LockBusy`` when the user's
+        lock (this worker's session, or the store's) stays taken.
         """
         deadline = Deadline(self._settings.token_acquisition_timeout)
-        with self.memory.held(partition, deadline.remaining()) as session:  # as a leader: session, then store
+        session = self.memory.hold(partition, deadline.remaining())  # as a leader: session, then store
+        if session is None:
+            raise LockBusy()
+        try:
             with self._store.lock(partition, deadline) as guard:
                 removed = self._store.remove(partition, guard)
             session.forget()
+        finally:
+            self.memory.release(session)
         log.info("token cache removed for partition %s", partition)
         return removed
 
@@ -303,7 +311,7 @@ class OnBehalfOfTokenProvider:
         partition = partition_key(user.oid, user.tid)
         with self.memory.held(partition, deadline.remaining()) as session:
             if not session.is_current(self._store.coherence()) and self._store.healthy:
-                with suppress(CacheUnavailable):
+                with suppress(StoreUnavailable):
                     self._reload(session, partition, user, budget)
             if session.cache.account_of(user.oid, user.tid) is None:
                 raise RefreshTokenExpired()
@@ -312,7 +320,7 @@ class OnBehalfOfTokenProvider:
                 return current
             with self._user_lock(partition, deadline, budget) as guard:
                 if guard is not None:
-                    with suppress(CacheUnavailable):
+                    with suppress(StoreUnavailable):
                         self._reload(session, partition, user, budget)
                 if session.cache.account_of(user.oid, user.tid) is None:  # signed out meanwhile
                     raise RefreshTokenExpired()
@@ -323,16 +331,17 @@ class OnBehalfOfTokenProvider:
     @contextmanager
     def _user_lock(self, partition: str, deadline: Deadline, budget: StoreBudget) -> Iterator[Guard | None]:
         """The user's store lock; None (single flight per process only) while Redis is down,
-        or once this request found it so (``budget``)."""
+        or once this request found it so (``budget``). A lock that stays taken until the
+        deadline is the request's answer: ``TokenAcquisitionBusy`` (503)."""
         with ExitStack() as stack:
             started = time.perf_counter()
             try:
                 with budget.call(timed=False):  # waiting for another holder is not waiting on Redis
                     guard: Guard | None = stack.enter_context(self._store.lock(partition, deadline))
-            except TokenAcquisitionBusy:  # waited until the deadline
+            except LockBusy:  # waited until the deadline
                 self._metrics.lock_wait(time.perf_counter() - started)
-                raise
-            except CacheUnavailable:
+                raise TokenAcquisitionBusy() from None
+            except StoreUnavailable:
                 log.warning("acquiring for partition %s without the shared lock: the store is down",
                             partition)
                 guard = None
@@ -394,7 +403,7 @@ class OnBehalfOfTokenProvider:
         """Make ``session`` hold what the store holds now (a no-op if the blob is unchanged).
 
         An entry that is not a usable msal cache of this user, whatever the reason, is a
-        miss; the next acquisition replaces it. Raises ``CacheUnavailable``.
+        miss; the next acquisition replaces it. Raises ``StoreUnavailable``.
         """
         coherence = self._store.coherence()
         epoch = coherence.epoch if coherence.connected else None
@@ -447,7 +456,7 @@ class OnBehalfOfTokenProvider:
                     written = self._store.save_unless_changed(partition, blob, session.stored)
                 else:
                     written = self._store.save(partition, blob, guard)
-        except CacheUnavailable:
+        except StoreUnavailable:
             written, lost = False, False
         else:
             lost = guard is not None and not written

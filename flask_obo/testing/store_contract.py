@@ -9,10 +9,14 @@ Each test states one rule flask-obo relies on:
 
 * ``load``: None for an absent, removed or expired entry; what was saved otherwise.
 * ``lock``: one holder per partition across every client; others wait until their
-  deadline, then ``TokenAcquisitionBusy``; partitions do not block each other.
+  deadline, then ``flask_obo.LockBusy``; partitions do not block each other.
 * ``save``: writes only while its guard still holds the lock (compare-and-set on the lock).
 * ``save_unless_changed``: writes only if the entry is still ``base`` (None: absent).
-* ``remove``: a tombstone, so no write-back against an absent entry undoes a sign-out.
+* ``remove``: a tombstone, so no write-back against an absent entry undoes a sign-out;
+  ``LockBusy`` when the guard's lock was released.
+
+A store raises ``flask_obo.StoreUnavailable`` when it cannot be reached (a test that stops
+the store's server can assert it); never an HTTP error of ``flask_obo.errors``.
 * ``watch``: every watcher (any number) hears of every change by any client, within
   ``change_bound`` seconds, while ``coherence().connected``.
 * ``partitions``: the admin scan lists each partition with an entry, once.
@@ -27,7 +31,7 @@ from typing import Any
 
 from ..bulkhead import Deadline
 from ..cache_store import TokenCacheStore
-from ..errors import TokenAcquisitionBusy
+from ..store_errors import LockBusy
 
 LOCK_WAIT = 0.3  # how long a second client waits for a held lock in these tests
 
@@ -152,7 +156,7 @@ class TokenCacheStoreContract:
             try:
                 with self.other.lock(partition, Deadline(LOCK_WAIT)):
                     raise AssertionError("a second client took a held lock")
-            except TokenAcquisitionBusy:
+            except LockBusy:
                 waited = time.monotonic() - started
             assert LOCK_WAIT * 0.5 <= waited < LOCK_WAIT + 2.0, f"waited {waited:.2f} s for {LOCK_WAIT} s"
             with self.other.lock(self.partition(), Deadline(LOCK_WAIT)):
@@ -198,10 +202,10 @@ class TokenCacheStoreContract:
             pass
         try:
             self.store.remove(partition, guard)
-        except TokenAcquisitionBusy:
+        except LockBusy:
             pass
         else:
-            raise AssertionError("remove without the lock did not raise TokenAcquisitionBusy")
+            raise AssertionError("remove without the lock did not raise LockBusy")
         assert self.store.load(partition) is not None
 
     # --- watch ------------------------------------------------------------------------------------

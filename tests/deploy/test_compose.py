@@ -20,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -465,7 +466,7 @@ def _declared(section: str, key: str) -> set[str]:
 @pytest.mark.parametrize(
     ("target", "section", "key"),
     [("api", "options", "install_requires"), ("api", "options.extras_require", "server"),
-     ("devtenant", "options", "install_requires"), ("devtenant", "options.extras_require", "devtenant")],
+     ("devtenant", "options", "install_requires")],
 )
 def test_dockerfile_installs_the_dependencies_of_setup_cfg(
     stages: dict[str, Stage], tmp_path: Path, target: str, section: str, key: str
@@ -504,11 +505,35 @@ def test_api_image_holds_neither_the_dev_tenant_nor_the_test_tools(stages: dict[
     assert "build" not in {stage.base for stage in stages.values()}
 
 
-def test_devtenant_target_runs_the_dev_tenant_from_its_sources(
+def test_devtenant_target_installs_the_flask_obo_devtenant_distribution(
     stages: dict[str, Stage], compose: dict
 ) -> None:
+    """The compose stack's dev tenant is what adopters install: the flask-obo-devtenant
+    wheel built from devtenant-dist/ (whose devtenant/ is a link to the repository's
+    devtenant/, copied beside it so the link resolves), with its own dependencies; not
+    flask-obo's old ``devtenant`` extra, not sources run from a folder."""
     chain = _chain(stages, "devtenant")
-    assert any("devtenant" in sources for origin, sources in _copies(chain) if origin is None)
+    text = " ".join(args for _, args in chain)
+    assert not re.search(r"\[devtenant\]|\['devtenant'\]", text), text
+    own = [source for origin, sources in _copies(chain) if origin is None for source in sources]
+    assert not [source for source in own if "devtenant" in source], own  # no sources run from a folder
+    ((origin, (wheels,)),) = [(o, s) for o, s in _copies(chain) if o is not None]
+    builder = stages[origin].instructions
+    copies = {words[0]: words[-1] for words in (args.split() for args in _all(builder, "COPY"))}
+    # every link in devtenant-dist/ (devtenant/, LICENSE) resolves in the build stage too
+    links = [path for path in (ROOT / "devtenant-dist").iterdir() if path.is_symlink()]
+    assert {link.name for link in links} >= {"devtenant"}
+    for link in links:
+        target = link.resolve().relative_to(ROOT)
+        assert str(target) in copies, f"{link.name} -> {target}: not copied beside devtenant-dist"
+        assert (Path(copies["devtenant-dist"]).parent / target) == \
+            (Path(copies["devtenant-dist"]) / os.readlink(link)).resolve(), copies
+    assert f"pip wheel --no-deps {copies['devtenant-dist']} -w {wheels}" in _all(builder, "RUN")
+    (copied,) = [args.split()[-1] for args in _all(chain, "COPY") if args.startswith(f"--from={origin} ")]
+    assert any(re.fullmatch(rf"pip install {re.escape(copied)}/\*\.whl( && .*)?", args)
+               for args in _all(stages["devtenant"].instructions, "RUN"))  # with its dependencies
+    project = tomllib.loads((ROOT / "devtenant-dist" / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "flask-obo-devtenant" and project["dependencies"]
     (cmd,) = _all(stages["devtenant"].instructions, "CMD")
     assert json.loads(cmd)[:4] == ["python", "-m", "devtenant", "serve"]
     env = dict(re.findall(r"(\w+)=(\S+)", " ".join(_all(chain, "ENV"))))

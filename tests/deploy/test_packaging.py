@@ -250,7 +250,7 @@ def test_the_server_extra_covers_what_the_reference_api_imports() -> None:
 
 def test_the_devtenant_extra_alone_covers_what_the_dev_tenant_imports() -> None:
     """Whatever the API's own requirements become, ``.[devtenant]`` states the dev tenant's
-    server's (the Dockerfile's devtenant target; its pytest plugin is the distribution's)."""
+    server's, from a checkout (the Dockerfile's devtenant target installs flask-obo-devtenant)."""
     modules = _third_party_imports_of(*(path for path in (ROOT / "devtenant").glob("*.py")
                                         if path.name not in DEVTENANT_TEST_MODULES))
     assert {"flask", "authlib", "joserfc", "cryptography"} <= modules

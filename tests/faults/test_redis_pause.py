@@ -95,8 +95,8 @@ def test_a_paused_redis_costs_a_recycled_worker_one_timeout_at_most(stack: Fault
     REDIS_TIMEOUT_SECONDS for Redis once, then goes on without it (no second wait, for
     the user's Redis lock or the write): no request logs two Redis failures, and no 5xx.
     Warm users' worst latency <= 1 s, or, on a box where recycling alone (measured just
-    before, with Redis answering) costs more, <= that plus less than the two more Redis
-    timeouts a request used to wait."""
+    before, with Redis answering) costs more, <= that plus one Redis timeout and a half,
+    less than the two more a request used to wait."""
     checks = Checks("redis pause, recycling workers")
     with stack.api("redis-pause-recycling", GUNICORN_MAX_REQUESTS=str(RECYCLE_EVERY),
                    GUNICORN_MAX_REQUESTS_JITTER="0") as api:
@@ -129,9 +129,9 @@ def test_a_paused_redis_costs_a_recycled_worker_one_timeout_at_most(stack: Fault
         checks.expect(bool(failures), "no fresh worker met the pause (inconclusive)")
         twice = {request: n for request, n in failures.items() if n > 1}
         checks.expect(not twice, f"{len(twice)} request(s) waited for Redis more than once: {twice}")
-        # The baseline is the worst of a few requests; a fresh worker's first exchange on a
-        # 2-core box adds scheduling noise of its own (a 15 ms overshoot was seen): 0.1 s.
-        limit = max(WARM_WORST_LIMIT, baseline_worst + 2 * REDIS_TIMEOUT + 0.1)
+        # On a busy box: recycling alone plus one Redis timeout and half of one for noise,
+        # strictly less than the two timeouts a fresh worker used to wait.
+        limit = max(WARM_WORST_LIMIT, baseline_worst + 1.5 * REDIS_TIMEOUT)
         checks.expect(bool(warm) and worst <= limit,
                       f"warm users' worst latency {worst * 1000:.0f} ms > {limit * 1000:.0f} ms")
         errors = [s for s in warm if s.status >= 500 or not s.status]
