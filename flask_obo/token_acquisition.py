@@ -380,12 +380,15 @@ class OnBehalfOfTokenProvider:
         """The user's msal application, built again when the API's credential changed. A
         multi-tenant API exchanges tokens in the user's own tenant."""
         version = self._credential.version  # before for_msal(), which may find a rotated file:
-        credential = self._credential.for_msal()  # then the next call builds again, never too few
+        # then the next call builds again, never too few. A certificate's assertion is the
+        # process's, for the token endpoint msal found for the application being built.
+        built: list[msal.ConfidentialClientApplication] = []
+        credential = self._credential.for_msal(lambda: str(built[0].authority.token_endpoint))
         bench, authority = session.bench, self._settings.authority_for(user.tid)
         if bench.app is None or bench.credential_version != self._credential.version \
                 or bench.authority != authority:  # benches are lent to any user of any tenant
             try:
-                bench.app = msal.ConfidentialClientApplication(
+                bench.app = app = msal.ConfidentialClientApplication(
                     self._settings.client_id,
                     client_credential=credential,
                     authority=authority,
@@ -397,6 +400,7 @@ class OnBehalfOfTokenProvider:
                 )
             except AuthorityUnavailable:
                 raise IdentityProviderUnavailable() from None
+            built.append(app)
             bench.credential_version, bench.authority = version, authority
         return bench.app
 
