@@ -4,7 +4,8 @@
 * ``CertificateFile``: ``AZURE_CLIENT_CERTIFICATE_PATH`` (PEM key + certificate). Key
   Vault's CSI driver rotates the file in place, so it is re-read when it changes (checked
   with one ``stat`` per application build) and, after Entra refuses the certificate, once
-  on demand (``reload``), as Microsoft.Identity.Web does.
+  on demand (``reload``), as Microsoft.Identity.Web does. The users' applications share
+  its signed client assertions (``SharedAssertions``).
 * ``FederatedTokenFile``: ``AZURE_FEDERATED_TOKEN_FILE`` (workload identity federation,
   as AKS injects it): a JWT from a trusted issuer is the client assertion. The file
   rotates, so its token is re-read at each token request once past its ``exp`` (or when
@@ -18,6 +19,14 @@ msal binds a credential to an application at construction; the token provider bu
 application per user and process. So a credential has a ``version``: when it changes
 (a rotated certificate), the provider rebuilds that user's application. Assertions are
 callables msal invokes at each token request, so they never go stale.
+
+Given a certificate as a key and certificate, msal parses the certificate for each
+application and signs an assertion for each: with an application per user, a user's first
+request paid a PEM parse, a private-key load (its RSA checks: about 0.2 s of CPU) and a
+signature. The provider's applications get ``for_msal(audience)`` instead: a client
+assertion signed once per token endpoint with msal's own ``JwtAssertionCreator`` (the same
+PS256 and ``x5t#S256``/``x5c`` headers), reused by every user's application until msal's
+``AutoRefresher`` renews it, a minute before it expires.
 """
 
 from __future__ import annotations
@@ -34,6 +43,10 @@ from typing import Any, Protocol
 
 import msal
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from msal.application import extract_certs
+from msal.oauth2cli.assertion import JwtAssertionCreator
 
 from .errors import IdentityProviderUnavailable
 from .http import ResolvedSession
@@ -55,8 +68,10 @@ class ClientCredential(Protocol):
     def version(self) -> int:
         """Bumped whenever ``for_msal`` would give a different credential."""
 
-    def for_msal(self) -> str | dict[str, Any]:
-        """msal's ``client_credential`` (checked for changes first)."""
+    def for_msal(self, audience: Callable[[], str] | None = None) -> str | dict[str, Any]:
+        """msal's ``client_credential`` (checked for changes first). ``audience`` gives the
+        token endpoint of the application it is for (asked at each token request): a
+        certificate is then a client assertion shared by all such applications."""
 
     def reload(self) -> bool:
         """Entra refused the credential: read it again; True if it changed (retry once)."""
@@ -68,7 +83,7 @@ class ClientSecret:
     def __init__(self, secret: str) -> None:
         self._secret = secret
 
-    def for_msal(self) -> str:
+    def for_msal(self, audience: Callable[[], str] | None = None) -> str:
         return self._secret
 
     def reload(self) -> bool:
@@ -78,17 +93,22 @@ class ClientSecret:
 class CertificateFile:
     """A PEM certificate file, re-read when it changes on disk."""
 
-    def __init__(self, path: str, password: str | None, loaded: ClientCertificate) -> None:
+    def __init__(self, path: str, password: str | None, loaded: ClientCertificate, client_id: str) -> None:
         self._path, self._password = path, password
+        self._client_id = client_id
         self._certificate = loaded
+        self._assertions = SharedAssertions(loaded, client_id)
         self._stamp = self._stat()
         self._lock = threading.Lock()
         self.version = 0
 
-    def for_msal(self) -> dict[str, str]:
+    def for_msal(self, audience: Callable[[], str] | None = None) -> dict[str, Any]:
         if self._stat() != self._stamp:
             self.reload()
-        return self._certificate.as_msal_credential()
+        if audience is None:  # an application of its own (``obo check``, app tokens)
+            return self._certificate.as_msal_credential()
+        assertions = self._assertions  # this version's, even if the file rotates meanwhile
+        return {"client_assertion": lambda: assertions.signed_for(audience())}
 
     def reload(self) -> bool:
         with self._lock:
@@ -104,6 +124,7 @@ class CertificateFile:
             if certificate == self._certificate:
                 return False
             self._certificate = certificate
+            self._assertions = SharedAssertions(certificate, self._client_id)
             self.version += 1
             log.info("client certificate reloaded from AZURE_CLIENT_CERTIFICATE_PATH")
             return True
@@ -112,12 +133,48 @@ class CertificateFile:
         return _file_stamp(self._path)
 
 
+class SharedAssertions:
+    """One certificate's client assertions: one per token endpoint (audience), signed with
+    msal's ``JwtAssertionCreator`` as msal signs them itself, and shared by every
+    application until msal's ``AutoRefresher`` signs a new one (a minute before its 10
+    minute life ends). The private key is loaded once, on first use."""
+
+    MAX_AUDIENCES = 1000  # one per tenant of a multi-tenant API (as TenantConfigurations)
+
+    def __init__(self, certificate: ClientCertificate, client_id: str) -> None:
+        self._certificate, self._client_id = certificate, client_id
+        self._creator: JwtAssertionCreator | None = None
+        self._by_audience: dict[str, Callable[[], bytes]] = {}
+        self._lock = threading.Lock()
+
+    def signed_for(self, audience: str) -> bytes:
+        with self._lock:
+            refresher = self._by_audience.get(audience)
+            if refresher is None:
+                if len(self._by_audience) >= self.MAX_AUDIENCES:
+                    self._by_audience.clear()
+                refresher = self._by_audience[audience] = self._jwt_creator().create_regenerative_assertion(
+                    audience=audience, issuer=self._client_id)
+        # AutoRefresher has no lock of its own: two threads may both sign at renewal, harmlessly.
+        return refresher()
+
+    def _jwt_creator(self) -> JwtAssertionCreator:
+        if self._creator is None:
+            pem = self._certificate.certificate_pem
+            certificate = x509.load_pem_x509_certificate(pem.encode())
+            self._creator = JwtAssertionCreator(
+                serialization.load_pem_private_key(self._certificate.private_key_pem.encode(), None),
+                "PS256", headers={"x5c": extract_certs(pem)},
+                sha256_thumbprint=certificate.fingerprint(hashes.SHA256()).hex())
+        return self._creator
+
+
 class _RotatingAssertion:
     """A client assertion msal asks for at each token request (shared by both kinds)."""
 
     version = 0
 
-    def for_msal(self) -> dict[str, Callable[[], str]]:
+    def for_msal(self, audience: Callable[[], str] | None = None) -> dict[str, Callable[[], str]]:
         return {"client_assertion": self.assertion}
 
     def assertion(self) -> str:
@@ -218,7 +275,7 @@ def client_credential(settings: Settings) -> ClientCredential:
     if settings.client_certificate is not None:
         assert settings.client_certificate_path is not None
         return CertificateFile(settings.client_certificate_path, settings.client_certificate_password,
-                               settings.client_certificate)
+                               settings.client_certificate, settings.client_id)
     assert settings.client_secret is not None
     return ClientSecret(settings.client_secret)
 

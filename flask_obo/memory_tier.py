@@ -11,12 +11,23 @@ A session also remembers msal's last offline answer (``HotToken``): while its ca
 the one that answer came from and msal would still give the same one, a warm request
 skips msal's lookup.
 
+**What a user costs.** Between requests a session keeps what a warm request needs and no
+more: the sealed blob (the cache's only copy: compressed and encrypted), the hot tokens
+and the bookkeeping below, about 6 KiB with real-sized tokens. msal's objects (the
+application, its token cache, its ``http_cache`` and our ``MsalHttpClient``) form a
+``Workbench``, lent to a held session when it first needs msal, loaded from the blob,
+and given back on release to a small pool of such benches, so neither a warm nor a
+re-loaded user builds an application. Per-user state of those objects travels with
+the session: the throttling entries of msal's ``http_cache`` and the user's Retry-After
+gate. A session whose tokens are in no blob (its write lost a race) keeps its bench
+until it is read again.
+
 **One lock, one rule.** Every session's bookkeeping (who holds it, who waits for it,
 what it last read or wrote, whether Redis reported a change, whether it holds tokens
 Redis does not have yet) changes only through ``UserSession``'s methods, under the
 tier's one lock, which is never held across I/O. A request *holds* a session
-(``MemoryTier.hold``) to use its msal objects (``cache``, ``app``, ``http_cache``,
-``hot``): one request at a time, the others wait for it. The invalidation listener, the
+(``MemoryTier.hold``) to use its msal objects (``bench``, ``cache``, ``hot``): one
+request at a time, the others wait for it. The invalidation listener, the
 write-back and eviction never hold a session; they only take the lock for a moment.
 
 **Eviction.** Beyond ``TOKEN_MEMORY_CACHE_USERS`` the least recently used users are
@@ -62,26 +73,69 @@ class HotToken(NamedTuple):
     good_until: float
 
 
-class UserSession:
-    """One user's msal state in this process (see the module's docstring for its rule).
+class Workbench:
+    """msal's objects for one user at a time: an application bound (as msal binds them,
+    at construction) to a token cache, an ``http_cache`` and an ``MsalHttpClient``.
+    Lent to a held session, which loads its user's state into them, and given back
+    emptied; ``authority`` and ``credential_version`` say what ``app`` was built for."""
 
-    Per-user state also isolates throttling: msal's ``http_cache`` keeps its throttling
-    entries, which for OBO are not keyed by user, so a shared one would replay one user's
-    429 or 400 to everyone.
-    """
-
-    def __init__(self, partition: str, http: MsalHttpClient, lock: threading.Lock) -> None:
-        self.partition = partition
-        # The holder's alone: msal's objects and the memo of its answers.
+    def __init__(self, http: MsalHttpClient) -> None:
         self.http = http
         self.http_cache: dict[str, Any] = {}
         self.cache = UserTokenCache()
         self.app: msal.ConfidentialClientApplication | None = None
-        self.credential_version = 0  # the API credential's version ``app`` was built with
+        self.authority: str | None = None  # what ``app`` was built for
+        self.credential_version = 0
+
+
+class Workbenches:
+    """The pool of free ``Workbench``es (as many as sessions were held at once, up to
+    ``keep``), and how a session's blob is opened into one (``open``: partition, blob ->
+    the serialized cache, or None)."""
+
+    def __init__(self, new_http: Callable[[], MsalHttpClient],
+                 open_blob: Callable[[str, bytes], str | None] | None, lock: threading.Lock,
+                 keep: int = 64) -> None:
+        self._new_http, self.open = new_http, open_blob
+        self._lock, self._keep = lock, keep
+        self._free: list[Workbench] = []
+
+    def take(self) -> Workbench:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return Workbench(self._new_http())
+
+    def put(self, bench: Workbench) -> None:
+        """Under the lock: ``bench`` is free again (emptied by its last user)."""
+        if len(self._free) < self._keep:
+            self._free.append(bench)
+
+
+class UserSession:
+    """One user's state in this process (see the module's docstring for its rule).
+
+    Per-user state also isolates throttling: msal's ``http_cache`` keeps its throttling
+    entries, which for OBO are not keyed by user, so a shared one would replay one user's
+    429 or 400 to everyone. So its entries (``throttled``) and the user's Retry-After gate
+    (``gate``) travel with the session, and a bench's are emptied when it is given back.
+    """
+
+    __slots__ = ("_bench", "_benches", "_free", "_lock", "blob", "changed_in_store", "changes",
+                 "expires_at", "gate", "holder", "hot", "losses_seen", "partition", "pins", "stored",
+                 "throttled", "unsaved", "verified_epoch")  # no __dict__: ~100 bytes less per user
+
+    def __init__(self, partition: str, benches: Workbenches, lock: threading.Lock) -> None:
+        self.partition = partition
+        # The holder's alone: the memo of msal's answers, and msal's objects while held.
         self.hot: dict[tuple[str, ...], HotToken] = {}  # valid while ``blob`` is the answer's
+        self.throttled: dict[str, Any] | None = None  # msal's http_cache entries of this user
+        self.gate = 0.0  # the user's MsalHttpClient.blocked_until
+        self._bench: Workbench | None = None
+        self._benches = benches
         # Bookkeeping: changed by the methods below, under ``_lock`` (the tier's).
         self._lock = lock
-        self._free = threading.Condition(lock)
+        self._free: threading.Condition | None = None  # made when a request first waits
         self.holder: int | None = None  # the thread of the request using the session now
         self.pins = 0  # requests holding or waiting for it: it must not be evicted
         self.blob: bytes | None = None  # what ``cache`` was last loaded from or saved as
@@ -92,6 +146,48 @@ class UserSession:
         self.changes = 0  # invalidations seen, so a read racing one is not trusted
         self.changed_in_store = False  # an invalidation since the last read: honour it
         self.unsaved = False  # ``blob`` is not in the store yet: write it back
+
+    # --- msal's objects, for the holder ---------------------------------------------------------
+    @property
+    def bench(self) -> Workbench:
+        """msal's objects holding this user's state (lent on first use while held)."""
+        if self._bench is None:
+            self._bench = self._lend(self.blob)
+        return self._bench
+
+    @property
+    def cache(self) -> UserTokenCache:
+        return self.bench.cache
+
+    def blank_cache(self) -> UserTokenCache:
+        """The cache, about to be replaced: a bench not lent yet is not loaded first."""
+        if self._bench is None:
+            self._bench = self._lend(None)
+        return self._bench.cache
+
+    def _lend(self, blob: bytes | None) -> Workbench:
+        bench = self._benches.take()
+        serialized = None
+        if blob is not None and self._benches.open is not None:
+            serialized = self._benches.open(self.partition, blob)  # as it was read: it opens
+        bench.cache.load(serialized)
+        if self.throttled:
+            bench.http_cache.update(self.throttled)
+        bench.http.blocked_until = self.gate
+        return bench
+
+    def _give_back(self) -> None:
+        """Under the lock, on release: keep what is the user's, empty the bench, pool it;
+        unless the cache holds tokens that no blob holds (see ``outdated``)."""
+        bench = self._bench
+        if bench is None or (self.blob is None and _holds_tokens(bench.cache)):
+            return
+        self._bench = None
+        self.throttled = dict(bench.http_cache) if bench.http_cache else None
+        self.gate = bench.http.blocked_until
+        bench.http_cache.clear()
+        bench.cache.load(None)
+        self._benches.put(bench)
 
     def is_current(self, coherence: Coherence) -> bool:
         """Usable without asking Redis? (An unsaved session asks, to write itself back.)"""
@@ -153,8 +249,10 @@ class UserSession:
     def forget(self) -> None:
         """Hold nothing of the user any more (sign-out): no token, nothing to write back,
         and re-read from the store before the next use."""
-        self.cache.load(None)
-        self.http_cache.clear()
+        if self._bench is not None:
+            self._bench.cache.load(None)
+            self._bench.http_cache.clear()
+        self.throttled = None
         self.hot.clear()
         with self._lock:
             self.blob = self.stored = None
@@ -179,16 +277,22 @@ class UserSession:
                 self.stored = blob
 
 
+def _holds_tokens(cache: UserTokenCache) -> bool:
+    return any(True for kind in (cache.CredentialType.REFRESH_TOKEN, cache.CredentialType.ACCESS_TOKEN)
+               for _ in cache.search(kind))
+
+
 class MemoryTier:
     """Users' sessions, least recently used dropped beyond ``limit`` unless pinned."""
 
     def __init__(self, limit: int, new_http: Callable[[], MsalHttpClient],
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 open_blob: Callable[[str, bytes], str | None] | None = None) -> None:
         self.limit = limit
-        self._new_http = new_http
         self._metrics = metrics or Metrics()
         self._sessions: OrderedDict[str, UserSession] = OrderedDict()
-        self._lock = threading.Lock()  # the one lock: the map and every session's bookkeeping
+        self._lock = threading.Lock()  # the one lock: the map, the benches, every session's bookkeeping
+        self.benches = Workbenches(new_http, open_blob, self._lock)
 
     def session(self, partition: str) -> UserSession:
         """The user's session, not held (to look at it: a request uses ``hold``)."""
@@ -202,6 +306,8 @@ class MemoryTier:
             session = self._get(partition)
             if session.holder is not None:
                 session.pins += 1
+                if session._free is None:
+                    session._free = threading.Condition(self._lock)
                 free = session._free.wait_for(lambda: session.holder is None, max(timeout, 0.0))
                 session.pins -= 1
                 if not free:
@@ -214,9 +320,11 @@ class MemoryTier:
 
     def release(self, session: UserSession) -> None:
         with self._lock:
+            session._give_back()
             session.holder = None
             session.pins -= 1
-            session._free.notify()
+            if session._free is not None:
+                session._free.notify()
             if len(self._sessions) > self.limit:
                 self._evict()
 
@@ -235,7 +343,7 @@ class MemoryTier:
     def _get(self, partition: str) -> UserSession:
         session = self._sessions.get(partition)
         if session is None:
-            session = self._sessions[partition] = UserSession(partition, self._new_http(), self._lock)
+            session = self._sessions[partition] = UserSession(partition, self.benches, self._lock)
             if len(self._sessions) > self.limit:
                 self._evict(keep=session)
         else:

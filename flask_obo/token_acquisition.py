@@ -2,7 +2,9 @@
 
 msal binds a token cache to a ``ConfidentialClientApplication`` at construction, and
 ``acquire_token_on_behalf_of`` never reads the cache. So each user gets, per process, a
-``UserSession`` (see ``flask_obo.memory_tier``): an application around their own cache object.
+``UserSession`` (see ``flask_obo.memory_tier``): their sealed cache and hot tokens, and,
+while a request holds it and needs msal, a pooled application around a cache object
+loaded with their tokens alone.
 
 A request goes:
 
@@ -107,7 +109,7 @@ class OnBehalfOfTokenProvider:
         timeout = settings.entra_timeout
         self.memory = MemoryTier(
             settings.memory_cache_users, lambda: MsalHttpClient(session, metadata, timeout, self._metrics),
-            self._metrics)
+            self._metrics, open_blob=codec.open)
         self._write_back = WriteBack(self.memory, store)
         self.waiting_room = WaitingRoom(settings.entra_max_waiting_threads, process_pace(),
                                         retirement=retirement)
@@ -189,7 +191,8 @@ class OnBehalfOfTokenProvider:
         the cache replaces or clears it) and the clock has not reached the earlier of
         those two limits, the answer is the same and msal is not asked. Past them, msal
         decides as before (an aging token goes to Entra ID, which may refresh it)."""
-        if _generation(user) not in (None, session.cache.generation):
+        generation = _generation(user)  # (a request's user has none: msal's cache not needed)
+        if generation is not None and generation != session.cache.generation:
             return None  # not this job's entry, as far as memory knows: the leader decides
         key = tuple(scopes)
         hot = session.hot.get(key)
@@ -239,7 +242,8 @@ class OnBehalfOfTokenProvider:
                     with suppress(StoreUnavailable):  # another worker may have filled it
                         self._reload(session, partition, user, budget)
                         outcome = CACHE_HIT
-                if _generation(user) not in (None, session.cache.generation) and outcome != CACHE_HIT:
+                generation = _generation(user)
+                if generation is not None and generation != session.cache.generation and outcome != CACHE_HIT:
                     raise CacheUnavailable()  # a job's entry cannot be checked until Redis is back
                 asked_at = time.time()
                 # With no assertion (a job), the refresh token answers a claims challenge too.
@@ -268,7 +272,7 @@ class OnBehalfOfTokenProvider:
             user.raw, scopes, claims_challenge=claims_challenge)
         codes = set(result.get("error_codes") or ())
         if codes & CREDENTIAL_ERROR_CODES and (
-                self._credential.reload() or session.credential_version != self._credential.version):
+                self._credential.reload() or session.bench.credential_version != self._credential.version):
             log.warning("Entra ID refused the API's credential (%s); retrying with the reloaded one",
                         sorted(codes & CREDENTIAL_ERROR_CODES))
             result = self._app(session, user).acquire_token_on_behalf_of(
@@ -376,23 +380,29 @@ class OnBehalfOfTokenProvider:
         """The user's msal application, built again when the API's credential changed. A
         multi-tenant API exchanges tokens in the user's own tenant."""
         version = self._credential.version  # before for_msal(), which may find a rotated file:
-        credential = self._credential.for_msal()  # then the next call builds again, never too few
-        if session.app is None or session.credential_version != self._credential.version:
+        # then the next call builds again, never too few. A certificate's assertion is the
+        # process's, for the token endpoint msal found for the application being built.
+        built: list[msal.ConfidentialClientApplication] = []
+        credential = self._credential.for_msal(lambda: str(built[0].authority.token_endpoint))
+        bench, authority = session.bench, self._settings.authority_for(user.tid)
+        if bench.app is None or bench.credential_version != self._credential.version \
+                or bench.authority != authority:  # benches are lent to any user of any tenant
             try:
-                session.app = msal.ConfidentialClientApplication(
+                bench.app = app = msal.ConfidentialClientApplication(
                     self._settings.client_id,
                     client_credential=credential,
-                    authority=self._settings.authority_for(user.tid),
-                    token_cache=session.cache,
-                    http_client=session.http,
-                    http_cache=session.http_cache,
+                    authority=authority,
+                    token_cache=bench.cache,
+                    http_client=bench.http,
+                    http_cache=bench.http_cache,
                     instance_discovery=False,
                     client_capabilities=list(self._settings.client_capabilities) or None,
                 )
             except AuthorityUnavailable:
                 raise IdentityProviderUnavailable() from None
-            session.credential_version = version
-        return session.app
+            built.append(app)
+            bench.credential_version, bench.authority = version, authority
+        return bench.app
 
     def _reload(self, session: UserSession, partition: str, user: EntraAccessToken,
                 budget: StoreBudget) -> None:
@@ -421,7 +431,7 @@ class OnBehalfOfTokenProvider:
         if entry is None or entry.blob != blob:
             usable = entry is not None and self._open(session, partition, user, entry.blob)
             if not usable:
-                session.cache.load(None)
+                session.blank_cache().load(None)
             blob = entry.blob if entry and usable else None
         session.read(entry, blob, losses, changes, epoch)
 
@@ -429,7 +439,7 @@ class OnBehalfOfTokenProvider:
         serialized = self._codec.open(partition, blob)
         if serialized is None:
             return False  # the codec logged why
-        if not session.cache.load(serialized):
+        if not session.blank_cache().load(serialized):  # replaces what the session held
             log.warning("token cache for partition %s is not an msal cache; it will be replaced",
                         partition)
             return False
@@ -481,7 +491,8 @@ def _generation(user: EntraAccessToken) -> str | None:
 def _admit(session: UserSession, user: EntraAccessToken) -> None:
     """A job's user is served only from the entry generation its handle names (callers
     make sure the session reflects the store, or Redis is down and it is what we have)."""
-    if _generation(user) not in (None, session.cache.generation):
+    generation = _generation(user)
+    if generation is not None and generation != session.cache.generation:
         raise BackgroundHandleRevoked()
 
 

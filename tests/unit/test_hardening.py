@@ -21,7 +21,7 @@ from flask_obo.extension import services_of
 from flask_obo.http import build_session
 from flask_obo.protector import EntraAccessToken
 from flask_obo.settings import DownstreamApiSettings, load_certificate
-from tests.support.fake_entra import ADELE, TENANT_ID, settings_env
+from tests.support.fake_entra import ADELE, CLIENT_ID, TENANT_ID, settings_env
 from tests.unit.test_credentials import jwt_with_exp, pem_file
 
 API = "https://gw.contoso.com/tasks-api"
@@ -123,8 +123,8 @@ def test_a_certificate_rotated_while_an_app_is_built_is_picked_up_by_the_next_bu
     built: list[int] = []
     original = credential.for_msal
 
-    def rotating_for_msal():  # another thread reloads the rotated file right after the version was read
-        value = original()
+    def rotating_for_msal(*args):  # another thread reloads the rotated file right after the version was read
+        value = original(*args)
         if not built:
             pem_file(tmp_path / "next.pem").replace(path)
             credential.reload()
@@ -135,7 +135,7 @@ def test_a_certificate_rotated_while_an_app_is_built_is_picked_up_by_the_next_bu
     session = tokens.memory.session("0" * 64)
     user = EntraAccessToken({"oid": ADELE, "tid": TENANT_ID}, "raw")
     first = tokens._app(session, user)
-    assert session.credential_version == 0 and credential.version == 1  # stamped with what it read
+    assert session.bench.credential_version == 0 and credential.version == 1  # stamped with what it read
     assert tokens._app(session, user) is not first  # so the next build uses the new certificate
 
 
@@ -148,7 +148,7 @@ def test_an_unreadable_federated_token_is_a_503(tmp_path):
 
 def test_a_bad_certificate_file_is_reported_once_per_change(tmp_path, caplog):
     path = pem_file(tmp_path / "api.pem")
-    credential = CertificateFile(str(path), None, load_certificate(str(path), None))
+    credential = CertificateFile(str(path), None, load_certificate(str(path), None), CLIENT_ID)
     path.write_text("half-written")
     caplog.set_level(logging.WARNING)
     for _ in range(3):

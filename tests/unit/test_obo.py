@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
+import jwt as pyjwt
 import pytest
 import requests
 import responses
@@ -16,7 +18,16 @@ from cryptography.x509.oid import NameOID
 
 from app import create_app
 from flask_obo.settings import Settings
-from tests.support.fake_entra import ADELE, BOB, GRAPH, TOKEN_URL, Behaviour, FakeEntra, settings_env
+from tests.support.fake_entra import (
+    ADELE,
+    BOB,
+    CLIENT_ID,
+    GRAPH,
+    TOKEN_URL,
+    Behaviour,
+    FakeEntra,
+    settings_env,
+)
 
 OBO = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 
@@ -252,6 +263,29 @@ def test_certificate_credential_sends_a_signed_assertion_not_a_secret(entra: Fak
     header = json.loads(base64.urlsafe_b64decode(request["client_assertion"].split(".")[0] + "=="))
     assert header["alg"] == "PS256"
     assert "x5t#S256" in header
+
+
+def test_users_applications_share_one_signed_certificate_assertion(entra: FakeEntra, store, tmp_path):
+    """Each user has an msal application of their own; the certificate is still parsed and
+    its assertion signed once per process and token endpoint, not once per user (a private
+    key load costs about 0.2 s of CPU), and the shared assertion is the one msal would sign."""
+    path = _certificate_pem(tmp_path)
+    env = settings_env(AZURE_CLIENT_CERTIFICATE_PATH=path)
+    del env["AZURE_CLIENT_SECRET"]
+    client = create_app(Settings.from_env(env), store=store).test_client()
+    for user in (ADELE, BOB):
+        assert client.get("/api/me", headers=bearer(entra.api_token(user))).status_code == 200
+    assertions = {request["client_assertion"] for request in entra.token_requests}
+    assert len(entra.token_requests) == 2 and len(assertions) == 1  # two users, one signature
+    (assertion,) = assertions
+    certificate = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    claims = pyjwt.decode(assertion, certificate.public_key(), algorithms=["PS256"], audience=TOKEN_URL)
+    assert claims["iss"] == claims["sub"] == CLIENT_ID
+    header = pyjwt.get_unverified_header(assertion)
+    thumbprint = base64.urlsafe_b64encode(certificate.fingerprint(hashes.SHA256())).decode()
+    assert header["x5t#S256"] == thumbprint
+    (chain,) = header["x5c"]  # base64 with line breaks, as msal sends it
+    assert base64.b64decode(chain) == certificate.public_bytes(serialization.Encoding.DER)
 
 
 def test_a_token_due_for_renewal_is_renewed_once_under_the_lock(client, entra: FakeEntra):
