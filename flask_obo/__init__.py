@@ -37,7 +37,7 @@ from .tracing import TraceContextFilter
 
 # The release, single-sourced: setup.cfg reads it (version = attr: flask_obo.__version__) and
 # CHANGELOG.md's top entry names it.
-__version__ = "1.0.0rc1"
+__version__ = "1.0.0"
 
 __all__ = [
     "DownstreamApi",
