@@ -55,7 +55,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check app flask_obo devtenant tests bench scripts wsgi.py config docs
 	$(PY) -m mypy
 
-## benchmarks (not part of the test suite; about 5 minutes; needs redis-server)
+## benchmarks (not part of the test suite; about 10 minutes; needs redis-server)
 bench: $(STAMP)
 	@command -v redis-server >/dev/null || { echo "make bench needs redis-server: sudo apt-get install redis-server"; exit 1; }
 	@status=0; \

@@ -117,9 +117,9 @@ if log_format == "json":  # one JSON object per line from the app and gunicorn a
 def on_starting(server):  # once, in the master, before the first fork (not on a HUP)
     import flask_obo
 
-    # Workers share Entra ID's observed pace (flask_obo.share_entra_pace): one recycled
-    # during a hang starts from its siblings' patience, not from a fresh worker's prior.
-    flask_obo.share_entra_pace()
+    # Workers share what they see of Entra ID and Redis (flask_obo.share_across_workers):
+    # one recycled during a hang or a Redis pause starts from its siblings' knowledge.
+    flask_obo.share_across_workers()
     path = os.environ.get(_METRICS_DIR)
     if path:
         os.makedirs(path, mode=0o700, exist_ok=True)

@@ -21,10 +21,10 @@ Beyond the request: ``background_handle`` and ``on_behalf_of=`` (jobs acting as 
 ``flask_obo.background``) and azure-core credentials for Azure SDKs and the Graph SDK
 (``user_credential``, ``app_credential``: ``flask_obo.azure_credentials``, the ``azure`` extra).
 A server's hooks call ``retire_worker()`` when a worker process begins to go away, and
-``share_entra_pace()`` in the master before it forks workers.
+``share_across_workers()`` in the master before it forks workers.
 """
 
-from .bulkhead import retire_worker, share_entra_pace
+from .bulkhead import retire_worker
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
 from .cli import loading_for_a_command, operator_app, settings_error_lines
 from .downstream import DownstreamApi
@@ -34,6 +34,7 @@ from .request_ids import RequestIdFilter, current_request_id
 from .settings import DownstreamApiSettings, Env, Settings, SettingsError
 from .store_errors import LockBusy, StoreUnavailable
 from .tracing import TraceContextFilter
+from .worker_state import share_across_workers
 
 # The release, single-sourced: setup.cfg reads it (version = attr: flask_obo.__version__) and
 # CHANGELOG.md's top entry names it.
@@ -61,5 +62,5 @@ __all__ = [
     "operator_app",
     "retire_worker",
     "settings_error_lines",
-    "share_entra_pace",
+    "share_across_workers",
 ]

@@ -44,7 +44,7 @@ import msal
 import requests
 
 from .authority import AuthorityUnavailable, TenantConfigurations
-from .bulkhead import Deadline, SingleFlight, WaitingRoom, process_pace
+from .bulkhead import Deadline, SingleFlight, WaitingRoom
 from .cache_store import Guard, TokenCacheStore
 from .credentials import CREDENTIAL_ERROR_CODES, ClientCredential
 from .errors import (
@@ -57,6 +57,7 @@ from .msal_http import EntraUnavailable, MsalHttpClient, within
 from .settings import Settings
 from .store_errors import LockBusy, StoreUnavailable
 from .token_cache import TokenCacheCodec
+from .worker_state import entra_pace
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class AppTokenProvider:
         self._lock = threading.Lock()
         # App tokens wait in a room of their own: a slow renewal must not take the seats
         # that users' exchanges wait in (and the reverse).
-        self._waiting_room = WaitingRoom(settings.entra_max_waiting_threads, process_pace())
+        self._waiting_room = WaitingRoom(settings.entra_max_waiting_threads, entra_pace())
         self._flights: SingleFlight[AppToken] = SingleFlight(self._waiting_room)
         self._executor: ThreadPoolExecutor | None = None
         self._executor_pid = 0

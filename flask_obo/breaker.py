@@ -14,6 +14,8 @@ import threading
 import time
 from enum import Enum
 
+from .shared_memory import doubles
+
 log = logging.getLogger(__name__)
 
 
@@ -24,19 +26,52 @@ class State(Enum):
     # hangs past the reset timeout lets one more through, so a lost probe never sticks)
 
 
+class Health:
+    """When a dependency last failed and last answered (``time.monotonic()``, one clock
+    for every process of the host), as every breaker sharing it reported.
+
+    ``Health()`` is a breaker's own; ``Health(shared=True)`` is the same memory in every
+    worker forked afterwards (``flask_obo.share_across_workers()``), so a worker recycled
+    while Redis hangs knows it at once instead of finding out by waiting a timeout."""
+
+    def __init__(self, shared: bool = False) -> None:
+        self._cells = doubles(2, shared=shared)  # last failure, last answer; 0.0: never
+
+    def failed(self) -> None:
+        self._cells[0] = time.monotonic()
+
+    def answered(self) -> None:
+        self._cells[1] = time.monotonic()
+
+    def down_since(self) -> float | None:
+        """When it last failed, if it has not answered since."""
+        failed, answered = self._cells[0], self._cells[1]
+        return failed if failed > answered else None
+
+
 class CircuitBreaker:
     """Opens after ``failure_threshold`` failures in a row; after ``reset_timeout``
     seconds lets one probe through, which closes it on success and reopens it on failure.
+
+    A new breaker starts open when its ``health`` says the dependency failed and has not
+    answered since (another worker of the server found out), opened when that failure
+    was seen: its first caller after ``reset_timeout`` is the probe, and the others go on
+    without the dependency at once.
     """
 
-    def __init__(self, name: str, failure_threshold: int = 3, reset_timeout: float = 2.0) -> None:
+    def __init__(self, name: str, failure_threshold: int = 3, reset_timeout: float = 2.0,
+                 health: Health | None = None) -> None:
         self.name = name
         self.failure_threshold = failure_threshold
         self.reset_timeout = reset_timeout
+        self._health = health or Health()
         self._lock = threading.Lock()
         self._state = State.CLOSED
         self._failures = 0
         self._opened_at = 0.0
+        down_since = self._health.down_since()
+        if down_since is not None:
+            self._state, self._opened_at = State.OPEN, down_since
 
     @property
     def state(self) -> State:
@@ -65,11 +100,13 @@ class CircuitBreaker:
             if self._state is not State.CLOSED:
                 log.warning("%s is back: circuit closed", self.name)
             self._state, self._failures = State.CLOSED, 0
+            self._health.answered()
 
     def trip(self) -> None:
         """Open now: someone watching the dependency (the invalidation listener) saw it
         stop answering, so no request need find out by waiting a timeout."""
         with self._lock:
+            self._health.failed()
             if self._state is not State.CLOSED:
                 return  # already open: keep its probe schedule
             log.error("%s stopped answering: circuit open, requests go on without it", self.name)
@@ -77,6 +114,7 @@ class CircuitBreaker:
 
     def failure(self) -> None:
         with self._lock:
+            self._health.failed()
             self._failures += 1
             if self._state is State.HALF_OPEN or (
                 self._state is State.CLOSED and self._failures >= self.failure_threshold

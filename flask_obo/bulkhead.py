@@ -57,7 +57,7 @@ nobody. Requests served from the cache go on as before.
 from __future__ import annotations
 
 import contextvars
-import mmap
+import os
 import threading
 import time
 import weakref
@@ -66,6 +66,7 @@ from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 from .errors import TokenAcquisitionBusy, TooManyWaiting, WorkerRetiring
+from .shared_memory import doubles
 from .store_errors import LockBusy
 from .tracing import WAIT_SPAN, span
 
@@ -178,25 +179,21 @@ class EntraPace:
 
     Its record is a few numbers in a buffer: the count of observations, when the last
     answer came (``time.monotonic()``, one clock for every process of the host), and the
-    ring of recent durations. ``EntraPace()`` keeps them in this process.
-    ``EntraPace.shared_across_forks()`` keeps them in anonymous shared memory that the
-    processes forked afterwards write and read alike, so a worker forked during a hang (a
-    recycled one) starts from its server's pace instead of ``PATIENCE_PRIOR``; see
-    ``share_entra_pace()``. Across processes the record takes no lock (a worker killed
-    while holding one would stop every other): each cell is one aligned 8-byte store,
-    and two workers writing at once lose at most one observation.
+    ring of recent durations. ``EntraPace()`` keeps them in this process;
+    ``EntraPace(shared=True)`` in memory that the processes it forks afterwards share
+    (``flask_obo.shared_memory``), so a worker forked during a hang (a recycled one)
+    starts from its server's pace instead of ``PATIENCE_PRIOR``: see
+    ``flask_obo.share_across_workers()``. Two workers writing at once lose at most one
+    observation.
     """
 
     _CELLS = 2 + PACE_WINDOW  # count, last answer, the ring
 
-    def __init__(self, record: memoryview[float] | None = None) -> None:
-        self._record = record if record is not None else _doubles(bytearray(8 * self._CELLS))
-        self._lock = threading.Lock()  # this process's threads; see the class docstring
-
-    @classmethod
-    def shared_across_forks(cls) -> EntraPace:
-        """A pace that this process and every process it forks afterwards share."""
-        return cls(_doubles(mmap.mmap(-1, 8 * cls._CELLS)))  # MAP_SHARED | MAP_ANONYMOUS
+    def __init__(self, shared: bool = False) -> None:
+        self._record = doubles(self._CELLS, shared=shared)
+        self._lock = threading.Lock()  # this process's threads; processes take none
+        # Not in the shared record: each process's own (a fork copies the object).
+        self._pid_answered: int | None = None
 
     @property
     def last_answer(self) -> float:
@@ -205,6 +202,7 @@ class EntraPace:
 
     def observe(self, seconds: float) -> None:
         with self._lock:
+            self._pid_answered = os.getpid()
             count = int(self._record[0])
             self._record[2 + count % PACE_WINDOW] = seconds
             self._record[1] = time.monotonic()
@@ -216,9 +214,14 @@ class EntraPace:
         return max(self._record[2:2 + count]) if count else 0.0
 
     def patience(self) -> float:
-        """How old an exchange may get before its waiters need seats."""
+        """How old an exchange may get before its waiters need seats: ``PATIENCE_PRIOR``
+        before any answer; ``PATIENCE_CAP`` in a process whose own exchanges got no answer
+        yet while its siblings' did (its first exchanges pay its cold start: a new
+        connection, msal's set-up, a host busy forking it); else from the recent pace."""
         if not self._record[0]:
             return PATIENCE_PRIOR
+        if self._pid_answered != os.getpid():
+            return PATIENCE_CAP
         return min(PATIENCE_CAP, max(PATIENCE_FLOOR, PATIENCE_FACTOR * self.slowest()))
 
     def answering_until(self) -> float:
@@ -226,35 +229,6 @@ class EntraPace:
         ``LIVE_WINDOW``, or plus the slowest recent exchange's time if longer (answers
         that take seconds on a loaded host come seconds apart)."""
         return self.last_answer + max(LIVE_WINDOW, self.patience(), self.slowest())
-
-
-def _doubles(buffer: bytearray | mmap.mmap) -> memoryview[float]:
-    return memoryview(buffer).cast("d")
-
-
-_process_pace: EntraPace | None = None
-
-
-def share_entra_pace() -> None:
-    """Let the worker processes this process forks from now on share one ``EntraPace``.
-
-    Call it in a server's master before it forks its workers (gunicorn: the
-    ``on_starting`` hook, as ``config/gunicorn.conf.py`` does). A worker that gunicorn
-    recycles, or starts again after a crash, then knows at once how fast Entra ID has
-    been answering its siblings, and whether it still answers at all: during a hang its
-    first waits are overdue after the server's patience (at most ``PATIENCE_CAP``), not
-    ``PATIENCE_PRIOR``, so they hold no thread that warm users need. Without it each
-    worker learns the pace on its own. Idempotent.
-    """
-    global _process_pace
-    if _process_pace is None:
-        _process_pace = EntraPace.shared_across_forks()
-
-
-def process_pace() -> EntraPace:
-    """The pace a new waiting room follows: the one ``share_entra_pace`` set up, or a new
-    one of this process's own."""
-    return _process_pace if _process_pace is not None else EntraPace()
 
 
 class Flight(Generic[T]):

@@ -47,6 +47,7 @@ from .metrics import Metrics
 from .redis_topology import RedisClient, invalidation_for, redis_client
 from .settings import DEFAULT_REDIS_TIMEOUT, Settings
 from .store_errors import LockBusy, StoreUnavailable
+from .worker_state import redis_health
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class RedisTokenCacheStore:
         self._lock_ttl = lock_ttl_seconds
         self._listen, self._pong_timeout = listen, 1.0 + timeout
         self._invalidation: Any = None
-        self.breaker = CircuitBreaker("redis")
+        self.breaker = CircuitBreaker("redis", health=redis_health())
         self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
         self.losses = 0  # times Redis was seen to lose its data (a restart, a failover)
         self._metrics = metrics
@@ -297,10 +298,17 @@ class RedisTokenCacheStore:
         if not self._listen:
             return _NEVER_COHERENT
         if self._invalidation is None:
+            # Not through ``_call``: making the client sends no command, so it must not be
+            # the open breaker's probe (it would close it while Redis still hangs). The
+            # listener starts once a real command found Redis answering.
+            if not self.healthy:
+                return _NEVER_COHERENT
             try:
-                with self._call("connect"):
-                    client = self._redis
-            except StoreUnavailable:
+                client = self._redis
+            except REDIS_FAILURES as exc:
+                self._failed("connect")
+                self.breaker.failure()
+                log.error("redis connect failed: %s", type(exc).__name__)
                 return _NEVER_COHERENT
             with self._client_lock:
                 if self._invalidation is None:

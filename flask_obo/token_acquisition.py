@@ -43,7 +43,7 @@ import msal
 import requests
 
 from .authority import AuthorityUnavailable, TenantConfigurations
-from .bulkhead import Deadline, SingleFlight, WaitingRoom, WorkerRetirement, process_pace
+from .bulkhead import Deadline, SingleFlight, WaitingRoom, WorkerRetirement
 from .cache_store import Guard, StoreBudget, StoredEntry, TokenCacheStore
 from .credentials import CREDENTIAL_ERROR_CODES, ClientCredential
 from .errors import (
@@ -66,6 +66,7 @@ from .settings import Settings
 from .store_errors import LockBusy, StoreUnavailable
 from .token_cache import TokenCacheCodec, partition_key
 from .tracing import acquisition
+from .worker_state import entra_pace
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class OnBehalfOfTokenProvider:
             settings.memory_cache_users, lambda: MsalHttpClient(session, metadata, timeout, self._metrics),
             self._metrics, open_blob=codec.open)
         self._write_back = WriteBack(self.memory, store)
-        self.waiting_room = WaitingRoom(settings.entra_max_waiting_threads, process_pace(),
+        self.waiting_room = WaitingRoom(settings.entra_max_waiting_threads, entra_pace(),
                                         retirement=retirement)
         # A job's own failures (its handle revoked, no refresh token) are not a request's.
         self._flights: SingleFlight[tuple[str, str]] = SingleFlight(

@@ -73,7 +73,7 @@ def test_recycling_workers_are_not_held_by_a_hanging_entra(stack: FaultStack) ->
         baseline = load.window(load.started_at, start, "warm") + load.window(load.started_at, start, "whoami")
         warm = load.window(start, end, "warm") + load.window(start, end, "whoami")
         # Issue 15's bound. A worker recycled during the hang starts from its siblings' pace
-        # (flask_obo.share_entra_pace in the config's on_starting), not PATIENCE_PRIOR.
+        # (flask_obo.share_across_workers in the config's on_starting), not PATIENCE_PRIOR.
         bound = max(3 * p99(baseline), 1.0)
         checks.figure(f"baseline warm {summary(baseline)}; bound on the worst during the hang "
                       f"{bound * 1000:.0f} ms")

@@ -581,8 +581,9 @@ def test_a_claims_leader_does_not_hold_its_users_warm_requests_outside_the_waiti
     worker, entra: RecordingEntra
 ) -> None:
     """A claims-challenge leader holds the user's session while it talks to Entra ID; the
-    user's other requests join the waiting room (to be answered or refused at once) instead
-    of polling for the session until their deadline."""
+    user's other requests join the waiting room (to be answered, or refused at once when
+    the exchange is overdue and its seat taken) instead of polling for the session until
+    their deadline."""
     app = worker(ENTRA_MAX_WAITING_THREADS="1", TOKEN_ACQUISITION_TIMEOUT_SECONDS="3")
     assert app.me(ADELE) == 200
     app.settle(ADELE)
@@ -593,6 +594,9 @@ def test_a_claims_leader_does_not_hold_its_users_warm_requests_outside_the_waiti
         claims = pool.submit(app.tokens.acquire_token, adele, GRAPH_SCOPES,
                              '{"access_token":{"acrs":{}}}')
         assert entra.token_request_waiting.wait(5)
+        # The leader's exchange turns overdue and Entra ID answers nobody: the leader
+        # holds the room's one seat. Then the user's warm request comes.
+        wait_for(lambda: app.tokens.waiting_room.seated == 1, 5.0, "the leader to take the seat")
         try:
             status, took = app.timed_me(ADELE)
         finally:

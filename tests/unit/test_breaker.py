@@ -4,13 +4,14 @@ reopens it; a probe that never reports does not keep it shut."""
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from flask_obo import breaker as breaker_module
-from flask_obo.breaker import CircuitBreaker, State
+from flask_obo.breaker import CircuitBreaker, Health, State
 
 THRESHOLD = 3
 RESET = 2.0
@@ -174,3 +175,46 @@ def test_repeated_trips_do_not_push_the_probe_back(breaker: CircuitBreaker, cloc
         breaker.trip()
 
     assert breaker.allow()  # a probe, RESET after the first trip
+
+
+# --- health shared across workers (flask_obo.share_across_workers) ---------------------------
+
+
+def test_a_breaker_born_while_a_sibling_sees_redis_down_starts_open(clock: Clock) -> None:
+    """A worker recycled during a Redis hang: its requests go on without Redis at once (no
+    timeout each), and its first caller after the reset timeout is the probe."""
+    health = Health()
+    sibling = CircuitBreaker("redis", THRESHOLD, RESET, health)
+    assert sibling.allow()
+    sibling.failure()  # one failure is enough to know: it has not answered since
+    clock.advance(0.5)
+    fresh = CircuitBreaker("redis", THRESHOLD, RESET, health)
+    assert fresh.state is State.OPEN and not fresh.allow()
+    clock.advance(RESET - 0.5)  # the reset timeout counts from the sibling's failure
+    assert fresh.allow()  # the probe
+    fresh.success()
+    assert fresh.state is State.CLOSED
+    assert CircuitBreaker("redis", THRESHOLD, RESET, health).state is State.CLOSED  # it answered
+
+
+def test_a_breaker_born_after_redis_answered_again_starts_closed(clock: Clock) -> None:
+    health = Health()
+    sibling = CircuitBreaker("redis", THRESHOLD, RESET, health)
+    trip(sibling)
+    clock.advance(RESET)
+    assert sibling.allow()
+    sibling.success()  # the sibling's probe: Redis is back
+    assert CircuitBreaker("redis", THRESHOLD, RESET, health).state is State.CLOSED
+    assert CircuitBreaker("redis", THRESHOLD, RESET, Health()).state is State.CLOSED  # knows nothing
+
+
+def test_health_shared_across_forks_reaches_a_process_forked_before_the_failure() -> None:
+    health = Health(shared=True)
+    pid = os.fork()
+    if pid == 0:  # a sibling worker: Redis fails for it
+        CircuitBreaker("redis", THRESHOLD, RESET, health).failure()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert health.down_since() is not None
+    assert CircuitBreaker("redis", THRESHOLD, RESET, health).state is State.OPEN

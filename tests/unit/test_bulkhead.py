@@ -383,15 +383,17 @@ def test_patience_follows_the_slowest_recent_exchange_within_bounds() -> None:
 
 
 def test_a_pace_shared_across_forks_is_what_a_process_forked_later_starts_from() -> None:
-    """A worker recycled during a hang knows its siblings' pace (share_entra_pace)."""
-    shared, own = EntraPace.shared_across_forks(), EntraPace()
+    """A worker recycled during a hang knows its siblings' pace (share_across_workers):
+    Entra ID answered them lately, and its own first exchanges get PATIENCE_CAP (not the
+    PATIENCE_PRIOR of a server that saw no answer) for its cold start."""
+    shared, own = EntraPace(shared=True), EntraPace()
     shared.observe(0.2)
     pid = os.fork()
-    if pid == 0:  # the sibling: it saw the pace, observes a slower answer, exits
-        status = 0 if shared.patience() == pytest.approx(0.6) else 1
-        shared.observe(0.25)
+    if pid == 0:  # a recycled sibling: Entra ID answers its siblings, not yet itself
+        knows = shared.answering_until() > time.monotonic() and shared.patience() == PATIENCE_CAP
+        shared.observe(0.25)  # its own first answer: from now on, the pace
         own.observe(0.25)
-        os._exit(status)
+        os._exit(0 if knows and shared.patience() == pytest.approx(0.75) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert shared.patience() == pytest.approx(0.75)  # the child's observation reached us
