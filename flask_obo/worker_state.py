@@ -29,6 +29,11 @@ def share_across_workers() -> None:
     ``PATIENCE_CAP``), and one forked while Redis hangs goes on without Redis at once,
     its circuit open, rather than wait a timeout for each first request. Without it each
     worker learns on its own. Idempotent.
+
+    What is shared is one Entra ID and one Redis per server: every ``FlaskOBO``
+    application of the workers uses them. A server whose applications use different
+    Redis servers for their token caches should not call it (one Redis's outage would
+    open the others' circuits in new workers, until their first probe).
     """
     global _pace, _redis_health
     if _pace is None:

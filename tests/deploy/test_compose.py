@@ -29,6 +29,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from devtenant.api import DevTenant
+from flask_obo import worker_state
 from tests.deploy.conftest import (
     NGINX_CONF,
     ROOT,
@@ -670,8 +671,14 @@ def test_gunicorn_metrics_directory_hooks(gunicorn_conf, monkeypatch: pytest.Mon
     other = tmp_path / "notes.txt"
     for path in (*stale, other):
         path.write_bytes(b"")
+    # on_starting also shares the workers' view of Entra ID and Redis: restored after the
+    # test, so no other test's stores share this process's.
+    monkeypatch.setattr(worker_state, "_pace", None)
+    monkeypatch.setattr(worker_state, "_redis_health", None)
     conf["on_starting"](None)
     assert not any(path.exists() for path in stale) and other.exists()
+    assert worker_state.entra_pace() is worker_state.entra_pace()  # one, shared (share_across_workers)
+    assert worker_state.redis_health() is worker_state.redis_health()
 
     kept = [tmp_path / name for name in ("counter_77.db", "histogram_77.db")]
     live = tmp_path / "gauge_livesum_77.db"
