@@ -29,14 +29,14 @@ refused, however many there are: one user's burst and a login wave are answered,
 however large. An exchange past its patience while other exchanges keep getting
 answers (one landed within ``LIVE_WINDOW``, or the slowest recent exchange's time) is
 slow, not hung: a busy Entra ID, or a login wave on a loaded host, and its waiters stay
-seat-free too. Only while an exchange
-is *overdue* and Entra ID answers nobody must each of its waiters hold one of the
-``capacity`` seats (``ENTRA_MAX_WAITING_THREADS``) to go on waiting, until its deadline
-or until answers come again (then it gives the seat back); a waiter that finds none is
-answered 503 with ``Retry-After`` at once, and while every seat is taken and nothing
-answers no new exchange starts (503 at once as well). So a hanging Entra ID holds at
-most ``capacity`` threads of a worker past the patience, and the others only for the
-patience (at most ``PATIENCE_CAP``, and ``PATIENCE_FLOOR`` after fast exchanges).
+seat-free too. Only while an exchange is *overdue* and Entra ID answers nobody must each
+of its waiters hold one of the ``capacity`` seats (``ENTRA_MAX_WAITING_THREADS``) to go
+on waiting, until its deadline or until answers come again (then it gives the seat
+back); a waiter that finds none is answered 503 with ``Retry-After`` at once, and while
+every seat is taken and nothing answers no new exchange starts (503 at once as well).
+So a hanging Entra ID holds at most ``capacity`` threads of a worker past the patience,
+and the others only for the patience (at most ``PATIENCE_CAP``, and ``PATIENCE_FLOOR``
+after fast exchanges).
 
 An exchange runs in its own (daemon) thread so that a waiter can always leave: at its
 deadline, when the exchange is overdue and the room is full, or at once when the worker

@@ -218,3 +218,17 @@ def test_health_shared_across_forks_reaches_a_process_forked_before_the_failure(
     assert os.waitstatus_to_exitcode(status) == 0
     assert health.down_since() is not None
     assert CircuitBreaker("redis", THRESHOLD, RESET, health).state is State.OPEN
+
+
+def test_making_the_redis_client_is_not_the_open_breakers_probe() -> None:
+    """It sends no command, so it proves nothing: the circuit stays open (a request's real
+    command probes), and the token cache's requests keep going on without a timeout."""
+    import fakeredis
+
+    from flask_obo.cache_store import RedisTokenCacheStore
+
+    store = RedisTokenCacheStore(fakeredis.FakeRedis, "test", 60, listen=True)
+    store.breaker = CircuitBreaker("redis", THRESHOLD, reset_timeout=0.0)  # probe due at once
+    store.breaker.trip()
+    assert not store.coherence().connected
+    assert store.breaker.state is State.OPEN
