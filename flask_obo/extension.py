@@ -46,7 +46,7 @@ from .protector import (
     current_token,
     validated_token,
 )
-from .request_ids import REQUEST_ID_HEADER, begin_request, end_request
+from .request_ids import REQUEST_ID_ENVIRON, REQUEST_ID_HEADER, begin_request, end_request
 from .settings import Settings
 from .token_acquisition import OnBehalfOfTokenProvider
 from .token_cache import TokenCacheCodec, partition_key
@@ -158,13 +158,11 @@ class FlaskOBO:
             handles=BackgroundHandles(cache_keys, settings.client_id),
         )
         register_error_handlers(app)
-        app.before_request(_begin_request)
-        app.after_request(_return_request_id)
+        begin, finish = _request_hooks(metrics)
+        app.before_request(begin)
+        app.after_request(finish)
         app.teardown_request(_end_request)
         register_commands(app)
-        start_timer, count_request = _request_hooks(metrics)
-        app.before_request(start_timer)
-        app.after_request(count_request)
         instrument_app(app)  # OpenTelemetry, when OTEL_EXPORTER_OTLP_*ENDPOINT asks (flask_obo.tracing)
 
     # --- protecting the API ----------------------------------------------------------------------
@@ -449,48 +447,49 @@ def _refuse_app_tokens() -> None:
         raise UserTokenRequired(services_of(current_app).settings.required_scope)
 
 
-def _begin_request() -> None:
-    g.flask_obo_request_id, g.flask_obo_request_id_token = begin_request(
-        request.headers.get(REQUEST_ID_HEADER))
-
-
-def _return_request_id(response: Response) -> Response:
-    request_id = g.get("flask_obo_request_id")
-    if request_id:
-        response.headers[REQUEST_ID_HEADER] = request_id
-    return response
-
-
 def _end_request(_: BaseException | None) -> None:
     token = g.pop("flask_obo_request_id_token", None)
     if token is not None:
         end_request(token)
+
+
 _STARTED = "flask_obo.started"  # the request's start (time.perf_counter()), in its WSGI environ
 
 
 def _request_hooks(metrics: Metrics) -> tuple[Callable[[], None], Callable[[Response], Response]]:
-    """The ``before_request``/``after_request`` pair counting ``app``'s requests in
+    """The ``before_request``/``after_request`` pair of every request: the request id
+    (taken or made, then returned in ``X-Request-ID``), and the count in
     ``flask_obo_requests_total{route, status}`` and ``flask_obo_request_seconds``.
 
-    The route is the URL rule (``/api/me``, ``/items/<int:item>``), never the raw path, so
-    a client cannot make up label values; unmatched requests (404, 405) share one.
-    ``after_request`` functions run in reverse order of registration, so those an app
-    registers after ``init_app`` (CORS, say) have run by then. Bound to ``metrics`` and
-    touching Flask's context proxies once each: they are the costly part (see
-    docs/how-to/metrics-and-logs.md)."""
+    One hook each way, not one per concern: Flask pays a few microseconds per hook
+    (``ensure_sync`` inspects each function on every call), a measurable share of a
+    request that only validates a token. The route is the URL rule (``/api/me``,
+    ``/items/<int:item>``), never the raw path, so a client cannot make up label values;
+    unmatched requests (404, 405) share one. ``after_request`` functions run in reverse
+    order of registration, so those an app registers after ``init_app`` (CORS, say) have
+    run by then. Bound to ``metrics`` and touching Flask's context proxies once each:
+    they are the costly part (see docs/how-to/metrics-and-logs.md)."""
 
-    def start_timer() -> None:
-        request.environ[_STARTED] = time.perf_counter()
+    def begin() -> None:
+        environ = request.environ
+        environ[_STARTED] = time.perf_counter()
+        # The header as WSGI hands it over: ``request.headers.get`` would build and catch
+        # a KeyError subclass on every request that brings none.
+        g.flask_obo_request_id, g.flask_obo_request_id_token = begin_request(
+            environ.get(REQUEST_ID_ENVIRON))
 
-    def count_request(response: Response) -> Response:
+    def finish(response: Response) -> Response:
         current = request._get_current_object()  # type: ignore[attr-defined]
         started = current.environ.get(_STARTED)
         rule = current.url_rule
         metrics.request(rule.rule if rule is not None else None, response.status_code,
                         None if started is None else time.perf_counter() - started)
+        request_id = g.get("flask_obo_request_id")
+        if request_id:
+            response.headers[REQUEST_ID_HEADER] = request_id
         return response
 
-    return start_timer, count_request
+    return begin, finish
 
 
 def _is_cors_preflight() -> bool:
@@ -511,7 +510,9 @@ def _private(response: Response) -> Response:
     update callback, several times the cost, on every protected request.)"""
     headers = response.headers
     headers["Cache-Control"] = "no-store"
-    vary = headers.get("Vary")
+    # getlist, not get: get raises and catches a KeyError subclass when there is no Vary
+    # (most answers); every Vary header counts, should there be several.
+    vary = ", ".join(headers.getlist("Vary"))
     if not vary:
         headers["Vary"] = "Origin"
     elif "origin" not in {value.strip().lower() for value in vary.split(",")}:

@@ -22,6 +22,7 @@ from contextvars import ContextVar, Token
 from flask import has_request_context, request
 
 REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"  # the header's key in a WSGI environ
 CLIENT_REQUEST_ID_HEADER = "client-request-id"
 _WELL_FORMED = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _request_id: ContextVar[str | None] = ContextVar("flask_obo_request_id", default=None)

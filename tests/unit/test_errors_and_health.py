@@ -343,3 +343,21 @@ def test_a_protected_answer_varies_on_origin_once(existing, expected):
         response.headers["Vary"] = existing
     assert _private(response).headers["Vary"] == expected
     assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_a_protected_answer_keeps_every_vary_header_it_had():
+    """A view may add Vary more than once (``headers.add``): none of them is lost when
+    Origin joins, and an Origin in the second one is seen."""
+    from flask import Response
+
+    from flask_obo.extension import _private
+
+    response = Response()
+    response.headers.add("Vary", "Accept")
+    response.headers.add("Vary", "Cookie")
+    assert _private(response).headers.getlist("Vary") == ["Accept, Cookie, Origin"]
+
+    response = Response()
+    response.headers.add("Vary", "Accept")
+    response.headers.add("Vary", "Origin")
+    assert _private(response).headers.getlist("Vary") == ["Accept", "Origin"]

@@ -66,3 +66,28 @@ def test_json_log_lines_carry_the_fields_and_no_secret(app, client, entra: FakeE
     assert (exchange["request_id"], exchange["route"], exchange["level"]) == ("json-1", "/api/me", "INFO")
     leak = lines[-1]
     assert leak["request_id"] == "-" and token not in json.dumps(lines) and "[redacted]" in leak["message"]
+
+
+def test_the_id_and_the_count_ride_on_one_hook_each_way(settings, store):
+    """flask-obo's per-request work (request id, timer, count) costs Flask one
+    ``before_request`` and one ``after_request`` dispatch, not one per concern; the id a
+    caller sends still comes back, and the request is still counted."""
+    from flask import Flask
+
+    from flask_obo import FlaskOBO
+    from flask_obo.extension import services_of
+
+    app = Flask(__name__)
+    FlaskOBO(app, settings=settings, store=store)
+    assert len(app.before_request_funcs[None]) == 1
+    assert len(app.after_request_funcs[None]) == 1
+
+    @app.get("/ping")
+    def ping() -> str:
+        return "pong"
+
+    response = app.test_client().get("/ping", headers={"X-Request-ID": "caller-7"})
+    assert response.headers["X-Request-ID"] == "caller-7"
+    counted = services_of(app).metrics.registry.get_sample_value(
+        "flask_obo_requests_total", {"route": "/ping", "status": "200"})
+    assert counted == 1
