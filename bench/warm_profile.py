@@ -139,6 +139,7 @@ class Series:
     gc_ms: list[float] = field(default_factory=list)
     call_ms: list[float] = field(default_factory=list)  # median thread CPU of one call, by round
     around: Callable[[int], None] | None = None  # called with +1 before each round, -1 after
+    collections: list[int] = field(default_factory=lambda: [0, 0, 0])
 
 
 class LaterClock:
@@ -156,7 +157,6 @@ class LaterClock:
 
     def shift(self, sign: int) -> None:
         self.offset += sign * (VALIDATION_CACHE_SECONDS + 1)
-    collections: list[int] = field(default_factory=lambda: [0, 0, 0])
 
 
 def drive(series: Series, count: int, seed: int) -> tuple[float, float, list[int], int]:
