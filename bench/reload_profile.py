@@ -108,7 +108,7 @@ def profile_exchanges(provider: OnBehalfOfTokenProvider, profiler: cProfile.Prof
             return exchange(*args)
         finally:
             profiler.disable()
-    provider._from_entra = profiled  # type: ignore[method-assign]
+    provider._from_entra = profiled  # type: ignore[method-assign, assignment]
 
 
 def main() -> int:
