@@ -149,11 +149,15 @@ def child_exit(server, worker):  # in the master, for each worker that exited (o
 RETIREMENT_POLL_SECONDS = 0.05
 
 
-def post_worker_init(worker):  # in each worker, once the app is loaded
+def post_worker_init(worker):  # in each worker, once the app is loaded, before it accepts
     import threading
     import time
 
     import flask_obo
+
+    # One PING to Redis before the first request (flask_obo.prepare_worker): a worker
+    # forked while Redis hangs opens its circuit here, while its siblings serve.
+    flask_obo.prepare_worker(worker.wsgi)
 
     def watch():
         while worker.alive:

@@ -20,15 +20,16 @@ and downstream APIs (``downstream``, as the user or ``as_app``). Errors are
 Beyond the request: ``background_handle`` and ``on_behalf_of=`` (jobs acting as a user,
 ``flask_obo.background``) and azure-core credentials for Azure SDKs and the Graph SDK
 (``user_credential``, ``app_credential``: ``flask_obo.azure_credentials``, the ``azure`` extra).
-A server's hooks call ``retire_worker()`` when a worker process begins to go away, and
-``share_across_workers()`` in the master before it forks workers.
+A server's hooks call ``share_across_workers()`` in the master before it forks workers,
+``prepare_worker(app)`` in a worker before it accepts requests, and ``retire_worker()``
+when a worker process begins to go away.
 """
 
 from .bulkhead import retire_worker
 from .cache_store import MemoryTokenCacheStore, RedisTokenCacheStore, TokenCacheStore
 from .cli import loading_for_a_command, operator_app, settings_error_lines
 from .downstream import DownstreamApi
-from .extension import FlaskOBO
+from .extension import FlaskOBO, prepare_worker
 from .protector import EntraAccessToken, current_token
 from .request_ids import RequestIdFilter, current_request_id
 from .settings import DownstreamApiSettings, Env, Settings, SettingsError
@@ -60,6 +61,7 @@ __all__ = [
     "current_token",
     "loading_for_a_command",
     "operator_app",
+    "prepare_worker",
     "retire_worker",
     "settings_error_lines",
     "share_across_workers",

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import LockError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from .breaker import CircuitBreaker, State
 from .bulkhead import Deadline, held
@@ -248,7 +249,7 @@ class RedisTokenCacheStore:
         self._lock_ttl = lock_ttl_seconds
         self._listen, self._pong_timeout = listen, 1.0 + timeout
         self._invalidation: Any = None
-        self.breaker = CircuitBreaker("redis", health=redis_health())
+        self.breaker = CircuitBreaker("redis", health=redis_health(), probe=self._probe)
         self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
         self.losses = 0  # times Redis was seen to lose its data (a restart, a failover)
         self._metrics = metrics
@@ -306,9 +307,7 @@ class RedisTokenCacheStore:
             try:
                 client = self._redis
             except REDIS_FAILURES as exc:
-                self._failed("connect")
-                self.breaker.failure()
-                log.error("redis connect failed: %s", type(exc).__name__)
+                self._report_failure("connect", exc)
                 return _NEVER_COHERENT
             with self._client_lock:
                 if self._invalidation is None:
@@ -519,16 +518,40 @@ class RedisTokenCacheStore:
         try:
             yield
         except REDIS_FAILURES as exc:
-            self._failed(what)
-            self.breaker.failure()
-            log.error("redis %s failed: %s", what, type(exc).__name__)
-            if self.diagnosis is not None:  # a wrong password is named, not taken for an outage
-                self.diagnosis.failed("redis", "REDIS_URL", exc)
+            self._report_failure(what, exc)
             raise StoreUnavailable() from None
         except BaseException:
             self.breaker.success()  # Redis answered; the caller failed for its own reasons
             raise
         self.breaker.success()
+
+    def _probe(self) -> bool:
+        """The open circuit's probe, in a thread of its own (``CircuitBreaker``): one PING,
+        bounded by the socket timeout, so that no request waits on a Redis known to hang."""
+        try:
+            self._redis.ping()
+        except REDIS_FAILURES as exc:
+            self._failed("ping")
+            log.error("redis probe failed: %s", type(exc).__name__)
+            self._diagnose(exc)
+            return False
+        return True
+
+    def _report_failure(self, what: str, exc: Exception) -> None:
+        """Count, log and diagnose a failed call, and tell the breaker: a call that waited
+        its whole timeout opens the circuit at once (Redis hangs: the next caller would
+        wait as long), any other failure counts towards its threshold."""
+        self._failed(what)
+        if isinstance(exc, RedisTimeout):
+            self.breaker.timed_out()
+        else:
+            self.breaker.failure()
+        log.error("redis %s failed: %s", what, type(exc).__name__)
+        self._diagnose(exc)
+
+    def _diagnose(self, exc: Exception) -> None:
+        if self.diagnosis is not None:  # a wrong password is named, not taken for an outage
+            self.diagnosis.failed("redis", "REDIS_URL", exc)
 
 
 def _partition_of(key: bytes) -> str | None:

@@ -415,6 +415,23 @@ class FlaskOBO:
         return services_of(current_app)
 
 
+def prepare_worker(app: object) -> None:
+    """Look at the token cache's Redis once, before a server's worker takes its first
+    request: one PING, bounded by ``REDIS_TIMEOUT_SECONDS``.
+
+    Call it in each worker once the application is loaded and before it accepts
+    connections (gunicorn: ``post_worker_init``, with ``worker.wsgi``, as
+    ``config/gunicorn.conf.py`` does). A worker started while Redis hangs (recycled in a
+    pause, say) then opens its circuit there, and its siblings' with
+    ``share_across_workers()``, while the others serve, instead of in a user's request
+    that would wait the timeout and then exchange. ``app``: the worker's WSGI application;
+    one that is not a Flask application with flask-obo is left alone.
+    """
+    services = app.extensions.get(EXTENSION_KEY) if isinstance(app, Flask) else None
+    if isinstance(services, OboServices):
+        services.store.status()
+
+
 def services_of(app: Flask) -> OboServices:
     """``app``'s services (for tests and tools; routes go through ``FlaskOBO``)."""
     services = app.extensions.get(EXTENSION_KEY)

@@ -21,13 +21,15 @@ _redis_health: Health | None = None
 
 def share_across_workers() -> None:
     """Let the worker processes this process forks from now on share what they observe of
-    Entra ID (its pace, its last answer) and of Redis (its last failure and answer).
+    Entra ID (its pace, its last answer) and of Redis (its last failure, answer and
+    circuit opening).
 
     Call it in a server's master before it forks its workers (gunicorn: the
     ``on_starting`` hook, as ``config/gunicorn.conf.py`` does). A worker forked while
     Entra ID hangs then holds its threads no longer than its siblings' patience (at most
     ``PATIENCE_CAP``), and one forked while Redis hangs goes on without Redis at once,
-    its circuit open, rather than wait a timeout for each first request. Without it each
+    its circuit open, rather than wait a timeout for each first request; a running
+    worker's circuit opens as soon as a sibling's does. Without it each
     worker learns on its own. Idempotent.
 
     What is shared is one Entra ID and one Redis per server: every ``FlaskOBO``

@@ -1,9 +1,10 @@
 """The packaging, built for real: ``pip install .`` installs the extension, ``flask_obo``,
 alone (not the reference API's ``app``, a name that would collide with users' own; no dev
 tenant, with its published client secret; no tests; no test tools). Its requirements cover
-what it imports, ``.[server]`` adds what the reference API needs, ``.[devtenant]`` is what
-the dev tenant needs, and ``.[dev]`` (what ``make run`` and ``make test`` install) covers
-everything the tests, the dev tenant and ``scripts/run_local.py`` import.
+what it imports, ``.[server]`` adds what the reference API needs, and ``.[dev]`` (what ``make
+run`` and ``make test`` install) covers everything the tests, the dev tenant and
+``scripts/run_local.py`` import. The dev tenant's requirements are flask-obo-devtenant's
+(``devtenant-dist/pyproject.toml``): flask-obo has no ``devtenant`` extra.
 
 The release, as ``make dist`` makes it: ``python -m build`` of a copy of the checkout (so no
 build/ or egg-info lands in the working tree) gives flask-obo's sdist and wheel and
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tomllib
 import venv
 import zipfile
 from importlib import metadata
@@ -47,8 +49,6 @@ NOT_SOURCES = shutil.ignore_patterns(
     ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".devtenant", ".env",
     "results", "node_modules"
 )
-# The dev tenant's modules for tests (its pytest plugin), which its server does not import.
-DEVTENANT_TEST_MODULES = {"pytest_plugin.py", "testing.py"}
 NETWORK_ERRORS = ("NewConnectionError", "Failed to establish", "Temporary failure in name resolution",
                   "No matching distribution found", "Could not find a version")
 
@@ -123,18 +123,19 @@ def test_the_wheel_requires_no_test_tools_and_offers_the_extras(wheel: Path) -> 
     unconditional = {canonicalize_name(r.name) for r in requires if r.marker is None}
     assert unconditional == _names(_lines(_setup_cfg()["options"]["install_requires"]))
     assert not unconditional & TEST_TOOLS
-    assert set(meta.get_all("Provides-Extra") or []) >= {"azure", "dev", "devtenant", "otel", "server"}
+    extras = set(meta.get_all("Provides-Extra") or [])
+    assert extras >= {"azure", "dev", "otel", "server"}
+    assert "devtenant" not in extras  # the dev tenant is flask-obo-devtenant, with its own requirements
 
     def extra(name: str) -> set[str]:
         return {canonicalize_name(r.name) for r in requires
                 if r.marker is not None and r.marker.evaluate({"extra": name})}
 
     assert extra("dev") >= TEST_TOOLS
-    assert PROJECT in extra("dev")  # .[dev] pulls in .[devtenant,server] (a self-reference)
-    assert any(canonicalize_name(r.name) == PROJECT and r.extras == {"azure", "devtenant", "otel", "server"}
+    assert PROJECT in extra("dev")  # .[dev] pulls in .[server,otel,azure] (a self-reference)
+    assert any(canonicalize_name(r.name) == PROJECT and r.extras == {"azure", "otel", "server"}
                for r in requires)
     assert extra("azure") == {"azure-core"}
-    assert not extra("devtenant") & TEST_TOOLS
 
 
 def test_the_installed_wheel_has_the_extension_but_no_app_nor_dev_tenant(wheel: Path, tmp_path: Path) -> None:
@@ -248,15 +249,17 @@ def test_the_server_extra_covers_what_the_reference_api_imports() -> None:
                                      *_lines(setup["options.extras_require"]["server"])])
 
 
-def test_the_devtenant_extra_alone_covers_what_the_dev_tenant_imports() -> None:
-    """Whatever the API's own requirements become, ``.[devtenant]`` states the dev tenant's
-    server's, from a checkout (the Dockerfile's devtenant target installs flask-obo-devtenant)."""
-    modules = _third_party_imports_of(*(path for path in (ROOT / "devtenant").glob("*.py")
-                                        if path.name not in DEVTENANT_TEST_MODULES))
-    assert {"flask", "authlib", "joserfc", "cryptography"} <= modules
-    assert not _unprovided(modules, _lines(_setup_cfg()["options.extras_require"]["devtenant"]))
+def test_flask_obo_devtenant_alone_covers_what_the_dev_tenant_imports() -> None:
+    """Whatever flask-obo's own requirements become, flask-obo-devtenant's state what the
+    dev tenant's server and its pytest plugin import (the Dockerfile's devtenant target
+    and adopters install it alone)."""
+    project = tomllib.loads((ROOT / "devtenant-dist" / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"]
+    modules = _third_party_imports_of(*(ROOT / "devtenant").glob("*.py")) - {"devtenant"}
+    assert {"flask", "authlib", "joserfc", "cryptography", "pytest"} <= modules
+    assert not _unprovided(modules, requirements)
     # negative control: the check does fail on a requirement that is missing
-    assert _unprovided({"fakeredis"}, _lines(_setup_cfg()["options.extras_require"]["devtenant"]))
+    assert _unprovided({"fakeredis"}, requirements)
 
 
 # --- the release: make dist, twine, the version, a clean install -------------------------

@@ -86,6 +86,7 @@ def test_a_paused_redis_delays_warm_users_boundedly_and_service_resumes(stack: F
 
 RECYCLE_EVERY = 40  # requests per worker (--max-requests 40 --max-requests-jitter 0)
 WARM_WORST_LIMIT = 1.0  # seconds: a fresh worker waits for Redis once, then exchanges
+LOAD_THREADS = 2
 REDIS_FAILURE = re.compile(r"\[([0-9a-f]{32})\] redis \S+ failed")
 
 
@@ -94,13 +95,17 @@ def test_a_paused_redis_costs_a_recycled_worker_one_timeout_at_most(stack: Fault
     with nothing in memory, serve the warm users: such a request waits
     REDIS_TIMEOUT_SECONDS for Redis once, then goes on without it (no second wait, for
     the user's Redis lock or the write): no request logs two Redis failures, and no 5xx.
-    Warm users' worst latency <= 1 s, or, on a box where recycling alone (measured just
-    before, with Redis answering) costs more, <= that plus two Redis timeouts."""
+    The first timeout opens the circuit of every worker, those forked later included, and
+    the probes run off the requests: only the requests already waiting on Redis then
+    (at most one per load thread) ever wait for it. Warm users' worst latency <= 1 s, or,
+    on a box where recycling alone (measured just before, with Redis answering) costs
+    more, <= that plus one Redis timeout."""
     checks = Checks("redis pause, recycling workers")
     with stack.api("redis-pause-recycling", GUNICORN_MAX_REQUESTS=str(RECYCLE_EVERY),
                    GUNICORN_MAX_REQUESTS_JITTER="0") as api:
         warm_up(stack, api)
-        with LoadGenerator(api.url, steady_calls(stack), threads=2, interval=0.05, duration=90) as load:
+        with LoadGenerator(api.url, steady_calls(stack), threads=LOAD_THREADS, interval=0.05,
+                           duration=90) as load:
             wait_for_samples(lambda: load.samples, BASELINE_SAMPLES // 4, timeout=30)
             recycling_started = time.monotonic()
             _recycle_workers(api)  # with Redis answering: what recycling alone costs
@@ -128,11 +133,12 @@ def test_a_paused_redis_costs_a_recycled_worker_one_timeout_at_most(stack: Fault
         checks.expect(bool(failures), "no fresh worker met the pause (inconclusive)")
         twice = {request: n for request, n in failures.items() if n > 1}
         checks.expect(not twice, f"{len(twice)} request(s) waited for Redis more than once: {twice}")
-        # Issue 15 asks <= 1 s. A fresh worker's warm user waits one Redis timeout (checked
-        # exactly above), then exchanges with Entra ID on a cold worker while others boot
-        # beside it: 0.8-1.5 s seen on this 2-core box, so the 1 s stays open in issue 15.
-        # Bounded here by what recycling alone costs plus two timeouts and 0.1 s of noise.
-        limit = max(WARM_WORST_LIMIT, baseline_worst + 2 * REDIS_TIMEOUT + 0.1)
+        checks.expect(len(failures) <= LOAD_THREADS,
+                      f"{len(failures)} requests waited for Redis: more than were in flight when "
+                      "it first timed out")
+        # A fresh worker's warm user waits one Redis timeout (checked above), then exchanges
+        # with Entra ID on a cold worker while others boot beside it.
+        limit = max(WARM_WORST_LIMIT, baseline_worst + REDIS_TIMEOUT + 0.1)
         checks.expect(bool(warm) and worst <= limit,
                       f"warm users' worst latency {worst * 1000:.0f} ms > {limit * 1000:.0f} ms")
         errors = [s for s in warm if s.status >= 500 or not s.status]

@@ -232,3 +232,166 @@ def test_making_the_redis_client_is_not_the_open_breakers_probe() -> None:
     store.breaker.trip()
     assert not store.coherence().connected
     assert store.breaker.state is State.OPEN
+
+
+# --- a call that waited its whole timeout; breakers that follow their siblings --------------
+
+
+def test_a_timed_out_call_opens_it_at_once(breaker: CircuitBreaker, clock: Clock) -> None:
+    """Redis hangs: each further caller would wait the same timeout, so nobody does."""
+    assert breaker.allow()
+    breaker.timed_out()
+    assert breaker.state is State.OPEN and not breaker.allow()
+    clock.advance(RESET)
+    assert breaker.allow()  # the probe (no probe function here: the caller)
+    breaker.timed_out()  # it hung too: open for another reset timeout
+    assert breaker.state is State.OPEN and not breaker.allow()
+
+
+def test_a_late_timeout_of_a_call_started_before_it_opened_keeps_the_probe_schedule(
+    breaker: CircuitBreaker, clock: Clock
+) -> None:
+    breaker.timed_out()
+    clock.advance(RESET - 0.1)
+    breaker.timed_out()  # a call let through while it was closed, timing out only now
+    clock.advance(0.1)
+    assert breaker.allow()
+
+
+def test_a_closed_breaker_follows_a_sibling_that_opened(clock: Clock) -> None:
+    """Two workers, Redis hangs: the second one's callers go on without Redis as soon as
+    the first one's circuit opened, instead of each waiting its own timeout."""
+    health = Health()
+    first = CircuitBreaker("redis", THRESHOLD, RESET, health)
+    second = CircuitBreaker("redis", THRESHOLD, RESET, health)
+    assert second.allow()
+    clock.advance(0.5)
+    first.timed_out()
+
+    assert second.state is State.OPEN and not second.allow()
+    clock.advance(RESET)  # its probe counts from the sibling's opening
+    assert second.allow()
+    second.success()
+    assert second.state is State.CLOSED and second.allow()
+    assert first.state is State.OPEN  # each finds out for itself that Redis is back
+
+
+def test_a_sibling_failing_below_its_threshold_is_not_followed(clock: Clock) -> None:
+    health = Health()
+    first = CircuitBreaker("redis", THRESHOLD, RESET, health)
+    second = CircuitBreaker("redis", THRESHOLD, RESET, health)
+    first.failure()  # a blip, not an outage
+    assert second.state is State.CLOSED and second.allow()
+
+
+def test_an_opening_older_than_the_last_close_is_not_followed(clock: Clock) -> None:
+    health = Health()
+    first = CircuitBreaker("redis", THRESHOLD, RESET, health)
+    second = CircuitBreaker("redis", THRESHOLD, RESET, health)
+    first.trip()
+    assert second.state is State.OPEN
+    clock.advance(RESET)
+    assert second.allow()
+    second.success()  # Redis is back for the second one
+    clock.advance(0.1)
+    assert second.state is State.CLOSED  # the first's old opening is no news to it
+    assert CircuitBreaker("redis", THRESHOLD, RESET, health).state is State.CLOSED
+
+
+def test_a_closed_breaker_that_sees_redis_answer_tells_its_siblings(clock: Clock) -> None:
+    """A sibling opened (its own connection broke, say) but Redis answers here: new
+    workers must not start open because of it."""
+    health = Health()
+    first = CircuitBreaker("redis", THRESHOLD, RESET, health)
+    second = CircuitBreaker("redis", THRESHOLD, RESET, health)
+    assert second.allow()  # let through before the sibling opened
+    clock.advance(0.1)
+    first.trip()
+    second.success()  # ...and Redis answered it
+    assert health.open_since() is None and health.down_since() is None
+
+
+def test_breakers_in_forked_workers_follow_each_other() -> None:
+    health = Health(shared=True)
+    running = CircuitBreaker("redis", THRESHOLD, RESET, health)  # forked before the failure
+    pid = os.fork()
+    if pid == 0:  # a sibling worker: a Redis call of it times out
+        CircuitBreaker("redis", THRESHOLD, RESET, health).timed_out()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert running.state is State.OPEN and not running.allow()
+
+
+# --- a probe function: no caller waits on a dependency known to hang -------------------------
+
+
+class Probe:
+    """The dependency's answer to the breaker's probe, and a record of the probes run."""
+
+    def __init__(self, answers: bool | Exception) -> None:
+        self.answers = answers
+        self.ran = threading.Semaphore(0)
+        self.threads: list[str] = []
+        self.gate = threading.Event()  # the dependency answers once it is set
+        self.gate.set()
+
+    def __call__(self) -> bool:
+        self.threads.append(threading.current_thread().name)
+        try:
+            assert self.gate.wait(timeout=5)
+            if isinstance(self.answers, Exception):
+                raise self.answers
+            return self.answers
+        finally:
+            self.ran.release()
+
+
+def probed(answers: bool | Exception, clock: Clock) -> tuple[CircuitBreaker, Probe]:
+    probe = Probe(answers)
+    breaker = CircuitBreaker("redis", THRESHOLD, RESET, Health(), probe=probe)
+    breaker.trip()
+    clock.advance(RESET)
+    return breaker, probe
+
+
+def settled(breaker: CircuitBreaker, probe: Probe) -> State:
+    """The state once the probe thread has reported (its thread ends right after)."""
+    assert probe.ran.acquire(timeout=5)
+    for thread in threading.enumerate():
+        if thread.name == "redis-probe":
+            thread.join(timeout=5)
+    return breaker.state
+
+
+def test_with_a_probe_function_no_caller_is_the_probe(clock: Clock) -> None:
+    breaker, probe = probed(True, clock)
+    probe.gate.clear()  # Redis takes its time to answer the probe
+    assert [breaker.allow() for _ in range(10)] == [False] * 10  # they all go on without it
+    assert breaker.state is State.HALF_OPEN
+    probe.gate.set()
+
+    assert settled(breaker, probe) is State.CLOSED
+    assert probe.threads == ["redis-probe"]  # once, off the callers' threads
+    assert breaker.allow()
+
+
+def test_a_probe_function_that_finds_it_down_reopens_it(clock: Clock) -> None:
+    breaker, probe = probed(False, clock)
+    assert not breaker.allow()
+    assert settled(breaker, probe) is State.OPEN
+    assert not breaker.allow()  # a whole reset timeout again
+    clock.advance(RESET)
+    assert not breaker.allow()  # the next probe, again off the callers
+    assert settled(breaker, probe) is State.OPEN
+    assert len(probe.threads) == 2
+
+
+def test_a_probe_function_that_breaks_reopens_it_rather_than_stick(clock: Clock) -> None:
+    breaker, probe = probed(RuntimeError("boom"), clock)
+    assert not breaker.allow()
+    assert settled(breaker, probe) is State.OPEN
+    clock.advance(RESET)
+    probe.answers = True
+    assert not breaker.allow()
+    assert settled(breaker, probe) is State.CLOSED
