@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import base64
 import cProfile
+import gc
 import io
 import json
 import multiprocessing
@@ -72,7 +73,27 @@ def user_of(api_token: str) -> EntraAccessToken:
     return EntraAccessToken(json.loads(base64.urlsafe_b64decode(payload + "==")), api_token)
 
 
-def cpu_ms_per_call(calls: list[Call], profiler: cProfile.Profile | None = None) -> float:
+class GarbageCollections:
+    """CPU time in the cyclic garbage collector, by generation (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self._started = 0.0
+        gc.callbacks.append(self._event)
+
+    def _event(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.process_time()
+        else:
+            self.seconds[info["generation"]] += time.process_time() - self._started
+
+
+COLLECTIONS = GarbageCollections()
+GC_MS: dict[str, list[float]] = {}  # per call, by generation, of each series' last round
+
+
+def cpu_ms_per_call(calls: list[Call], profiler: cProfile.Profile | None = None, name: str = "") -> float:
+    before = list(COLLECTIONS.seconds)
     started = time.process_time()
     if profiler:
         profiler.enable()
@@ -80,7 +101,11 @@ def cpu_ms_per_call(calls: list[Call], profiler: cProfile.Profile | None = None)
         call()
     if profiler:
         profiler.disable()
-    return (time.process_time() - started) / len(calls) * 1e3
+    took = (time.process_time() - started) / len(calls) * 1e3
+    if name:
+        GC_MS[name] = [(after - earlier) / len(calls) * 1e3
+                       for after, earlier in zip(COLLECTIONS.seconds, before, strict=True)]
+    return took
 
 
 def request(app: Flask, token: str) -> Call:
@@ -153,19 +178,22 @@ def main() -> int:
         for _ in range(ROUNDS):
             for name, calls in timed.items():
                 prof = profiler if args.profile == name.split()[0] and not name.endswith("acquire") else None
-                results.setdefault(name, []).append(cpu_ms_per_call(calls, prof))
+                results.setdefault(name, []).append(cpu_ms_per_call(calls, prof, name))
         if "cold" in wanted:
             if args.profile == "cold":
                 profile_exchanges(services_of(big).tokens, exchanges)
             first = reload_users
             results["cold"] = [cpu_ms_per_call([request(big, tokens[u]) for u in range(first, first + COLD)],
-                                               profiler if args.profile == "cold" else None)]
-            results["cold acquire"] = [cpu_ms_per_call(
-                [acquire(big, tokens[u]) for u in range(first + COLD, first + 2 * COLD)])]
+                                               profiler if args.profile == "cold" else None, "cold")]
+            second = range(first + COLD, first + 2 * COLD)
+            results["cold acquire"] = [cpu_ms_per_call([acquire(big, tokens[u]) for u in second],
+                                                       None, "cold acquire")]
 
     print("\nCPU ms per request of this process (lowest of the rounds; every round in brackets)")
     for name, values in results.items():
-        print(f"  {name:<16}{min(values):>8.3f}   [{' '.join(f'{v:.3f}' for v in values)}]")
+        gc_ms = " ".join(f"{ms:.3f}" for ms in GC_MS.get(name, ()))
+        print(f"  {name:<16}{min(values):>8.3f}   [{' '.join(f'{v:.3f}' for v in values)}]   "
+              f"of which garbage collection, generations 0 1 2 (last round): {gc_ms}")
     if args.profile:
         out = io.StringIO()
         for title, prof in (("the request's thread", profiler), ("the exchange's thread", exchanges)):
