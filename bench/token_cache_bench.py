@@ -40,7 +40,7 @@ from app import create_app
 from flask_obo.extension import services_of
 from flask_obo.protector import EntraAccessToken
 from flask_obo.settings import Settings
-from flask_obo.token_cache import TokenCacheCodec, UserTokenCache
+from flask_obo.token_cache import TokenCacheCodec
 from tests.support.fake_entra import (
     ADELE,
     AUTHORITY_HOST,
@@ -90,7 +90,7 @@ def main() -> int:
             (cache_key,) = [k for k in r.keys("flask-obo:*") if b":lock:" not in k]
             blob = r.get(cache_key)
             partition = re.search(r"[0-9a-f]{64}", cache_key.decode()).group(0)  # sha256 of oid.tid
-            cache = UserTokenCache()
+            cache = msal.SerializableTokenCache()  # msal's own JSON, as msal writes it
             cache.deserialize(TokenCacheCodec([key]).open(partition, blob))
             if n in (1, 5):
                 sizes.append((n, len(blob), len(cache.serialize())))

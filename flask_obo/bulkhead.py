@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import queue
 import threading
 import time
 import weakref
@@ -91,6 +92,8 @@ PACE_WINDOW = 32
 # hung: a login wave on a busy host. Its waiters stay seat-free; a hanging Entra ID answers
 # nobody, so it gets no such grace once that much silence has passed.
 LIVE_WINDOW = 1.0
+# An exchange's thread, its exchange done, waits this long for the next one before it ends.
+IDLE_EXCHANGE_THREAD_SECONDS = 30.0
 
 
 class Deadline:
@@ -337,9 +340,54 @@ class WaitingRoom:
             self._changed.notify_all()
 
 
+class ExchangeThreads:
+    """Runs each exchange at once in a thread of its own (see the module's docstring),
+    reusing a thread whose earlier exchange has ended: starting a thread costs about a
+    tenth of a millisecond of CPU, a fair share of what an exchange itself costs us. An
+    exchange never waits for a busy thread, so a hanging one holds up no other. A thread
+    left idle for ``idle_seconds`` ends; a forked process (a gunicorn worker) starts with
+    none, as threads do not survive a fork.
+
+    (``concurrent.futures.ThreadPoolExecutor`` queues work once ``max_workers`` threads
+    are busy, and only reuses a thread before it starts a new one; here nothing may queue.)
+    """
+
+    def __init__(self, idle_seconds: float = IDLE_EXCHANGE_THREAD_SECONDS) -> None:
+        self._idle_seconds = idle_seconds
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue[Callable[[], None]]] = []  # each idle thread's inbox
+        self._pid = os.getpid()
+
+    def run(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the idle threads stayed in the parent
+                self._idle, self._pid = [], os.getpid()
+            inbox = self._idle.pop() if self._idle else None
+        if inbox is not None:
+            inbox.put(job)
+        else:
+            threading.Thread(target=self._serve, args=(job,), name="flask-obo-exchange", daemon=True).start()
+
+    def _serve(self, job: Callable[[], None] | None) -> None:
+        inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        while job is not None:
+            job()
+            job = None  # nothing of it is kept while idle
+            with self._lock:
+                self._idle.append(inbox)
+            try:
+                job = inbox.get(timeout=self._idle_seconds)
+            except queue.Empty:
+                with self._lock:
+                    if inbox in self._idle:  # not handed a job meanwhile: end
+                        self._idle.remove(inbox)
+                        return
+                job = inbox.get()  # ``run`` took this inbox just now: its job is on its way
+
+
 class SingleFlight(Generic[T]):
-    """One exchange per key at a time in this process, run in a thread of its own; the
-    requests that need it wait for it in ``room``.
+    """One exchange per key at a time in this process, run in a thread of its own
+    (``ExchangeThreads``); the requests that need it wait for it in ``room``.
 
     Its outcome (result or error) is every waiter's, except errors of the types in
     ``private_errors``: they concern the starter's own input (say, its incoming token was
@@ -352,6 +400,7 @@ class SingleFlight(Generic[T]):
         self._lock = threading.Lock()
         self._flights: dict[Hashable, Flight[T]] = {}
         self._private_errors = private_errors
+        self._threads = ExchangeThreads()
 
     def run(self, key: Hashable, call: Callable[[], T], deadline: Deadline) -> tuple[T, bool]:
         """``call``'s result, from this request's exchange or the one in flight for ``key``;
@@ -386,7 +435,7 @@ class SingleFlight(Generic[T]):
             with self._lock:
                 del self._flights[key]
 
-        threading.Thread(target=fly, name="flask-obo-exchange", daemon=True).start()
+        self._threads.run(fly)
 
     def running(self, first: Hashable) -> bool:
         """Is a call running whose key is ``first`` or a tuple starting with it?"""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -164,7 +165,7 @@ class ValidatedTokens:
         exp = claims.get("exp")
         if not isinstance(exp, int | float) or isinstance(exp, bool) or exp <= self._clock():
             return  # accepted within the leeway past exp: checked afresh every time
-        entry = _Validated(claims, kid, key, float(exp), self._monotonic() + self.max_age)
+        entry = _Validated(_shared_strings(claims), kid, key, float(exp), self._monotonic() + self.max_age)
         with self._lock:
             self._entries[digest] = entry
             self._entries.move_to_end(digest)
@@ -174,6 +175,21 @@ class ValidatedTokens:
     def forget(self, digest: bytes) -> None:
         with self._lock:
             self._entries.pop(digest, None)
+
+
+#: Claims whose values every user of a tenant shares (the same audience, issuer, tenant,
+#: scopes...): remembered as one string object each, like every claim's name.
+SHARED_VALUE_CLAIMS = frozenset({"aud", "iss", "tid", "ver", "scp", "azp", "appid", "azpacr", "appidacr",
+                                 "idp", "idtyp", "acr", "amr", "roles", "xms_cc"})
+
+
+def _shared_strings(claims: dict[str, Any]) -> dict[str, Any]:
+    """``claims`` with its names, and the values of ``SHARED_VALUE_CLAIMS`` that are
+    strings, interned: each token's JSON is parsed on its own, so without this every
+    remembered validation holds its own copies of the same strings (about a third of an
+    entry). The same claims, equal in every way."""
+    return {sys.intern(name): sys.intern(value) if name in SHARED_VALUE_CLAIMS and isinstance(value, str)
+            else value for name, value in claims.items()}
 
 
 class EntraTokenValidator(BearerTokenValidator):
@@ -191,8 +207,9 @@ class EntraTokenValidator(BearerTokenValidator):
                  validated: ValidatedTokens | None = None) -> None:
         super().__init__(realm=REALM)
         self._keys = keys
-        # One remembered token per user of the memory tier is the expected working set.
-        self.validated = validated or ValidatedTokens(settings.memory_cache_users)
+        # Its own bound (VALIDATION_MEMORY_TOKENS), not the memory tier's: with more users
+        # than the tier holds, a user's re-load from Redis should not also cost an RS256 check.
+        self.validated = validated or ValidatedTokens(settings.validation_memory_tokens)
         self._settings = settings
         self._claims = jwt.JWTClaimsRegistry(
             leeway=LEEWAY_SECONDS,

@@ -36,6 +36,7 @@ DEFAULT_TOKEN_ACQUISITION_TIMEOUT = 12.0
 DEFAULT_ENTRA_MAX_WAITING_THREADS = 4
 DEFAULT_REDIS_TIMEOUT = 0.5
 DEFAULT_MEMORY_CACHE_USERS = 5000
+DEFAULT_VALIDATION_MEMORY_TOKENS = 5000
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$|^\*$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # What Entra ID takes as an App ID URI: scheme://authority[/path] (api://, https://) or urn:...
@@ -70,7 +71,8 @@ API_SETTINGS = (
     "API_APP_ROLE", "GRAPH_BASE_URL", "GRAPH_SCOPES", "GRAPH_APP_SCOPES", "GRAPH_TIMEOUT_SECONDS",
     "REDIS_URL", "REDIS_CLUSTER", "REDIS_SENTINELS", "REDIS_SENTINEL_PASSWORD", "REDIS_TIMEOUT_SECONDS",
     "TOKEN_CACHE_KEYS", "TOKEN_CACHE_PREFIX", "TOKEN_CACHE_TTL_SECONDS", "TOKEN_MEMORY_CACHE_USERS",
-    "TOKEN_ACQUISITION_TIMEOUT_SECONDS", "CORS_ALLOWED_ORIGINS", "ENTRA_CONNECT_TIMEOUT_SECONDS",
+    "VALIDATION_MEMORY_TOKENS", "TOKEN_ACQUISITION_TIMEOUT_SECONDS", "CORS_ALLOWED_ORIGINS",
+    "ENTRA_CONNECT_TIMEOUT_SECONDS",
     "ENTRA_READ_TIMEOUT_SECONDS", "ENTRA_MAX_WAITING_THREADS", "AUTHORITY_CACHE_DIR", "LOG_LEVEL",
     "LOG_FORMAT",
 )
@@ -209,6 +211,7 @@ class Settings:
     entra_max_waiting_threads: int = DEFAULT_ENTRA_MAX_WAITING_THREADS
     redis_timeout: float = DEFAULT_REDIS_TIMEOUT
     memory_cache_users: int = DEFAULT_MEMORY_CACHE_USERS
+    validation_memory_tokens: int = DEFAULT_VALIDATION_MEMORY_TOKENS
     authority_cache_dir: str | None = None  # None: a private directory under the system temp dir
     log_level: str = "INFO"  # LOG_LEVEL, checked here; the application's logging applies it
     log_format: str = "text"  # LOG_FORMAT: text or json (one JSON object per line)
@@ -455,6 +458,9 @@ def _serving_values(env: Env) -> dict[str, Any]:
         ),
         memory_cache_users=env.positive_int(
             "TOKEN_MEMORY_CACHE_USERS", DEFAULT_MEMORY_CACHE_USERS, unit="users"
+        ),
+        validation_memory_tokens=env.positive_int(
+            "VALIDATION_MEMORY_TOKENS", DEFAULT_VALIDATION_MEMORY_TOKENS, unit="tokens"
         ),
         authority_cache_dir=env.optional("AUTHORITY_CACHE_DIR"),
         log_level=env.log_level("LOG_LEVEL").upper(),

@@ -64,6 +64,14 @@ class UserTokenCache(msal.SerializableTokenCache):
             self.has_state_changed = False
         return True
 
+    def serialize(self) -> str:
+        """The cache as compact JSON, which msal's ``deserialize`` reads as it reads its own.
+        (msal indents it, and with an indent ``json`` encodes in pure Python: several times
+        slower, and every saved exchange paid it, then parsed and re-encoded it to seal.)"""
+        with self._lock:
+            self.has_state_changed = False
+            return json.dumps(self._cache, separators=(",", ":"))
+
     def add(self, event: dict[str, Any], **kwargs: Any) -> None:
         requested = _scope_list(event.get("data", {}).get("scope"))
         returned = _scope_list(event.get("scope")) or requested
@@ -182,6 +190,15 @@ def _scope_list(value: Any) -> list[str]:
     return []
 
 
+def _deflate(data: bytes) -> bytes:
+    """zlib at level 9 with an 8 KiB window (``wbits`` 13) instead of 32 KiB: a sealed cache
+    is a few KiB, so the bytes are the same, and the compressor's smaller buffers make it
+    cheaper to set up, which for a few KiB is most of its work. ``open`` (any window, up to
+    32 KiB) reads both, so blobs sealed before and after this change open alike."""
+    deflater = zlib.compressobj(9, zlib.DEFLATED, 13)
+    return deflater.compress(data) + deflater.flush()
+
+
 class TokenCacheCodec:
     """Serialized msal cache ⇄ the bytes stored for it.
 
@@ -199,8 +216,8 @@ class TokenCacheCodec:
         self._fernet = MultiFernet(fernets)
 
     def seal(self, partition: str, serialized: str) -> bytes:
-        compact = json.dumps(json.loads(serialized), separators=(",", ":")).encode()
-        plaintext = _FORMAT_VERSION + bytes.fromhex(partition) + zlib.compress(compact, 9)
+        """``serialized`` sealed as it is: give it compact (``UserTokenCache.serialize``)."""
+        plaintext = _FORMAT_VERSION + bytes.fromhex(partition) + _deflate(serialized.encode())
         return base64.urlsafe_b64decode(self._fernet.encrypt(plaintext))
 
     def sealed_with_first_key(self, blob: bytes) -> bool:

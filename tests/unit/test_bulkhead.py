@@ -25,6 +25,7 @@ from flask_obo.bulkhead import (
     PATIENCE_PRIOR,
     Deadline,
     EntraPace,
+    ExchangeThreads,
     SingleFlight,
     TokenAcquisitionBusy,
     TooManyWaiting,
@@ -34,6 +35,7 @@ from flask_obo.bulkhead import (
 )
 from flask_obo.errors import ApiError, WorkerRetiring
 from flask_obo.store_errors import LockBusy
+from tests.support.servers import wait_until
 
 WAIT = 5.0  # bound on any wait for another thread here; none should come close
 
@@ -508,3 +510,64 @@ def test_retirement_leaves_other_rooms_of_other_processes_alone() -> None:
     WorkerRetirement().begin()
     assert not process_retirement().begun
     assert result_of(SingleFlight(WaitingRoom(1)), "user", lambda: "ok") == "ok"
+
+
+# --- ExchangeThreads: a thread per exchange, reused once idle ------------------------------------
+def test_exchanges_one_after_another_reuse_one_thread() -> None:
+    threads = ExchangeThreads()
+    ran: list[threading.Thread] = []
+    for _ in range(3):
+        done = threading.Event()
+        threads.run(lambda done=done: (ran.append(threading.current_thread()), done.set()))
+        assert done.wait(5)
+        wait_until(lambda: len(threads._idle) == 1)  # back to idle before the next one starts
+    assert len(set(ran)) == 1 and ran[0].name == "flask-obo-exchange" and ran[0].daemon
+
+
+def test_a_users_exchanges_run_in_the_thread_an_earlier_exchange_left() -> None:
+    flights: SingleFlight[threading.Thread] = SingleFlight(WaitingRoom(2, EntraPace(), WorkerRetirement()))
+    first, _ = flights.run("alice", threading.current_thread, Deadline(5))
+    wait_until(lambda: len(flights._threads._idle) == 1)
+    second, _ = flights.run("bob", threading.current_thread, Deadline(5))
+    assert first is second is not threading.current_thread()
+
+
+def test_an_exchange_never_waits_for_a_busy_thread() -> None:
+    """A hanging exchange holds its thread; the next one gets another at once."""
+    threads = ExchangeThreads()
+    hanging, release = threading.Event(), threading.Event()
+    threads.run(lambda: (hanging.set(), release.wait(10)))
+    assert hanging.wait(5)
+    done = threading.Event()
+    threads.run(done.set)
+    assert done.wait(5)
+    release.set()
+
+
+def test_an_idle_exchange_thread_ends() -> None:
+    threads = ExchangeThreads(idle_seconds=0.05)
+    ran: list[threading.Thread] = []
+    threads.run(lambda: ran.append(threading.current_thread()))
+    wait_until(lambda: bool(ran))
+    ran[0].join(timeout=5)
+    assert not ran[0].is_alive() and threads._idle == []
+    done = threading.Event()
+    threads.run(done.set)  # a new one, then
+    assert done.wait(5)
+
+
+def test_a_forked_process_starts_its_own_exchange_threads() -> None:
+    """The parent's idle threads do not exist in a forked child (a gunicorn worker)."""
+    threads = ExchangeThreads()
+    done = threading.Event()
+    threads.run(done.set)
+    assert done.wait(5)
+    wait_until(lambda: len(threads._idle) == 1)
+    pid = os.fork()
+    if pid == 0:  # the child: its exchange must run, not sit in a dead thread's inbox
+        ran = threading.Event()
+        threads.run(ran.set)
+        os._exit(0 if ran.wait(5) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
+import zlib
 
+import msal
 import pytest
 from cryptography.fernet import Fernet, MultiFernet
 
@@ -104,11 +107,54 @@ def test_sealed_cache_is_at_most_0_6_of_msals_json(settings, store, redis_client
         client = create_app(settings, store=store).test_client()
         assert client.get("/api/me", headers=bearer(entra.api_token(ADELE))).status_code == 200
     blob = redis_client.get(cache_key(ADELE))
-    cache = UserTokenCache()
+    cache = msal.SerializableTokenCache()  # msal's own JSON, as msal writes it
     cache.deserialize(TokenCacheCodec(settings.token_cache_keys).open(partition_key(ADELE, TENANT_ID), blob))
     msal_json = cache.serialize()
     assert len(msal_json) > 6000
     assert len(blob) <= 0.6 * len(msal_json)
+
+
+def test_the_cache_serializes_compactly_and_msal_reads_it(settings, store, redis_client):
+    """``UserTokenCache.serialize`` writes compact JSON (msal indents it, in pure Python);
+    msal's own ``deserialize`` reads it back to the same cache, and it is what is sealed."""
+    entra = FakeEntra(realistic=True)
+    import responses
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        entra.register(rsps)
+        client = create_app(settings, store=store).test_client()
+        assert client.get("/api/me", headers=bearer(entra.api_token(ADELE))).status_code == 200
+    codec = TokenCacheCodec(settings.token_cache_keys)
+    partition = partition_key(ADELE, TENANT_ID)
+    stored = codec.open(partition, redis_client.get(cache_key(ADELE)))
+    cache = UserTokenCache()
+    assert cache.load(stored)
+    cache.has_state_changed = True
+    serialized = cache.serialize()
+    assert not cache.has_state_changed
+    assert serialized == stored  # sealed as serialized: compact
+    assert "\n" not in serialized and ", " not in serialized and '": ' not in serialized
+    theirs = msal.SerializableTokenCache()
+    theirs.deserialize(serialized)
+    assert json.loads(theirs.serialize()) == json.loads(serialized)
+    assert len(serialized) < len(theirs.serialize())
+
+
+def test_blobs_sealed_by_earlier_versions_still_open():
+    """Earlier versions re-encoded what they sealed and compressed it with zlib's default
+    32 KiB window; this one seals the compact JSON with an 8 KiB window. Both open, both ways."""
+    key = Fernet.generate_key().decode()
+    codec = TokenCacheCodec([key])
+    alice = partition_key(ADELE, TENANT_ID)
+    serialized = json.dumps({"AccessToken": {"k": {"secret": "s" * 20000, "expires_on": "1"}}},
+                            separators=(",", ":"))
+    earlier = b"\x01" + bytes.fromhex(alice) + zlib.compress(serialized.encode(), 9)
+    earlier_blob = base64.urlsafe_b64decode(MultiFernet([Fernet(key)]).encrypt(earlier))
+    assert codec.open(alice, earlier_blob) == serialized
+    blob = codec.seal(alice, serialized)
+    plaintext = MultiFernet([Fernet(key)]).decrypt(base64.urlsafe_b64encode(blob))
+    assert zlib.decompress(plaintext[33:]).decode() == serialized  # what earlier versions run
+    assert codec.open(alice, blob) == serialized
 
 
 def test_codec_rejects_blobs_of_other_partitions_and_bombs():

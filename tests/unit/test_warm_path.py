@@ -192,13 +192,33 @@ def test_the_scope_is_checked_on_every_request_of_a_remembered_token(client, ent
         assert client.get("/api/whoami", headers=bearer(token)).status_code == 403
 
 
-def test_the_cache_is_bounded_by_the_memory_tier_size(entra):
-    app = create_app(Settings.from_env(settings_env(TOKEN_MEMORY_CACHE_USERS="2")))
+def test_the_cache_is_bounded_by_its_own_setting_not_the_memory_tiers(entra, decodes):
+    """A 1-user memory tier still remembers 3 validations: users re-loaded from Redis past
+    the tier's size are not also checked with RS256 again. VALIDATION_MEMORY_TOKENS bounds it."""
+    app = create_app(Settings.from_env(settings_env(TOKEN_MEMORY_CACHE_USERS="1",
+                                                    VALIDATION_MEMORY_TOKENS="3")))
     client = app.test_client()
-    for _ in range(3):
-        assert client.get("/api/whoami", headers=bearer(entra.api_token())).status_code == 200
+    tokens = [entra.api_token() for _ in range(4)]
+    for token in tokens[:3] * 2:
+        assert client.get("/api/whoami", headers=bearer(token)).status_code == 200
+    assert decodes == tokens[:3]  # each checked once
+    assert client.get("/api/whoami", headers=bearer(tokens[3])).status_code == 200
     validator = services_of(app).protector.get_token_validator("bearer")
-    assert len(validator.validated) == 2
+    assert len(validator.validated) == 3
+
+
+def test_remembered_validations_share_the_strings_every_token_repeats(authority, validator):
+    """Each token's JSON is parsed on its own: remembered as is, every entry would hold its
+    own copy of each claim name and of the audience, issuer, tenant, scopes."""
+    fake, _ = authority
+    adele = validator.authenticate_token(fake.api_token(ADELE))
+    bob = validator.authenticate_token(fake.api_token(BOB))
+    entries = [entry.claims for entry in validator.validated._entries.values()]
+    assert entries == [dict(adele), dict(bob)]  # the same claims
+    for name in ("aud", "iss", "tid", "scp"):
+        assert entries[0][name] is entries[1][name], name
+    assert all(a is b for a, b in zip(sorted(entries[0]), sorted(entries[1]), strict=True))
+    assert entries[0]["oid"] != entries[1]["oid"]
 
 
 # --- the hot Graph token -----------------------------------------------------------------------
