@@ -101,13 +101,14 @@ def test_a_paused_redis_costs_a_recycled_worker_one_timeout_at_most(stack: Fault
     requests of a worker started just before the pause, already waiting on Redis then (at
     most one per load thread), ever wait for it. Warm users' worst latency <= 1 s, or,
     on a box where recycling alone (measured just before, with Redis answering) costs
-    more, <= that plus one Redis timeout."""
+    more, <= that plus one Redis timeout; a request that waited on Redis, one timeout
+    more."""
     checks = Checks("redis pause, recycling workers")
     with stack.api("redis-pause-recycling", GUNICORN_MAX_REQUESTS=str(RECYCLE_EVERY),
                    GUNICORN_MAX_REQUESTS_JITTER="0") as api:
         warm_up(stack, api)
         with LoadGenerator(api.url, steady_calls(stack), threads=LOAD_THREADS, interval=0.05,
-                           duration=90) as load:
+                           duration=90, record_headers=("Retry-After", "X-Request-ID")) as load:
             wait_for_samples(lambda: load.samples, BASELINE_SAMPLES // 4, timeout=30)
             recycling_started = time.monotonic()
             _recycle_workers(api)  # with Redis answering: what recycling alone costs
@@ -142,11 +143,23 @@ def test_a_paused_redis_costs_a_recycled_worker_one_timeout_at_most(stack: Fault
         checks.expect(len(failures) <= LOAD_THREADS,
                       f"{len(failures)} requests waited for Redis: more than were in flight when "
                       "it first timed out")
-        # A fresh worker's warm user waits one Redis timeout (checked above), then exchanges
-        # with Entra ID on a cold worker while others boot beside it.
+        # A warm user reaching a fresh worker exchanges with Entra ID on a cold worker while
+        # others boot beside it: within 1 s (or recycling alone + a timeout on a slower box).
+        # One that also waited on Redis (its worker started just before the pause, so its
+        # PING was answered; checked above: once, and only while the pause was new) may
+        # take that timeout more.
         limit = max(WARM_WORST_LIMIT, baseline_worst + REDIS_TIMEOUT + 0.1)
-        checks.expect(bool(warm) and worst <= limit,
-                      f"warm users' worst latency {worst * 1000:.0f} ms > {limit * 1000:.0f} ms")
+        waited = [s for s in warm if s.headers.get("X-Request-ID") in failures]
+        others = [s for s in warm if s not in waited]
+        worst_other = max((s.latency for s in others), default=0.0)
+        worst_waited = max((s.latency for s in waited), default=0.0)
+        checks.figure(f"worst of the {len(others)} that did not wait on Redis {worst_other * 1000:.0f} ms, "
+                      f"of the {len(waited)} that did {worst_waited * 1000:.0f} ms")
+        checks.expect(bool(others) and worst_other <= limit,
+                      f"warm users' worst latency {worst_other * 1000:.0f} ms > {limit * 1000:.0f} ms")
+        checks.expect(worst_waited <= limit + REDIS_TIMEOUT,
+                      f"a warm request that waited on Redis took {worst_waited * 1000:.0f} ms "
+                      f"> {(limit + REDIS_TIMEOUT) * 1000:.0f} ms")
         errors = [s for s in warm if s.status >= 500 or not s.status]
         checks.expect(not errors, f"{len(errors)} of {len(warm)} warm requests failed: {errors[:3]}")
         checks.verify(api)
