@@ -222,7 +222,7 @@ def test_an_entry_acquired_during_an_outage_reaches_redis_by_itself(
 
 
 def test_a_hung_redis_opens_the_breaker_instead_of_a_timeout_per_request(
-    worker, entra: SlowEntra, server: RedisProcess, control: redis.Redis
+    worker, entra: SlowEntra, server: RedisProcess, control: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Adele's copy is unverified (her entry was rewritten just before Redis hung), so each
     of her requests would read Redis: the first one's timeout opens the circuit, and the
@@ -235,15 +235,20 @@ def test_a_hung_redis_opens_the_breaker_instead_of_a_timeout_per_request(
     control.set(key, control.get(key), keepttl=True)  # same blob: only the copy's trust changes
     wait_for(lambda: not app.is_current(ADELE), 1.0, "the invalidation to arrive")
 
+    caplog.clear()
     with server.frozen():
         samples = load(app, [ADELE], LOAD_SECONDS, threads=1)
     breaker = app.store.breaker
 
     slow = [s for s in samples if s.latency >= REDIS_TIMEOUT * 0.8]
+    waited = [r for r in caplog.records if r.name == "flask_obo.cache_store"
+              and r.getMessage().startswith("redis ") and " failed" in r.getMessage()
+              and not r.getMessage().startswith("redis probe")]
     print(f"hung Redis for {LOAD_SECONDS} s ({LOAD_SECONDS / breaker.reset_timeout:.1f} reset timeouts): "
-          f"{figures(samples)}; {len(slow)} waited a socket timeout")
+          f"{figures(samples)}; {len(waited)} request(s) waited on Redis, {len(slow)} slow")
     assert all(s.status == 200 for s in samples)
-    assert len(slow) <= 1
+    assert len(waited) == 1  # the first: its timeout opened the circuit; the probes ran off the requests
+    assert len(slow) <= 2  # that one, and room for one stall of a busy box (seen once: 0.41 s, no Redis call)
     assert len(samples) >= 20
     assert percentile([s.latency for s in samples], 0.5) < FAST
     assert entra.obo_calls() == 1
