@@ -105,8 +105,9 @@ class AppToken:
         return cls(token, expires_at, renew_at, asked_at)
 
     def serialized(self) -> str:
+        # Compact: the codec seals what it is given (TokenCacheCodec.seal) as it is.
         return json.dumps({"access_token": self.access_token, "expires_at": self.expires_at,
-                           "renew_at": self.renew_at, "fetched_at": self.fetched_at})
+                           "renew_at": self.renew_at, "fetched_at": self.fetched_at}, separators=(",", ":"))
 
     @classmethod
     def parse(cls, serialized: str) -> AppToken | None:
