@@ -2,7 +2,10 @@
 
 A caller's ``X-Request-ID`` is kept when it is well formed (at most 64 characters of
 ``[A-Za-z0-9._-]``: it is printed in logs and headers, so nothing else may get through);
-otherwise one is made. ``FlaskOBO`` sets it at the start of each request, returns it in
+otherwise one is made: 32 lowercase hex digits, 128 random bits from the operating
+system (``secrets.token_hex``: unique across workers and instances, and saying nothing
+about the process or the time, where ``uuid4().hex``, the same form, costs three times as
+much per request). ``FlaskOBO`` sets it at the start of each request, returns it in
 the response's ``X-Request-ID``, and sends it to Entra ID (as msal's ``client-request-id``,
 its correlation id) and to downstream APIs (``client-request-id``, as Graph reads it).
 ``RequestIdFilter`` puts it, and the route, on every log record of the request.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
+import secrets
 from contextvars import ContextVar, Token
 
 from flask import has_request_context, request
@@ -35,7 +38,7 @@ def current_request_id() -> str | None:
 
 def begin_request(incoming: str | None) -> tuple[str, Token[str | None]]:
     """Take ``incoming`` if well formed, else make an id; it is current until ``end_request``."""
-    request_id = incoming if incoming and _WELL_FORMED.fullmatch(incoming) else uuid.uuid4().hex
+    request_id = incoming if incoming and _WELL_FORMED.fullmatch(incoming) else secrets.token_hex(16)
     return request_id, _request_id.set(request_id)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 import trustme
+from requests.utils import DEFAULT_CA_BUNDLE_PATH
 
 from flask_obo.http import build_session
 
@@ -235,3 +236,110 @@ def test_a_calls_own_proxies_and_the_sessions_still_win_without_any_in_the_envir
     assert [line for line, _ in through_proxy] == [f"GET {url}/per-call HTTP/1.1",
                                                     f"GET {url}/per-session HTTP/1.1"]
     assert [line for line, _ in direct] == ["GET /direct HTTP/1.1"]
+
+
+def _stat_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths requests asks ``os.path.exists``/``isdir`` about from now on."""
+    import os.path
+
+    asked: list[str] = []
+    for name in ("exists", "isdir"):
+        real = getattr(os.path, name)
+
+        def recording(path, _real=real):  # type: ignore[no-untyped-def]
+            asked.append(os.fspath(path))
+            return _real(path)
+
+        monkeypatch.setattr(os.path, name, recording)
+    return asked
+
+
+def test_the_ca_bundle_is_looked_at_at_start_up_only(tls, ca: trustme.CA, tmp_path: Path,
+                                                      monkeypatch) -> None:
+    """requests stats the CA bundle three times per request; the session's adapters know
+    at start-up whether it is a file, and it is still what decides trust."""
+    url, seen = tls
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    session = build_session([url])
+    asked = _stat_calls(monkeypatch)
+    for n in range(3):
+        assert session.get(f"{url}/again-{n}", timeout=5).status_code == 200
+    assert str(bundle) not in asked and len(seen) == 3
+
+    # the same for requests' default bundle (certifi's), which does not know this CA
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    default = build_session([], [url])  # no retries
+    asked.clear()
+    with pytest.raises(requests.exceptions.SSLError):
+        default.get(url + "/untrusted", timeout=5)
+    assert DEFAULT_CA_BUNDLE_PATH not in asked and len(seen) == 3
+
+
+def test_a_ca_directory_is_trusted(tls, ca: trustme.CA, tmp_path: Path, monkeypatch) -> None:
+    """REQUESTS_CA_BUNDLE may name a directory of hashed certificates (c_rehash), as with
+    requests: it reaches urllib3 as a directory."""
+    import subprocess
+
+    url, _ = tls
+    directory = tmp_path / "certs"
+    directory.mkdir()
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    subject_hash = subprocess.run(["openssl", "x509", "-hash", "-noout", "-in", str(directory / "ca.pem")],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+    (directory / f"{subject_hash}.0").symlink_to(directory / "ca.pem")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(directory))
+    session = build_session([url])
+    asked = _stat_calls(monkeypatch)
+    assert session.get(url + "/me", timeout=5).status_code == 200
+    assert asked == []
+
+
+def test_a_ca_bundle_missing_at_start_up_is_named_as_requests_names_it(tls, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    url, seen = tls
+    missing = tmp_path / "no-such-ca.pem"
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(missing))
+    with pytest.raises(OSError, match="Could not find a suitable TLS CA certificate bundle"):
+        build_session([url]).get(url + "/me", timeout=5)
+    assert seen == []
+
+
+def test_a_calls_own_verify_still_decides(tls, ca: trustme.CA, tmp_path: Path) -> None:
+    url, seen = tls
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    session = build_session([url])  # the default bundle: this CA is unknown to it
+    assert session.get(url + "/own-bundle", verify=str(bundle), timeout=5).status_code == 200
+    with pytest.raises(requests.exceptions.SSLError):
+        session.get(url + "/default", timeout=5)
+    assert [line for line, _ in seen] == ["GET /own-bundle HTTP/1.1"]
+
+
+class _CookieSetter(_Recorder):
+    def do_GET(self) -> None:
+        self.seen.append((self.requestline, self.headers.get("Cookie")))
+        self.send_response(200)
+        self.send_header("Set-Cookie", "session=alice-session; Path=/")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_the_session_keeps_no_cookie_yet_each_answer_shows_its_own() -> None:
+    seen: list[tuple[str, str | None]] = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_CookieSetter,), {"seen": seen}))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://localhost:{server.server_address[1]}"
+        session = build_session([url])
+        first = session.get(url + "/alice", timeout=5)
+        session.get(url + "/bob", timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert first.cookies.get("session") == "alice-session"  # the answer's own, as requests shows it
+    assert len(session.cookies) == 0
+    assert seen == [("GET /alice HTTP/1.1", None), ("GET /bob HTTP/1.1", None)]
