@@ -240,8 +240,12 @@ class FlaskOBO:
         if on_behalf_of is not None:
             return services.tokens.acquire_token(services.handles.open(on_behalf_of), scopes,
                                                  claims_challenge)
-        _refuse_app_tokens()
-        return services.tokens.acquire_token(current_token, scopes, claims_challenge)
+        # The token itself, not the ``current_token`` proxy: the proxy would look it up
+        # again for every attribute read on the way (is_app, oid, tid).
+        user = validated_token()
+        if user.is_app:  # on-behalf-of work needs a user
+            raise UserTokenRequired(services.settings.required_scope)
+        return services.tokens.acquire_token(user, scopes, claims_challenge)
 
     def acquire_app_token(self, scopes: Sequence[str], tenant: str | None = None) -> str:
         """The API's own access token (client credentials, no user) for ``scopes``: exactly
@@ -465,12 +469,17 @@ def _refuse_app_tokens() -> None:
 
 
 def _end_request(_: BaseException | None) -> None:
-    token = g.pop("flask_obo_request_id_token", None)
+    token = request.environ.pop(_REQUEST_ID_TOKEN, None)
     if token is not None:
         end_request(token)
 
 
-_STARTED = "flask_obo.started"  # the request's start (time.perf_counter()), in its WSGI environ
+# In the request's WSGI environ, where one lookup of ``request`` reaches all three (``g``
+# would cost a context lookup per attribute): its start (``time.perf_counter()``), its id,
+# and the context variable's token that ends it.
+_STARTED = "flask_obo.started"
+_REQUEST_ID = "flask_obo.request_id"
+_REQUEST_ID_TOKEN = "flask_obo.request_id_token"
 
 
 def _request_hooks(metrics: Metrics) -> tuple[Callable[[], None], Callable[[Response], Response]]:
@@ -492,16 +501,16 @@ def _request_hooks(metrics: Metrics) -> tuple[Callable[[], None], Callable[[Resp
         environ[_STARTED] = time.perf_counter()
         # The header as WSGI hands it over: ``request.headers.get`` would build and catch
         # a KeyError subclass on every request that brings none.
-        g.flask_obo_request_id, g.flask_obo_request_id_token = begin_request(
-            environ.get(REQUEST_ID_ENVIRON))
+        environ[_REQUEST_ID], environ[_REQUEST_ID_TOKEN] = begin_request(environ.get(REQUEST_ID_ENVIRON))
 
     def finish(response: Response) -> Response:
         current = request._get_current_object()  # type: ignore[attr-defined]
-        started = current.environ.get(_STARTED)
+        environ = current.environ
+        started = environ.get(_STARTED)
         rule = current.url_rule
         metrics.request(rule.rule if rule is not None else None, response.status_code,
                         None if started is None else time.perf_counter() - started)
-        request_id = g.get("flask_obo_request_id")
+        request_id = environ.get(_REQUEST_ID)
         if request_id:
             response.headers[REQUEST_ID_HEADER] = request_id
         return response
@@ -515,10 +524,12 @@ def _is_cors_preflight() -> bool:
     response: it reveals nothing and changes nothing. Anyone can send those two headers,
     so a route whose view handles ``OPTIONS`` itself is never exempted: its view would
     run without a token."""
-    headers = request.headers
-    return (request.method == "OPTIONS" and "Origin" in headers
-            and "Access-Control-Request-Method" in headers
-            and bool(getattr(request.url_rule, "provide_automatic_options", False)))
+    current = request._get_current_object()  # type: ignore[attr-defined]
+    if current.method != "OPTIONS":  # (every other request: one context lookup)
+        return False
+    headers = current.headers
+    return ("Origin" in headers and "Access-Control-Request-Method" in headers
+            and bool(getattr(current.url_rule, "provide_automatic_options", False)))
 
 
 def _private(response: Response) -> Response:
