@@ -186,3 +186,43 @@ def test_codec_rejects_blobs_of_other_partitions_and_bombs():
 ])
 def test_tokens_are_filed_under_what_was_asked_and_granted(requested, returned, expected):
     assert stored_scopes(requested, returned) == expected
+
+
+def _blobs_to_open(key: str, older: str, partition: str) -> dict[str, bytes]:
+    """A sealed cache, and what Redis might hold instead of one."""
+    codec = TokenCacheCodec([key])
+    blob = codec.seal(partition, '{"AccessToken":{}}')
+    tampered = bytearray(blob)
+    tampered[40] ^= 1
+    return {
+        "sealed": blob,
+        "sealed-with-an-older-key": TokenCacheCodec([older]).seal(partition, '{"Account":{}}'),
+        "sealed-with-an-unknown-key": TokenCacheCodec([Fernet.generate_key().decode()]).seal(partition, "{}"),
+        "tampered": bytes(tampered),
+        "empty": b"",
+        "version-only": b"\x80",
+        "header-only": blob[:9],
+        "shorter-than-its-iv": blob[:20],
+        "no-ciphertext": blob[:25] + blob[-32:],
+        "another-version": b"\x81" + blob[1:],
+        "base64-text": base64.urlsafe_b64encode(blob),
+    }
+
+
+def test_stored_tokens_open_alike_by_either_of_fernets_paths(monkeypatch):
+    """The codec hands the stored (decoded) token to Fernet without encoding it to base64
+    first when this cryptography allows, and through ``MultiFernet.decrypt`` otherwise:
+    either way the older key still opens, and nothing else does, nor raises."""
+    key = Fernet.generate_key().decode()
+    older = Fernet.generate_key().decode()
+    alice = partition_key(ADELE, TENANT_ID)
+    direct = TokenCacheCodec([key, older])
+    assert direct._opens_decoded, "this cryptography no longer decrypts a decoded token: re-loads got slower"
+    monkeypatch.setattr("flask_obo.token_cache._decrypts_decoded", lambda fernet: False)
+    public = TokenCacheCodec([key, older])
+    assert not public._opens_decoded
+    opened = {name: (direct.open(alice, blob), public.open(alice, blob))
+              for name, blob in _blobs_to_open(key, older, alice).items()}
+    assert opened.pop("sealed") == ('{"AccessToken":{}}',) * 2
+    assert opened.pop("sealed-with-an-older-key") == ('{"Account":{}}',) * 2
+    assert opened == {name: (None, None) for name in opened}
