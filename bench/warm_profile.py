@@ -19,8 +19,9 @@ invalidation listener's thread counts, as it does in a worker):
   * bare     bench/bare_app.py's /api/me
   * obo50    flask-obo's /api/me, 50 users, every one warm
   * obo4000  the same for ``--users`` users (4,000), shuffled
-  * obo4000-revalidated  the same, each remembered validation past its 5-minute re-check
-             (``LaterClock``): what a user costs whose requests to a worker are further apart
+  * obo4000-unremembered  the same, every token validated in full (``Unremembered``): what
+             a request costs whose token the worker has not validated yet (a new token, or
+             one dropped past ``VALIDATION_MEMORY_TOKENS``)
   * healthz  flask-obo's /healthz
   * whoami   flask-obo's /api/whoami, 50 users
 
@@ -64,7 +65,7 @@ from bench import devtenant_users
 from bench.serving_bench import dev_tenant, obo_graph_token
 from devtenant import DevTenant
 from flask_obo.extension import services_of
-from flask_obo.protector import VALIDATION_CACHE_SECONDS, ValidatedTokens
+from flask_obo.protector import ValidatedTokens
 from tests.support.servers import redis_server
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -142,21 +143,16 @@ class Series:
     collections: list[int] = field(default_factory=lambda: [0, 0, 0])
 
 
-class LaterClock:
-    """``time.monotonic``, ``VALIDATION_CACHE_SECONDS`` later while ``shift(+1)``: every
-    remembered validation is then past its re-check, as for a user whose requests to a
-    worker are more than that apart (what ``make bench``'s 4,000 users are, once their
-    validations are older than that). Back to the true time with ``shift(-1)``: the
-    validations redone meanwhile stay good, the others are as they were."""
+class Unremembered:
+    """Swaps the validator's memo for one that keeps nothing while ``swap(+1)``, so every
+    request of the round validates its token in full; ``swap(-1)`` puts the memo back."""
 
-    def __init__(self) -> None:
-        self.offset = 0.0
+    def __init__(self, validator: Any) -> None:
+        self._validator = validator
+        self._kept = validator.validated
 
-    def __call__(self) -> float:
-        return time.monotonic() + self.offset
-
-    def shift(self, sign: int) -> None:
-        self.offset += sign * (VALIDATION_CACHE_SECONDS + 1)
+    def swap(self, sign: int) -> None:
+        self._validator.validated = ValidatedTokens(0) if sign > 0 else self._kept
 
 
 def drive(series: Series, count: int, seed: int) -> tuple[float, float, list[int], int]:
@@ -258,17 +254,12 @@ def main() -> int:
             bare: WsgiApp = bare_app.app
             print(f"warming {users} users: {warm(obo, tokens):.0f} s", flush=True)
             few: list[str | None] = list(tokens[:FEW_USERS])
-            later = LaterClock()
-            validator = services_of(wsgi.app).protector.get_token_validator("bearer")
-            validator.validated = ValidatedTokens(validator.validated.limit, monotonic=later)
-            warm(obo, tokens[:1])  # (the memo is empty now: fill it again)
-            for token in tokens:
-                call(obo, environ("/api/whoami", token))
+            unremembered = Unremembered(services_of(wsgi.app).protector.get_token_validator("bearer"))
             series = {
                 "bare": Series(bare, "/api/me", [None]),
                 "obo50": Series(obo, "/api/me", few),
                 f"obo{users}": Series(obo, "/api/me", list(tokens)),
-                f"obo{users}-revalidated": Series(obo, "/api/me", list(tokens), around=later.shift),
+                f"obo{users}-unremembered": Series(obo, "/api/me", list(tokens), around=unremembered.swap),
                 "healthz": Series(obo, "/healthz", [None]),
                 "whoami": Series(obo, "/api/whoami", few),
             }

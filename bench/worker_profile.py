@@ -79,7 +79,7 @@ def summarise(files: list[Path], requests: int, top: int) -> str:
             continue
         for line in path.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
-            if not stack:
+            if not stack or not count.isdigit():  # a frame's name that spans lines (a repr)
                 continue
             n = int(count)
             frames = [f for f in stack.split(";") if not f.startswith(("thread (", "process "))]

@@ -417,7 +417,7 @@ class SigningKeys(_Refreshed):
                 self._last_unknown_kid_fetch = now
             try:
                 text = self._fetch(url)
-                keys = _rsa_signing_keys(text)
+                keys = _unchanged_kept(self._keys, _rsa_signing_keys(text))
             except AuthorityUnavailable as exc:
                 if self._keys is None:
                     raise
@@ -482,6 +482,19 @@ def _rsa_signing_keys(text: str) -> dict[str, RSAKey]:
     if not keys:
         raise AuthorityUnavailable("JWKS holds no RSA signing keys")
     return keys
+
+
+def _unchanged_kept(old: dict[str, RSAKey] | None, new: dict[str, RSAKey]) -> dict[str, RSAKey]:
+    """``new``, with the object already held for each key whose material (``kid``, ``n``,
+    ``e``) is unchanged. The protector's remembered validations hold on to the key object
+    that verified them, and are redone when it is no longer the one in the key set: so a
+    refetch that changes nothing (the daily refresh, one on a forged ``kid``) keeps them,
+    and a withdrawn or replaced key drops exactly the tokens it verified."""
+    if not old:
+        return new
+    return {kid: held if (held := old.get(kid)) is not None
+            and held.as_dict(private=False) == key.as_dict(private=False) else key
+            for kid, key in new.items()}
 
 
 def _duration(seconds: float) -> str:

@@ -49,7 +49,6 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 LEEWAY_SECONDS = 60
-VALIDATION_CACHE_SECONDS = 300  # a remembered validation is redone after this at the latest
 MAX_TOKEN_LENGTH = 16 * 1024
 # RS256 and nothing else; header parameters Entra may add (e.g. x5t, nonce) are tolerated.
 _RS256_ONLY = JWSRegistry(algorithms=["RS256"], strict_check_header=False)
@@ -109,36 +108,36 @@ class _Validated(NamedTuple):
     kid: str
     key: RSAKey  # the key object the signature was verified with
     expires_at: float  # the token's exp (wall clock, as joserfc checks it)
-    recheck_at: float  # monotonic: validated afresh from then on
 
 
 class ValidatedTokens:
     """This worker's successful token validations, by SHA-256 of the raw token (LRU).
 
-    What a hit may skip is only what would come out the same: the signature check and the
-    claim checks. Security trade-off, bounded: a remembered token is accepted without
-    re-verification
+    A hit skips only what would come out the same. Validating a given token again can
+    only give another verdict because of the clock or the keys: the audiences, issuers and
+    tenants it is checked against are the process's configuration, fixed for its life,
+    and the token's bytes are the key of the entry. So a remembered token is accepted
+    without re-verification
 
     * only before its ``exp`` (no leeway: past it, the full check decides, leeway and all);
-    * for at most ``max_age`` seconds (5 min) after it was validated;
     * only while the key set still holds, under the token's ``kid``, the very key object
-      its signature was verified with: keys refetched from the authority (every 24 h, or on
-      an unknown ``kid``) are new objects, so any change of the key set, a withdrawn key
-      included, sends every remembered token through the full check again.
+      its signature was verified with. A refetch of the keys (every 24 h, or on an unknown
+      ``kid``) keeps the object of a key whose material is unchanged
+      (``authority.SigningKeys``) and makes a new one otherwise, so a withdrawn or replaced
+      key sends every token it verified through the full check again, at once.
 
-    Without this cache a withdrawn key is also accepted until the keys are refetched, so
-    the only extra exposure is the 5-min reuse of a decision for a given token. Failed
-    validations are never remembered; the scope check runs on every request. The cache
-    holds claims, never the raw token, and at most ``limit`` entries (least recently used
-    dropped).
+    That is exactly the full check's verdict, so there is no further time limit: an
+    earlier version redid every validation after 5 minutes, which bought no security (the
+    check it redid could not come out differently) and cost each user whose requests to
+    a worker were minutes apart a full RS256 check. Revocation is not part of validating a
+    JWT either way. Failed validations are never remembered; the scope check runs on every
+    request. The cache holds claims, never the raw token, and at most ``limit`` entries
+    (least recently used dropped).
     """
 
-    def __init__(self, limit: int, max_age: float = VALIDATION_CACHE_SECONDS,
-                 clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, limit: int, clock: Callable[[], float] = time.time) -> None:
         self.limit = limit
-        self.max_age = max_age
-        self._clock, self._monotonic = clock, monotonic
+        self._clock = clock
         self._entries: OrderedDict[bytes, _Validated] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -150,12 +149,12 @@ class ValidatedTokens:
         return hashlib.sha256(token.encode()).digest()
 
     def get(self, digest: bytes) -> _Validated | None:
-        """The remembered validation, unless it has run out (then it is forgotten)."""
+        """The remembered validation, unless the token has expired (then it is forgotten)."""
         with self._lock:
             entry = self._entries.get(digest)
             if entry is None:
                 return None
-            if self._clock() >= entry.expires_at or self._monotonic() >= entry.recheck_at:
+            if self._clock() >= entry.expires_at:
                 del self._entries[digest]
                 return None
             self._entries.move_to_end(digest)
@@ -165,7 +164,7 @@ class ValidatedTokens:
         exp = claims.get("exp")
         if not isinstance(exp, int | float) or isinstance(exp, bool) or exp <= self._clock():
             return  # accepted within the leeway past exp: checked afresh every time
-        entry = _Validated(_shared_strings(claims), kid, key, float(exp), self._monotonic() + self.max_age)
+        entry = _Validated(_shared_strings(claims), kid, key, float(exp))
         with self._lock:
             self._entries[digest] = entry
             self._entries.move_to_end(digest)
