@@ -194,20 +194,6 @@ def _scope_list(value: Any) -> list[str]:
     return []
 
 
-_FERNET_VERSION = 0x80  # a Fernet token's first byte
-
-
-def _decrypts_decoded(fernet: Fernet) -> bool:
-    """Does ``fernet._decrypt_data`` take a decoded token as the releases of cryptography
-    this was written against do (``TokenCacheCodec._decrypt``)? Tried once per codec."""
-    probe = b"flask-obo"
-    token = base64.urlsafe_b64decode(fernet.encrypt(probe))
-    try:
-        return bool(fernet._decrypt_data(token, int.from_bytes(token[1:9], "big"), None) == probe)
-    except Exception:  # any other signature or behaviour: use the public path
-        return False
-
-
 def _deflate(data: bytes) -> bytes:
     """zlib at level 9 with an 8 KiB window (``wbits`` 13) instead of 32 KiB: a sealed cache
     is a few KiB, so the bytes are the same, and the compressor's smaller buffers make it
@@ -231,9 +217,7 @@ class TokenCacheCodec:
         if not fernets:
             raise ValueError("at least one Fernet key is required")
         self._first = fernets[0]
-        self._fernets = fernets
         self._fernet = MultiFernet(fernets)
-        self._opens_decoded = _decrypts_decoded(self._first)
 
     def seal(self, partition: str, serialized: str) -> bytes:
         """``serialized`` sealed as it is: give it compact (``UserTokenCache.serialize``)."""
@@ -253,35 +237,10 @@ class TokenCacheCodec:
         same timestamp). Raises ``InvalidToken`` when no key decrypts it."""
         return base64.urlsafe_b64decode(self._fernet.rotate(base64.urlsafe_b64encode(blob)))
 
-    def _decrypt(self, blob: bytes) -> bytes:
-        """``MultiFernet.decrypt`` of the stored (decoded) token: each key in turn, the first
-        (the one sealing) first. Raises ``InvalidToken``.
-
-        Fernet's public ``decrypt`` takes the token as base64 text and decodes it first;
-        for a blob already held decoded, encoding it for that costs twice a base64 pass of
-        a few KiB, about 40 µs of a ~0.5 ms re-load (``bench/reload_profile.py``). So the
-        decoded token goes to Fernet's own ``_decrypt_data`` (the same HMAC check and AES
-        decryption, not a reimplementation), after the header checks its
-        ``_get_unverified_token_data`` makes; the codec checked at construction that this
-        cryptography release decrypts that way, else it takes the public path."""
-        if not self._opens_decoded:
-            return self._fernet.decrypt(base64.urlsafe_b64encode(blob))
-        if len(blob) < 9 or blob[0] != _FERNET_VERSION:
-            raise InvalidToken
-        timestamp = int.from_bytes(blob[1:9], "big")
-        for fernet in self._fernets:
-            try:
-                return fernet._decrypt_data(blob, timestamp, None)
-            except InvalidToken:
-                continue
-            except ValueError:  # a token too short for its IV: malformed, as Fernet's own path says
-                raise InvalidToken from None
-        raise InvalidToken
-
     def open(self, partition: str, blob: bytes) -> str | None:
         """The serialized cache, or None (logged) when the blob must not be used."""
         try:
-            plaintext = self._decrypt(blob)
+            plaintext = self._fernet.decrypt(base64.urlsafe_b64encode(blob))
         except InvalidToken:
             log.warning("token cache for partition %s does not decrypt; ignoring it", partition)
             return None
