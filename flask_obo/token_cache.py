@@ -123,6 +123,8 @@ _TEXT_FIELDS = frozenset({
     "local_account_id", "username", "authority_type", "family_id", "token_type", "key_id",
 })
 _TIME_FIELDS = frozenset({"expires_on", "extended_expires_on", "cached_at", "refresh_on"})
+_STRING_FIELDS = _TEXT_FIELDS | _TIME_FIELDS
+_NOTHING: frozenset[str] = frozenset()
 # What msal indexes without a default when it reads an entry of each kind.
 _REQUIRED_FIELDS = {
     "AccessToken": frozenset({"secret", "expires_on"}),
@@ -134,22 +136,24 @@ _REQUIRED_FIELDS = {
 def is_msal_cache(document: Any) -> bool:
     """Is ``document`` shaped as msal reads it: sections of entries, each a dict whose
     identity fields are strings and times are whole numbers as (ASCII) strings, with the
-    fields msal's lookups index without a default?"""
+    fields msal's lookups index without a default?
+
+    Every re-load of a user checks their whole cache, so each field costs one set lookup
+    (a string value: is it a time?; any other value: is it a field that must be a string?)."""
     if not isinstance(document, dict):
         return False
     for section, entries in document.items():
         if not isinstance(entries, dict):
             return False
+        required = _REQUIRED_FIELDS.get(section, _NOTHING)
         for entry in entries.values():
-            if not isinstance(entry, dict):
-                return False
-            if not _REQUIRED_FIELDS.get(section, frozenset()) <= entry.keys():
+            if not isinstance(entry, dict) or not required <= entry.keys():
                 return False
             for name, value in entry.items():
-                if name in _TEXT_FIELDS and not isinstance(value, str):
-                    return False
-                if name in _TIME_FIELDS and not (isinstance(value, str) and value.isascii()
-                                                  and value.isdigit()):
+                if isinstance(value, str):
+                    if name in _TIME_FIELDS and not (value.isascii() and value.isdigit()):
+                        return False
+                elif name in _STRING_FIELDS:
                     return False
     return True
 

@@ -186,3 +186,37 @@ def test_codec_rejects_blobs_of_other_partitions_and_bombs():
 ])
 def test_tokens_are_filed_under_what_was_asked_and_granted(requested, returned, expected):
     assert stored_scopes(requested, returned) == expected
+
+
+def _blobs_to_open(key: str, older: str, partition: str) -> dict[str, bytes]:
+    """A sealed cache, and what Redis might hold instead of one."""
+    codec = TokenCacheCodec([key])
+    blob = codec.seal(partition, '{"AccessToken":{}}')
+    tampered = bytearray(blob)
+    tampered[40] ^= 1
+    return {
+        "sealed": blob,
+        "sealed-with-an-older-key": TokenCacheCodec([older]).seal(partition, '{"Account":{}}'),
+        "sealed-with-an-unknown-key": TokenCacheCodec([Fernet.generate_key().decode()]).seal(partition, "{}"),
+        "tampered": bytes(tampered),
+        "empty": b"",
+        "version-only": b"\x80",
+        "header-only": blob[:9],
+        "shorter-than-its-iv": blob[:20],
+        "no-ciphertext": blob[:25] + blob[-32:],
+        "another-version": b"\x81" + blob[1:],
+        "base64-text": base64.urlsafe_b64encode(blob),
+    }
+
+
+def test_only_a_sealed_cache_of_the_partition_opens_and_nothing_else_raises():
+    """Whatever Redis holds instead of a sealed cache (tampered, cut short, another
+    format) is a miss, never an exception; a cache sealed with an older key still opens."""
+    key = Fernet.generate_key().decode()
+    older = Fernet.generate_key().decode()
+    alice = partition_key(ADELE, TENANT_ID)
+    codec = TokenCacheCodec([key, older])
+    opened = {name: codec.open(alice, blob) for name, blob in _blobs_to_open(key, older, alice).items()}
+    assert opened.pop("sealed") == '{"AccessToken":{}}'
+    assert opened.pop("sealed-with-an-older-key") == '{"Account":{}}'
+    assert opened == {name: None for name in opened}
