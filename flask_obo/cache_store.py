@@ -102,6 +102,16 @@ return 1
 """,
 }
 
+# Taking a partition's lock (KEYS[2]) and reading its entry (KEYS[1]) in one step, for
+# ``EntryLock``: 0 when the lock is taken; else {1, entry or '', pttl}, or {2} for an entry of
+# the wrong Redis type.
+_LOCK_AND_READ = """
+if not redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+local ok, blob = pcall(redis.call, 'get', KEYS[1])
+if not ok then return {2} end
+return {1, blob or '', redis.call('pttl', KEYS[1])}
+"""
+
 # Re-keying many entries at once: the same swap for an entry whose lock nobody holds. A
 # script runs atomically, so this is taking the lock, comparing, writing and releasing it
 # in one step: no request can be between its lock and its save meanwhile.
@@ -224,6 +234,66 @@ class TokenCacheStore(Protocol):
         """False while the store is known to be down (no I/O to find out)."""
 
 
+def _entry(blob: bytes | None, ttl_ms: Any) -> StoredEntry | None:
+    """An entry as Redis gave it (its value and PTTL); absent and tombstones are None."""
+    if blob is None or blob == TOMBSTONE:
+        return None
+    expires_at = time.monotonic() + ttl_ms / 1000 if isinstance(ttl_ms, int) and ttl_ms >= 0 else None
+    return StoredEntry(blob, expires_at)
+
+
+def _wrong_type(partition: str) -> None:
+    log.warning("token cache for partition %s is not a string in Redis; treating it as a miss", partition)
+
+
+class EntryLock(redis.lock.Lock):
+    """redis-py's ``Lock`` on a partition whose taking also reads the partition's entry, in
+    the same round trip (one script: ``SET NX PX`` on the lock, then ``GET`` and ``PTTL``
+    on the entry).
+
+    Whoever takes a user's lock reads the entry first, since another worker may have
+    written it while this one waited; on a user's first request that is a read, then a
+    lock, then the read again. Read together with the lock, the entry is as current as a
+    read made afterwards: every writer but the lock-free write-back of an entry acquired
+    while Redis was away (``save_unless_changed``, which never overwrites a newer entry)
+    needs the lock. ``do_acquire`` is redis-py's step for one attempt to take the lock;
+    everything else (waiting, the token, release, extend) is redis-py's."""
+
+    def __init__(self, client: Any, name: str, entry_key: str, lock_and_read: Any, partition: str,
+                 **kwargs: Any) -> None:
+        super().__init__(client, name, **kwargs)
+        if self.timeout is None:
+            raise ValueError("an EntryLock needs a timeout: a lock its holder never releases must expire")
+        self._ttl_ms = int(self.timeout * 1000)
+        self._entry_key, self._lock_and_read, self._partition = entry_key, lock_and_read, partition
+        self._read: tuple[StoredEntry | None] | None = None  # (entry,) until taken
+
+    def do_acquire(self, token: str) -> bool:
+        reply = self._lock_and_read(keys=[self._entry_key, self.name],
+                                    args=[token, self._ttl_ms])
+        if not reply:
+            return False
+        if reply[0] == 2:  # WRONGTYPE: not ours to read; a miss
+            _wrong_type(self._partition)
+            self._read = (None,)
+        else:
+            self._read = (_entry(reply[1], reply[2]),)
+        return True
+
+    def take_entry(self) -> tuple[StoredEntry | None] | None:
+        """``(entry,)`` as read when the lock was taken, the first time only (the holder's
+        own writes come after it); None afterwards."""
+        read, self._read = self._read, None
+        return read
+
+
+def entry_under_lock(store: TokenCacheStore, partition: str, guard: Guard) -> StoredEntry | None:
+    """The partition's entry for the holder of its lock, just taken: the one the Redis
+    store read in the same round trip (``EntryLock``), else the store's ``load``."""
+    read = guard.take_entry() if isinstance(guard, EntryLock) else None
+    return store.load(partition) if read is None else read[0]
+
+
 class RedisTokenCacheStore:
     """Blobs under ``<prefix>:cache:{<partition>}``, locks under ``<prefix>:lock:{<partition>}``.
 
@@ -281,6 +351,7 @@ class RedisTokenCacheStore:
                 if self._client is None:
                     client = self._make_client()
                     self._scripts = {name: client.register_script(text) for name, text in _SCRIPTS.items()}
+                    self._scripts["lock_and_read"] = client.register_script(_LOCK_AND_READ)
                     self._client = client
         return self._client
 
@@ -357,19 +428,21 @@ class RedisTokenCacheStore:
                 if isinstance(result, Exception) and not isinstance(result, ResponseError):
                     raise result
         if isinstance(blob, ResponseError):  # WRONGTYPE: not ours to read; a miss
-            log.warning("token cache for partition %s is not a string in Redis; treating it as a miss",
-                        partition)
+            _wrong_type(partition)
             return None
-        if blob is None or blob == TOMBSTONE:
-            return None
-        expires_at = time.monotonic() + ttl_ms / 1000 if isinstance(ttl_ms, int) and ttl_ms >= 0 else None
-        return StoredEntry(blob, expires_at)
+        return _entry(blob, ttl_ms)
 
     @contextmanager
-    def lock(self, partition: str, deadline: Deadline) -> Iterator[redis.lock.Lock]:
+    def lock(self, partition: str, deadline: Deadline) -> Iterator[EntryLock]:
+        """The partition's lock (redis-py's, see ``EntryLock``): taking it also reads the
+        entry, which ``entry_under_lock`` hands to the holder."""
         with self._call("lock"):
-            lock = self._redis.lock(
+            lock = EntryLock(
+                self._redis,
                 self.lock_key(partition),
+                entry_key=self.key(partition),
+                lock_and_read=self._script("lock_and_read"),
+                partition=partition,
                 timeout=self._lock_ttl,
                 sleep=LOCK_POLL_SECONDS,
                 blocking_timeout=max(deadline.remaining(), 0.01),

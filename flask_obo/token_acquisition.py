@@ -44,7 +44,7 @@ import requests
 
 from .authority import AuthorityUnavailable, TenantConfigurations
 from .bulkhead import Deadline, SingleFlight, WaitingRoom, WorkerRetirement
-from .cache_store import Guard, StoreBudget, StoredEntry, TokenCacheStore
+from .cache_store import Guard, StoreBudget, StoredEntry, TokenCacheStore, entry_under_lock
 from .credentials import CREDENTIAL_ERROR_CODES, ClientCredential
 from .errors import (
     AssertionRejected,
@@ -241,7 +241,7 @@ class OnBehalfOfTokenProvider:
                 outcome = MEMORY_HIT
                 if guard is not None:
                     with suppress(StoreUnavailable):  # another worker may have filled it
-                        self._reload(session, partition, user, budget)
+                        self._reload(session, partition, user, budget, guard)
                         outcome = CACHE_HIT
                 generation = _generation(user)
                 if generation is not None and generation != session.cache.generation and outcome != CACHE_HIT:
@@ -326,7 +326,7 @@ class OnBehalfOfTokenProvider:
             with self._user_lock(partition, deadline, budget) as guard:
                 if guard is not None:
                     with suppress(StoreUnavailable):
-                        self._reload(session, partition, user, budget)
+                        self._reload(session, partition, user, budget, guard)
                 if session.cache.account_of(user.oid, user.tid) is None:  # signed out meanwhile
                     raise RefreshTokenExpired()
                 generation = session.cache.stamp_generation()
@@ -406,8 +406,10 @@ class OnBehalfOfTokenProvider:
         return bench.app
 
     def _reload(self, session: UserSession, partition: str, user: EntraAccessToken,
-                budget: StoreBudget) -> None:
+                budget: StoreBudget, guard: Guard | None = None) -> None:
         """Make ``session`` hold what the store holds now (a no-op if the blob is unchanged).
+        Under the user's lock (``guard``), the store may have read the entry as it took
+        the lock (``entry_under_lock``): no second round trip then.
 
         An entry that is not a usable msal cache of this user, whatever the reason, is a
         miss; the next acquisition replaces it. Raises ``StoreUnavailable``.
@@ -417,7 +419,8 @@ class OnBehalfOfTokenProvider:
         changes, losses = session.changes, self._store.losses
         expired = session.expires_at is not None and time.monotonic() >= session.expires_at
         with budget.call():
-            entry = self._store.load(partition)
+            entry = self._store.load(partition) if guard is None else \
+                entry_under_lock(self._store, partition, guard)
         current, held_blob = (entry.blob if entry else None), session.blob
         put_back = held_blob is not None and (
             (session.unsaved and current == session.stored)  # acquired while Redis was away

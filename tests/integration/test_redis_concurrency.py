@@ -15,7 +15,7 @@ import responses
 
 from app import create_app
 from flask_obo.bulkhead import Deadline
-from flask_obo.cache_store import RedisTokenCacheStore
+from flask_obo.cache_store import RedisTokenCacheStore, entry_under_lock
 from flask_obo.settings import Settings
 from tests.support.fake_entra import ADELE, BOB, FakeEntra, settings_env
 
@@ -143,3 +143,61 @@ def test_a_writer_that_lost_its_lock_does_not_overwrite(redis_url, real_redis):
         assert store.save("q" * 64, b"stale", guard) is False
     assert real_redis.get(store.key("q" * 64)) == b"newer"
     assert real_redis.get(store.lock_key("q" * 64)) == b"someone-else"  # not released by us
+
+
+class CountingRedis(redis.Redis):
+    """A client that counts the commands it sends one by one (scripts included)."""
+
+    sent = 0
+
+    def execute_command(self, *args, **options):
+        self.sent += 1
+        return super().execute_command(*args, **options)
+
+    def pipeline(self, *args, **kwargs):
+        self.sent += 1  # one round trip, however many commands
+        return super().pipeline(*args, **kwargs)
+
+
+def test_taking_the_lock_reads_the_entry_in_the_same_round_trip(redis_url, real_redis):
+    client = CountingRedis.from_url(redis_url)
+    store = RedisTokenCacheStore(client, "t", 60)
+    real_redis.set(store.key("r" * 64), b"sealed", ex=60)
+    with store.lock("r" * 64, Deadline(5)) as guard:
+        sent = client.sent
+        entry = entry_under_lock(store, "r" * 64, guard)
+        assert client.sent == sent, "the entry was read again after taking the lock"
+        assert entry is not None and entry.blob == b"sealed"
+        assert entry.expires_at is not None and 50 < entry.expires_at - time.monotonic() <= 60
+        # Handed out once: after the holder's own write, the entry is read anew.
+        assert store.save("r" * 64, b"resealed", guard)
+        again = entry_under_lock(store, "r" * 64, guard)
+        assert again is not None and again.blob == b"resealed"
+
+
+def test_a_lock_taken_after_waiting_reads_what_its_last_holder_wrote(redis_url, real_redis):
+    store = RedisTokenCacheStore(real_redis, "t", 60)
+    waiter = RedisTokenCacheStore(redis.Redis.from_url(redis_url), "t", 60)
+    seen: list = []
+
+    def wait_and_read() -> None:
+        with waiter.lock("w" * 64, Deadline(10)) as guard:
+            seen.append(entry_under_lock(waiter, "w" * 64, guard))
+
+    with store.lock("w" * 64, Deadline(5)) as guard:
+        thread = threading.Thread(target=wait_and_read)
+        thread.start()  # it takes the lock only once this block has written and released it
+        assert store.save("w" * 64, b"written-by-the-first-holder", guard)
+    thread.join(timeout=15)
+    assert [entry.blob if entry else None for entry in seen] == [b"written-by-the-first-holder"]
+
+
+def test_an_entry_of_the_wrong_type_under_the_lock_is_a_miss(redis_url, real_redis, caplog):
+    store = RedisTokenCacheStore(real_redis, "t", 60)
+    real_redis.hset(store.key("h" * 64), "not", "a blob")
+    with store.lock("h" * 64, Deadline(5)) as guard:
+        assert entry_under_lock(store, "h" * 64, guard) is None
+        assert store.save("h" * 64, b"sealed", guard)  # replaced by the next save
+    assert real_redis.get(store.key("h" * 64)) == b"sealed"
+    assert "is not a string in Redis" in caplog.text
+    assert real_redis.get(store.lock_key("h" * 64)) is None  # released

@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from flask_obo import MemoryTokenCacheStore
 from flask_obo import cache_store as cache_store_module
+from flask_obo.bulkhead import Deadline
+from flask_obo.cache_store import entry_under_lock
 
 THREADS = 8
 USERS_PER_THREAD = 400
@@ -28,3 +30,15 @@ def test_concurrent_saves_above_the_prune_threshold_all_land(monkeypatch):
 
     assert all(store.load(f"{thread:02d}{user:062d}") is not None
                for thread in range(THREADS) for user in range(USERS_PER_THREAD))
+
+
+def test_the_holder_of_a_memory_lock_reads_the_entry_from_the_store():
+    """Only the Redis store reads the entry as it takes the lock; any other store's holder
+    gets its ``load`` (the latest entry, never a stale one)."""
+    store = MemoryTokenCacheStore(ttl_seconds=3600)
+    partition = "m" * 64
+    with store.lock(partition, Deadline(5)) as guard:
+        assert entry_under_lock(store, partition, guard) is None
+        assert store.save(partition, b"sealed", guard)
+        entry = entry_under_lock(store, partition, guard)
+        assert entry is not None and entry.blob == b"sealed"
