@@ -103,8 +103,8 @@ return 1
 }
 
 # Taking a partition's lock (KEYS[2]) and reading its entry (KEYS[1]) in one step, for
-# ``EntryLock``: 0 when the lock is taken; else {1, entry or '', pttl}, or {2} for an entry of
-# the wrong Redis type.
+# ``EntryLock``: 0 when someone else holds the lock; once ours, {1, entry or '', pttl}, or
+# {2} for an entry of the wrong Redis type.
 _LOCK_AND_READ = """
 if not redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
 local ok, blob = pcall(redis.call, 'get', KEYS[1])
@@ -252,12 +252,14 @@ class EntryLock(redis.lock.Lock):
     on the entry).
 
     Whoever takes a user's lock reads the entry first, since another worker may have
-    written it while this one waited; on a user's first request that is a read, then a
-    lock, then the read again. Read together with the lock, the entry is as current as a
-    read made afterwards: every writer but the lock-free write-back of an entry acquired
-    while Redis was away (``save_unless_changed``, which never overwrites a newer entry)
-    needs the lock. ``do_acquire`` is redis-py's step for one attempt to take the lock;
-    everything else (waiting, the token, release, extend) is redis-py's."""
+    written it while this one waited; on a user's first request that was a read, then a
+    lock, then the read again. The read that comes with the lock is as recent as the lock:
+    no writer that takes the lock can have written since. One writer needs no lock (the
+    write-back of an entry acquired while Redis was away, ``save_unless_changed``), so a
+    holder that has since learnt of a change, a reconnection or a loss reads again
+    (``OnBehalfOfTokenProvider._reload``). ``do_acquire`` is redis-py's step for one
+    attempt to take the lock; the rest (waiting, the token, release, extend) is
+    redis-py's."""
 
     def __init__(self, client: Any, name: str, entry_key: str, lock_and_read: Any, partition: str,
                  **kwargs: Any) -> None:
@@ -289,7 +291,8 @@ class EntryLock(redis.lock.Lock):
 
 def entry_under_lock(store: TokenCacheStore, partition: str, guard: Guard) -> StoredEntry | None:
     """The partition's entry for the holder of its lock, just taken: the one the Redis
-    store read in the same round trip (``EntryLock``), else the store's ``load``."""
+    store read in the round trip that took the lock (``EntryLock``, handed out once), else
+    the store's ``load``."""
     read = guard.take_entry() if isinstance(guard, EntryLock) else None
     return store.load(partition) if read is None else read[0]
 

@@ -37,7 +37,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
-from typing import Any
+from typing import Any, NamedTuple
 
 import msal
 import requests
@@ -69,6 +69,16 @@ from .tracing import acquisition
 from .worker_state import entra_pace
 
 log = logging.getLogger(__name__)
+
+
+class ReadMark(NamedTuple):
+    """Where a session stood when an entry was read for it: the invalidations it had seen,
+    the invalidation channel's epoch (None: down) and the store's losses. A read is
+    trusted as current only if none of them moved since (``UserSession.read``)."""
+
+    changes: int
+    epoch: int | None
+    losses: int
 
 SESSION_BUSY_SECONDS = 0.05  # longer than any offline lookup; a leader holds it far longer
 # msal's silent lookup treats an access token this close to its expiry as expired.
@@ -236,12 +246,13 @@ class OnBehalfOfTokenProvider:
                 result = self._silent(session, user, scopes, offline_only=True)
                 if result:
                     return str(result["access_token"]), MEMORY_HIT
+            mark = self._mark(session)  # before the lock, which reads the entry as it is taken
             with self._user_lock(partition, deadline, budget) as guard, within(deadline), \
                     _entra_unavailable_is_503():
                 outcome = MEMORY_HIT
                 if guard is not None:
                     with suppress(StoreUnavailable):  # another worker may have filled it
-                        self._reload(session, partition, user, budget, guard)
+                        self._reload(session, partition, user, budget, (guard, mark))
                         outcome = CACHE_HIT
                 generation = _generation(user)
                 if generation is not None and generation != session.cache.generation and outcome != CACHE_HIT:
@@ -323,10 +334,11 @@ class OnBehalfOfTokenProvider:
             current = session.cache.generation
             if current is not None:
                 return current
+            mark = self._mark(session)
             with self._user_lock(partition, deadline, budget) as guard:
                 if guard is not None:
                     with suppress(StoreUnavailable):
-                        self._reload(session, partition, user, budget, guard)
+                        self._reload(session, partition, user, budget, (guard, mark))
                 if session.cache.account_of(user.oid, user.tid) is None:  # signed out meanwhile
                     raise RefreshTokenExpired()
                 generation = session.cache.stamp_generation()
@@ -405,22 +417,31 @@ class OnBehalfOfTokenProvider:
             bench.credential_version, bench.authority = version, authority
         return bench.app
 
+    def _mark(self, session: UserSession) -> ReadMark:
+        coherence = self._store.coherence()
+        return ReadMark(session.changes, coherence.epoch if coherence.connected else None,
+                        self._store.losses)
+
     def _reload(self, session: UserSession, partition: str, user: EntraAccessToken,
-                budget: StoreBudget, guard: Guard | None = None) -> None:
-        """Make ``session`` hold what the store holds now (a no-op if the blob is unchanged).
-        Under the user's lock (``guard``), the store may have read the entry as it took
-        the lock (``entry_under_lock``): no second round trip then.
+                budget: StoreBudget, locked: tuple[Guard, ReadMark] | None = None) -> None:
+        """Make ``session`` hold what the store holds (a no-op if the blob is unchanged).
+
+        ``locked``: the user's lock, just taken, and where the session stood before taking
+        it. The Redis store read the entry as it took the lock (``entry_under_lock``); that
+        read is used, saving a round trip, if the session saw no invalidation, reconnection
+        or loss since the mark; otherwise the entry is read again now.
 
         An entry that is not a usable msal cache of this user, whatever the reason, is a
         miss; the next acquisition replaces it. Raises ``StoreUnavailable``.
         """
-        coherence = self._store.coherence()
-        epoch = coherence.epoch if coherence.connected else None
-        changes, losses = session.changes, self._store.losses
+        mark = self._mark(session)
+        changes, epoch, losses = mark
         expired = session.expires_at is not None and time.monotonic() >= session.expires_at
         with budget.call():
-            entry = self._store.load(partition) if guard is None else \
-                entry_under_lock(self._store, partition, guard)
+            if locked is not None and locked[1] == mark:
+                entry = entry_under_lock(self._store, partition, locked[0])
+            else:
+                entry = self._store.load(partition)
         current, held_blob = (entry.blob if entry else None), session.blob
         put_back = held_blob is not None and (
             (session.unsaved and current == session.stored)  # acquired while Redis was away

@@ -24,7 +24,8 @@ import redis
 import responses
 
 from app import create_app
-from flask_obo.cache_store import TokenCacheStore
+from flask_obo.bulkhead import Deadline
+from flask_obo.cache_store import StoreBudget, TokenCacheStore
 from flask_obo.extension import services_of
 from flask_obo.invalidation import PING_EVERY
 from flask_obo.protector import EntraAccessToken
@@ -73,6 +74,7 @@ class Worker:
 
     def __init__(self, settings: Settings, entra: FakeEntra, store: TokenCacheStore | None = None) -> None:
         self.app = create_app(settings, store=store)
+        self.settings = settings
         self.client = self.app.test_client()
         self.store = services_of(self.app).store
         self.tokens = services_of(self.app).tokens
@@ -603,3 +605,27 @@ def test_a_claims_leader_does_not_hold_its_users_warm_requests_outside_the_waiti
             entra.hold_token_requests.set()
         claims.exception(timeout=10)  # whatever Entra made of the claims: not what is tested
     assert status == 503 and took < 1.0, f"{status} after {took:.2f} s"
+
+
+def test_a_write_back_landing_after_the_lock_was_taken_is_read_again_once_reported(
+    worker, entra: RecordingEntra
+) -> None:
+    """The Redis lock reads the user's entry as it is taken. A worker's write-back of a
+    token acquired while Redis was away needs no lock, so it can land just after that
+    read; once its invalidation has reached this worker, the holder reads the entry again
+    rather than trust the read made with the lock."""
+    app = worker()
+    app.wait_connected()
+    partition = partition_key(ADELE, TENANT_ID)
+    adele = EntraAccessToken({"oid": ADELE, "tid": TENANT_ID}, entra.api_token(ADELE))
+    with app.tokens.memory.held(partition, 5) as session:
+        mark = app.tokens._mark(session)
+        with app.store.lock(partition, Deadline(5)) as guard:  # reads: no entry
+            other = Worker(app.settings, entra)  # another worker's write-back, without the lock
+            try:
+                assert other.store.save_unless_changed(partition, b"gAAAAA-written-back", None)
+            finally:
+                other.stop()
+            wait_for(lambda: app.tokens._mark(session) != mark, 3.0, "the write-back to be reported")
+            app.tokens._reload(session, partition, adele, StoreBudget(2.0), (guard, mark))
+            assert session.stored == b"gAAAAA-written-back"
