@@ -71,6 +71,15 @@ if redis.call('get', KEYS[2]) == ARGV[1] then
 end
 return 0
 """,
+    # The same, as the holder's last write: the lock is released in the same step.
+    "save_and_unlock": """
+if redis.call('get', KEYS[2]) == ARGV[1] then
+  redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  redis.call('del', KEYS[2])
+  return 1
+end
+return 0
+""",
     # Write only if the entry is still the one the caller started from (ARGV[4] = 0: absent).
     "save_if_unchanged": """
 local ok, current = pcall(redis.call, 'get', KEYS[1])
@@ -269,6 +278,7 @@ class EntryLock(redis.lock.Lock):
         self._ttl_ms = int(self.timeout * 1000)
         self._entry_key, self._lock_and_read, self._partition = entry_key, lock_and_read, partition
         self._read: tuple[StoredEntry | None] | None = None  # (entry,) until taken
+        self._unlocked_by_save = False
 
     def do_acquire(self, token: str) -> bool:
         reply = self._lock_and_read(keys=[self._entry_key, self.name],
@@ -282,11 +292,28 @@ class EntryLock(redis.lock.Lock):
             self._read = (_entry(reply[1], reply[2]),)
         return True
 
+    def release(self) -> None:
+        """redis-py's release, unless a save already released the lock (``save_and_unlock``)."""
+        if not self._unlocked_by_save:
+            super().release()
+
+    def unlocked_by_save(self) -> None:
+        self._unlocked_by_save = True
+
     def take_entry(self) -> tuple[StoredEntry | None] | None:
         """``(entry,)`` as read when the lock was taken, the first time only (the holder's
         own writes come after it); None afterwards."""
         read, self._read = self._read, None
         return read
+
+
+def save_and_unlock(store: TokenCacheStore, partition: str, blob: bytes, guard: Guard) -> bool:
+    """``store.save`` as the holder's last write under the lock. The Redis store releases
+    the lock in the same script (a round trip less; leaving the lock then sends nothing);
+    any other store saves, and its lock is released as the holder leaves it."""
+    if isinstance(store, RedisTokenCacheStore) and isinstance(guard, EntryLock):
+        return store.save_and_unlock(partition, blob, guard)
+    return store.save(partition, blob, guard)
 
 
 def entry_under_lock(store: TokenCacheStore, partition: str, guard: Guard) -> StoredEntry | None:
@@ -467,9 +494,20 @@ class RedisTokenCacheStore:
                 log.warning("redis unlock failed: %s", type(exc).__name__)
 
     def save(self, partition: str, blob: bytes, guard: Guard) -> bool:
+        return self._save("save_if_locked", partition, blob, guard)
+
+    def save_and_unlock(self, partition: str, blob: bytes, guard: EntryLock) -> bool:
+        """``save``, releasing the lock in the same script: for the holder's last write
+        (the module's ``save_and_unlock``). Leaving the lock then sends nothing."""
+        written = self._save("save_and_unlock", partition, blob, guard)
+        if written:
+            guard.unlocked_by_save()
+        return written
+
+    def _save(self, script: str, partition: str, blob: bytes, guard: Guard) -> bool:
         token = self._lock_token(guard)
         with self._call("save"):
-            written = self._script("save_if_locked")(
+            written = self._script(script)(
                 keys=[self.key(partition), self.lock_key(partition)],
                 args=[token, blob, self._ttl],
             )

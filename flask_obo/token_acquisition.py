@@ -44,7 +44,14 @@ import requests
 
 from .authority import AuthorityUnavailable, TenantConfigurations
 from .bulkhead import Deadline, SingleFlight, WaitingRoom, WorkerRetirement
-from .cache_store import Guard, StoreBudget, StoredEntry, TokenCacheStore, entry_under_lock
+from .cache_store import (
+    Guard,
+    StoreBudget,
+    StoredEntry,
+    TokenCacheStore,
+    entry_under_lock,
+    save_and_unlock,
+)
 from .credentials import CREDENTIAL_ERROR_CODES, ClientCredential
 from .errors import (
     AssertionRejected,
@@ -477,6 +484,9 @@ class OnBehalfOfTokenProvider:
 
     def _save_if_changed(self, session: UserSession, partition: str, guard: Guard | None,
                          budget: StoreBudget) -> None:
+        """Seal and store the session's cache if it changed: the last write under the user's
+        lock (``guard``), which goes with it (``save_and_unlock``); without the lock, only
+        over the entry the session started from."""
         if not session.cache.has_state_changed:
             return
         blob = self._codec.seal(partition, session.cache.serialize())
@@ -486,7 +496,7 @@ class OnBehalfOfTokenProvider:
                 if guard is None:  # acquired without the lock: Redis may be back by now
                     written = self._store.save_unless_changed(partition, blob, session.stored)
                 else:
-                    written = self._store.save(partition, blob, guard)
+                    written = save_and_unlock(self._store, partition, blob, guard)
         except StoreUnavailable:
             written, lost = False, False
         else:

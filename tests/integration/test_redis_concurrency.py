@@ -15,7 +15,7 @@ import responses
 
 from app import create_app
 from flask_obo.bulkhead import Deadline
-from flask_obo.cache_store import RedisTokenCacheStore, entry_under_lock
+from flask_obo.cache_store import RedisTokenCacheStore, entry_under_lock, save_and_unlock
 from flask_obo.settings import Settings
 from tests.support.fake_entra import ADELE, BOB, FakeEntra, settings_env
 
@@ -201,3 +201,29 @@ def test_an_entry_of_the_wrong_type_under_the_lock_is_a_miss(redis_url, real_red
     assert real_redis.get(store.key("h" * 64)) == b"sealed"
     assert "is not a string in Redis" in caplog.text
     assert real_redis.get(store.lock_key("h" * 64)) is None  # released
+
+
+def test_the_last_save_under_the_lock_releases_it_in_the_same_round_trip(redis_url, real_redis):
+    client = CountingRedis.from_url(redis_url)
+    store = RedisTokenCacheStore(client, "t", 60)
+    other = RedisTokenCacheStore(redis.Redis.from_url(redis_url), "t", 60)
+    with store.lock("u" * 64, Deadline(5)) as guard:
+        sent = client.sent
+        assert save_and_unlock(store, "u" * 64, b"sealed", guard)
+        assert client.sent == sent + 1, "the save and the release took more than one round trip"
+        assert real_redis.get(store.key("u" * 64)) == b"sealed"
+        with other.lock("u" * 64, Deadline(0.5)) as theirs:  # free at once, not when we leave
+            assert other.save("u" * 64, b"theirs", theirs)
+        sent = client.sent
+    assert client.sent == sent, "leaving the lock sent a release the save had done"
+    assert real_redis.get(store.key("u" * 64)) == b"theirs"
+
+
+def test_a_last_save_whose_lock_was_lost_writes_nothing_and_frees_nothing(redis_url, real_redis):
+    store = RedisTokenCacheStore(real_redis, "t", 60)
+    real_redis.set(store.key("v" * 64), b"newer")
+    with store.lock("v" * 64, Deadline(5)) as guard:
+        real_redis.set(store.lock_key("v" * 64), b"someone-else")  # ours expired and was taken
+        assert save_and_unlock(store, "v" * 64, b"stale", guard) is False
+    assert real_redis.get(store.key("v" * 64)) == b"newer"
+    assert real_redis.get(store.lock_key("v" * 64)) == b"someone-else"

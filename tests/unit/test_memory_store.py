@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from flask_obo import MemoryTokenCacheStore
 from flask_obo import cache_store as cache_store_module
 from flask_obo.bulkhead import Deadline
-from flask_obo.cache_store import entry_under_lock
+from flask_obo.cache_store import entry_under_lock, save_and_unlock
 
 THREADS = 8
 USERS_PER_THREAD = 400
@@ -42,3 +42,14 @@ def test_the_holder_of_a_memory_lock_reads_the_entry_from_the_store():
         assert store.save(partition, b"sealed", guard)
         entry = entry_under_lock(store, partition, guard)
         assert entry is not None and entry.blob == b"sealed"
+
+
+def test_a_last_save_to_the_memory_store_is_a_save_and_the_lock_frees_on_leaving():
+    store = MemoryTokenCacheStore(ttl_seconds=3600)
+    partition = "n" * 64
+    with store.lock(partition, Deadline(5)) as guard:
+        assert save_and_unlock(store, partition, b"sealed", guard)
+        assert guard.locked()  # held until the holder leaves
+    assert not guard.locked()
+    entry = store.load(partition)
+    assert entry is not None and entry.blob == b"sealed"
