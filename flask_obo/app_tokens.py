@@ -45,7 +45,7 @@ import requests
 
 from .authority import AuthorityUnavailable, TenantConfigurations
 from .bulkhead import Deadline, SingleFlight, WaitingRoom
-from .cache_store import Guard, TokenCacheStore
+from .cache_store import Guard, TokenCacheStore, entry_under_lock
 from .credentials import CREDENTIAL_ERROR_CODES, ClientCredential
 from .errors import (
     IdentityProviderUnavailable,
@@ -227,11 +227,14 @@ class AppTokenProvider:
                 return token
             return held
 
-    def _load(self, key: AppTokenKey) -> AppToken | None:
-        """The token in Redis, if it is ours and readable; None on a miss or while Redis is down."""
+    def _load(self, key: AppTokenKey, guard: Guard | None = None) -> AppToken | None:
+        """The token in Redis, if it is ours and readable; None on a miss or while Redis is
+        down. Under the partition's lock (``guard``, just taken), the entry the store read
+        as it took it (``entry_under_lock``)."""
         partition = app_partition(self._settings.client_id, key)
         try:
-            entry = self._store.load(partition)
+            entry = self._store.load(partition) if guard is None else \
+                entry_under_lock(self._store, partition, guard)
         except StoreUnavailable:
             return None
         if entry is None:
@@ -281,7 +284,7 @@ class AppTokenProvider:
         one from Entra ID, stored for everyone. ``seen``: the token the renewal replaces."""
         partition = app_partition(self._settings.client_id, key)
         with self._partition_lock(partition, deadline) as guard:
-            stored = self._load(key) if guard is not None and claims_challenge is None else None
+            stored = self._load(key, guard) if guard is not None and claims_challenge is None else None
             now = time.time()
             newer = seen is None or (stored is not None and stored.fetched_at > seen.fetched_at)
             if stored is not None and stored.usable(now) and newer and (
