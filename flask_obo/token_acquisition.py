@@ -77,6 +77,10 @@ from .worker_state import entra_pace
 
 log = logging.getLogger(__name__)
 
+SESSION_BUSY_SECONDS = 0.05  # longer than any offline lookup; a leader holds it far longer
+# msal's silent lookup treats an access token this close to its expiry as expired.
+MSAL_EXPIRY_MARGIN_SECONDS = 5 * 60
+
 
 class ReadMark(NamedTuple):
     """Where a session stood when an entry was read for it: the invalidations it had seen,
@@ -86,10 +90,6 @@ class ReadMark(NamedTuple):
     changes: int
     epoch: int | None
     losses: int
-
-SESSION_BUSY_SECONDS = 0.05  # longer than any offline lookup; a leader holds it far longer
-# msal's silent lookup treats an access token this close to its expiry as expired.
-MSAL_EXPIRY_MARGIN_SECONDS = 5 * 60
 
 
 class CachedUser(EntraAccessToken):
@@ -484,9 +484,9 @@ class OnBehalfOfTokenProvider:
 
     def _save_if_changed(self, session: UserSession, partition: str, guard: Guard | None,
                          budget: StoreBudget) -> None:
-        """Seal and store the session's cache if it changed: the last write under the user's
-        lock (``guard``), which goes with it (``save_and_unlock``); without the lock, only
-        over the entry the session started from."""
+        """Seal and store the session's cache if it changed: as the last write under the
+        user's lock (``guard``), which it releases too (``save_and_unlock``); without the
+        lock, only over the entry the session started from."""
         if not session.cache.has_state_changed:
             return
         blob = self._codec.seal(partition, session.cache.serialize())
