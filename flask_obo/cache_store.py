@@ -71,13 +71,17 @@ if redis.call('get', KEYS[2]) == ARGV[1] then
 end
 return 0
 """,
-    # The same, as the holder's last write: the lock is released in the same step.
+    # The same, as the holder's last write: the lock is released in the same step. Sent
+    # again after a lost reply (redis-py retries a timed-out command), it finds its own
+    # write (a sealed blob is unique: Fernet's IV) and answers as the first run did.
     "save_and_unlock": """
 if redis.call('get', KEYS[2]) == ARGV[1] then
   redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3])
   redis.call('del', KEYS[2])
   return 1
 end
+local ok, current = pcall(redis.call, 'get', KEYS[1])
+if ok and current == ARGV[2] then return 1 end
 return 0
 """,
     # Write only if the entry is still the one the caller started from (ARGV[4] = 0: absent).
@@ -113,9 +117,12 @@ return 1
 
 # Taking a partition's lock (KEYS[2]) and reading its entry (KEYS[1]) in one step, for
 # ``EntryLock``: 0 when someone else holds the lock; once ours, {1, entry or '', pttl}, or
-# {2} for an entry of the wrong Redis type.
+# {2} for an entry of the wrong Redis type. A lock already carrying our token is ours: the
+# script sent again after a lost reply (redis-py retries a timed-out command) must not
+# wait for its own lock until the deadline.
 _LOCK_AND_READ = """
-if not redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+if not redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+    and redis.call('get', KEYS[2]) ~= ARGV[1] then return 0 end
 local ok, blob = pcall(redis.call, 'get', KEYS[1])
 if not ok then return {2} end
 return {1, blob or '', redis.call('pttl', KEYS[1])}

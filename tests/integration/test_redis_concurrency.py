@@ -227,3 +227,19 @@ def test_a_last_save_whose_lock_was_lost_writes_nothing_and_frees_nothing(redis_
         assert save_and_unlock(store, "v" * 64, b"stale", guard) is False
     assert real_redis.get(store.key("v" * 64)) == b"newer"
     assert real_redis.get(store.lock_key("v" * 64)) == b"someone-else"
+
+
+def test_the_lock_and_the_last_save_sent_again_after_a_lost_reply_answer_as_the_first_time(
+        redis_url, real_redis):
+    """redis-py sends a command again when its reply timed out: the script ran once already."""
+    store = RedisTokenCacheStore(real_redis, "t", 60)
+    real_redis.set(store.key("x" * 64), b"before", ex=60)
+    with store.lock("x" * 64, Deadline(5)) as guard:
+        assert guard.do_acquire(guard.local.token)  # the lock again: ours, not someone else's
+        entry = entry_under_lock(store, "x" * 64, guard)
+        assert entry is not None and entry.blob == b"before"
+        assert store.save_and_unlock("x" * 64, b"sealed-once", guard)
+        assert store.save_and_unlock("x" * 64, b"sealed-once", guard)  # the save again: done
+        assert not store.save_and_unlock("x" * 64, b"another", guard)  # not ours any more
+    assert real_redis.get(store.key("x" * 64)) == b"sealed-once"
+    assert real_redis.get(store.lock_key("x" * 64)) is None
