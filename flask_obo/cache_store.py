@@ -62,6 +62,18 @@ SCAN_BATCH = 500
 REDIS_FAILURES = (RedisError, RedisClusterException)
 
 _SCRIPTS = {
+    # Taking a partition's lock (KEYS[2]) and reading its entry (KEYS[1]) in one step, for
+    # ``EntryLock``: 0 when someone else holds the lock; once ours, {1, entry or '', pttl}, or
+    # {2} for an entry of the wrong Redis type. A lock already carrying our token is ours: the
+    # script sent again after a lost reply (redis-py retries a timed-out command) must not
+    # wait for its own lock until the deadline.
+    "lock_and_read": """
+if not redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+    and redis.call('get', KEYS[2]) ~= ARGV[1] then return 0 end
+local ok, blob = pcall(redis.call, 'get', KEYS[1])
+if not ok then return {2} end
+return {1, blob or '', redis.call('pttl', KEYS[1])}
+""",
     # Write only while the lock still carries our token (it may have expired meanwhile).
     # SET replaces a key of any type, so an entry of the wrong Redis type is overwritten too.
     "save_if_locked": """
@@ -115,18 +127,6 @@ return 1
 """,
 }
 
-# Taking a partition's lock (KEYS[2]) and reading its entry (KEYS[1]) in one step, for
-# ``EntryLock``: 0 when someone else holds the lock; once ours, {1, entry or '', pttl}, or
-# {2} for an entry of the wrong Redis type. A lock already carrying our token is ours: the
-# script sent again after a lost reply (redis-py retries a timed-out command) must not
-# wait for its own lock until the deadline.
-_LOCK_AND_READ = """
-if not redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
-    and redis.call('get', KEYS[2]) ~= ARGV[1] then return 0 end
-local ok, blob = pcall(redis.call, 'get', KEYS[1])
-if not ok then return {2} end
-return {1, blob or '', redis.call('pttl', KEYS[1])}
-"""
 
 # Re-keying many entries at once: the same swap for an entry whose lock nobody holds. A
 # script runs atomically, so this is taking the lock, comparing, writing and releasing it
@@ -388,7 +388,6 @@ class RedisTokenCacheStore:
                 if self._client is None:
                     client = self._make_client()
                     self._scripts = {name: client.register_script(text) for name, text in _SCRIPTS.items()}
-                    self._scripts["lock_and_read"] = client.register_script(_LOCK_AND_READ)
                     self._client = client
         return self._client
 

@@ -242,9 +242,7 @@ class FlaskOBO:
                                                  claims_challenge)
         # The token itself, not the ``current_token`` proxy: the proxy would look it up
         # again for every attribute read on the way (is_app, oid, tid).
-        user = validated_token()
-        if user.is_app:  # on-behalf-of work needs a user
-            raise UserTokenRequired(services.settings.required_scope)
+        user = _refuse_app_tokens(validated_token())
         return services.tokens.acquire_token(user, scopes, claims_challenge)
 
     def acquire_app_token(self, scopes: Sequence[str], tenant: str | None = None) -> str:
@@ -368,9 +366,9 @@ class FlaskOBO:
         cannot be reached: nothing was removed then, ``TokenAcquisitionBusy`` (503) when the
         user's lock stays taken, and ``UserTokenRequired`` (403) for an app-only token: it
         has no user's tokens."""
-        _refuse_app_tokens()
+        user = _refuse_app_tokens(validated_token())
         with store_signals_answered():  # the request cannot go on without the store
-            self._services().tokens.forget(partition_key(current_token.oid, current_token.tid))
+            self._services().tokens.forget(partition_key(user.oid, user.tid))
     # --- metrics -------------------------------------------------------------------------------
     def metrics_view(self) -> Response:
         """A view serving the current application's metrics in Prometheus's text format
@@ -452,8 +450,7 @@ def _request_user(what: str) -> EntraAccessToken:
             f"{what} acts for the user of a protected request: call it inside a view protected by "
             "require_scope or protect (a background job passes on_behalf_of=<background handle>)"
         ) from None
-    _refuse_app_tokens()
-    return token
+    return _refuse_app_tokens(token)
 
 
 def _roles(app_roles: Sequence[str]) -> tuple[str, ...]:
@@ -462,10 +459,12 @@ def _roles(app_roles: Sequence[str]) -> tuple[str, ...]:
     return tuple(app_roles)
 
 
-def _refuse_app_tokens() -> None:
-    """On-behalf-of work needs a user: an app-only token is refused before any call."""
-    if current_token.is_app:
+def _refuse_app_tokens(token: EntraAccessToken) -> EntraAccessToken:
+    """``token``, unless it is app-only: on-behalf-of work needs a user, and such a token
+    is refused before any call."""
+    if token.is_app:
         raise UserTokenRequired(services_of(current_app).settings.required_scope)
+    return token
 
 
 def _end_request(_: BaseException | None) -> None:
